@@ -1,0 +1,125 @@
+"""Checkpoints: full training state in `state.pt`, described and checksummed by `checkpoint.json`.
+
+`checkpoint.json` is written last, so a directory without it is incomplete; its sha256 and byte
+count of every file let a torn checkpoint (truncated or missing file) be detected and skipped.
+Loading never unpickles arbitrary objects: `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flm_dist.errors import UserError
+
+log = logging.getLogger("flm_dist")
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.pt"
+META_FILE = "checkpoint.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, incomplete, corrupted or not loadable safely."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write `state` (tensors, numbers, strings, nested dicts/lists) and its description.
+
+    `meta` should hold at least step, epoch, config and vocab_hash; it is stored in
+    checkpoint.json together with the files' checksums.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state_path = directory / STATE_FILE
+    torch.save(state, state_path)
+    files = {STATE_FILE: {"sha256": _sha256(state_path), "bytes": state_path.stat().st_size}}
+    description = {"format": FORMAT_VERSION, **meta, "files": files}
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
+        json.dump(description, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, directory / META_FILE)
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    meta_path = Path(directory) / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {META_FILE})")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path} is corrupted: {exc}") from None
+
+
+def verify_checkpoint(directory: str | Path) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it is not."""
+    try:
+        meta = read_meta(directory)
+    except CheckpointError as exc:
+        return str(exc)
+    for name, expected in meta.get("files", {}).items():
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, expected {expected['bytes']} (truncated)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{path} fails its sha256 check"
+    return None
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a verified checkpoint; refuses pickled code (weights_only=True)."""
+    problem = verify_checkpoint(directory)
+    if problem:
+        raise CheckpointError(problem)
+    meta = read_meta(directory)
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+    try:
+        state = torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError subclasses and RuntimeErrors here
+        raise CheckpointError(f"{directory}/{STATE_FILE} cannot be loaded safely: {str(exc).splitlines()[0]}") from None
+    return state, meta
+
+
+def newest_valid(candidates: list[Path]) -> Path | None:
+    """The newest intact checkpoint among `candidates` (sorted oldest first); warns on torn ones."""
+    for candidate in reversed(candidates):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        log.warning("skipping torn checkpoint %s: %s", candidate, problem)
+    return None
+
+
+def publish_directory(source: str | Path, destination: str | Path) -> None:
+    """Replace `destination` with `source` so readers never see a half-copied directory."""
+    destination = Path(destination)
+    staging = destination.with_name(destination.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    retired = destination.with_name(destination.name + ".old")
+    if destination.exists():
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(destination, retired)
+    os.replace(staging, destination)
+    shutil.rmtree(retired, ignore_errors=True)

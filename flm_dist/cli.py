@@ -1,0 +1,155 @@
+"""`flm`: a thin command line over the job modules.
+
+Each command turns its flags, an optional YAML preset (`--config`) and `key.sub=value`
+overrides into the job's config dataclass (defaults <- YAML <- flags <- overrides) and calls the
+job. User mistakes print one line, no traceback, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from flm_dist.errors import UserError
+
+log = logging.getLogger("flm_dist")
+
+
+def _job_config(cls, args: argparse.Namespace, flags: dict[str, Any]):
+    from flm_dist.config import apply_overrides, from_dict, read_yaml
+
+    data = read_yaml(args.config) if getattr(args, "config", None) else {}
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    config = from_dict(cls, apply_overrides(data, getattr(args, "overrides", [])))
+    return config
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML preset (e.g. jobs/pretrain_beauty.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def cmd_synth(args):
+    from flm_dist.synth import SynthConfig, run_synth
+
+    config = _job_config(SynthConfig, args, {"users": args.users, "items": args.items,
+                                             "interactions": args.interactions, "output": args.output,
+                                             "seed": args.seed})
+    print(json.dumps(run_synth(config), indent=2))
+
+
+def cmd_prepare(args):
+    from flm_dist.prepare import PrepareConfig, run_prepare
+
+    config = _job_config(PrepareConfig, args, {"input": args.input, "format": args.format,
+                                               "output": args.output, "strict": args.strict or None})
+    manifest = run_prepare(config)
+    print(f"prepared {manifest['users']} users, {manifest['items']} items, "
+          f"{manifest['interactions']} interactions -> {config.output}")
+
+
+def cmd_pretrain(args):
+    from flm_dist.pretrain import PretrainConfig, final_metrics_table, run_pretrain
+
+    config = _job_config(PretrainConfig, args, {"data": args.data, "output": args.output,
+                                                "scaling.workers": args.workers,
+                                                "scaling.gpus_per_worker": args.gpus_per_worker})
+    summary = run_pretrain(config)
+    print(final_metrics_table(summary["final"]))
+    print(f"run directory: {config.output} (metrics.json, best/, tensorboard/)")
+
+
+def cmd_evaluate(args):
+    from flm_dist.evaluate import EvaluateConfig, run_evaluate
+    from flm_dist.pretrain import final_metrics_table
+
+    config = _job_config(EvaluateConfig, args, {"checkpoint": args.checkpoint, "data": args.data,
+                                                "output": args.output, "scaling.workers": args.workers})
+    metrics = run_evaluate(config)
+    print(final_metrics_table(metrics))
+
+
+def cmd_bench_prepare(args):
+    from flm_dist.bench_prepare import run_bench_prepare
+
+    run_bench_prepare(rows=args.rows, workdir=args.workdir, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flm", description="Distributed Pretraining-FLM on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="write a synthetic interaction log (Parquet)")
+    synth.add_argument("--users", type=int)
+    synth.add_argument("--items", type=int)
+    synth.add_argument("--interactions", type=int)
+    synth.add_argument("--output", required=True)
+    synth.add_argument("--seed", type=int)
+    _add_common(synth)
+    synth.set_defaults(run=cmd_synth)
+
+    prepare = commands.add_parser("prepare", help="interaction logs -> training shards (Ray Data)")
+    prepare.add_argument("--input", required=True, help="file, directory or URI (s3://, gs://, ...)")
+    prepare.add_argument("--format", default=None,
+                         help="auto, parquet, csv, tsv, jsonl, seq-txt, pairs-txt, recbole, movielens")
+    prepare.add_argument("--output", required=True)
+    prepare.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    _add_common(prepare)
+    prepare.set_defaults(run=cmd_prepare)
+
+    pretrain = commands.add_parser("pretrain", help="joint CF + sequence + flow pretraining (Ray Train)")
+    pretrain.add_argument("--data", required=True, help="prepared data directory")
+    pretrain.add_argument("--output", required=True, help="run directory")
+    pretrain.add_argument("--workers", type=int, help="Ray Train workers (0: in this process)")
+    pretrain.add_argument("--gpus-per-worker", type=float)
+    _add_common(pretrain)
+    pretrain.set_defaults(run=cmd_pretrain)
+
+    evaluate = commands.add_parser("evaluate", help="all metrics of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--output", help="write metrics JSON here")
+    evaluate.add_argument("--workers", type=int)
+    _add_common(evaluate)
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    bench = commands.add_parser("bench", help="benchmarks that print numbers")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    bench_prepare = benches.add_parser("prepare", help="flm prepare vs a single-process pyarrow pass")
+    bench_prepare.add_argument("--rows", type=int, default=10_000_000)
+    bench_prepare.add_argument("--workdir", default=".bench/prepare")
+    bench_prepare.add_argument("--workers", type=int)
+    bench_prepare.set_defaults(run=cmd_bench_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        args.run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Typed configs: dataclasses with a docstring per field, YAML presets, `key.sub=value` overrides.
+
+Every job config is a dataclass validated in `__post_init__`. `load_config` merges, in order:
+the dataclass defaults, a YAML preset, then command-line overrides, and rejects unknown keys and
+wrong types with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from flm_dist.errors import UserError
+
+T = TypeVar("T")
+
+
+class ConfigKeyError(UserError):
+    """A config value is unknown, of the wrong type or out of range; `key` is its dotted path."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.reason = message
+        super().__init__(f"config key '{key}': {message}")
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Validation helper for `__post_init__`: raise a ConfigKeyError naming `key` unless `condition`."""
+    if not condition:
+        raise ConfigKeyError(key, message)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to `annotation`, or raise ConfigKeyError naming `key`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigKeyError as exc:
+                errors.append(exc.reason)
+        raise ConfigKeyError(key, "; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigKeyError(key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigKeyError(key, f"expected a mapping, got {value!r}")
+        return from_dict(annotation, value, prefix=key)
+    if origin in (tuple, list):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigKeyError(key, f"expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigKeyError(key, f"expected a mapping, got {value!r}")
+        key_type, value_type = args if args else (Any, Any)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigKeyError(key, f"expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigKeyError(key, f"expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigKeyError(key, f"expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigKeyError(key, f"expected a string, got {value!r}")
+    raise ConfigKeyError(key, f"unsupported config type {_type_name(annotation)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigKeyError(key, f"unknown key (known keys here: {known})")
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigKeyError as exc:
+        if prefix and not exc.key.startswith(prefix + "."):
+            raise ConfigKeyError(f"{prefix}.{exc.key}", exc.reason) from None
+        raise
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config dataclass; JSON and YAML serialisable."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_hash(config: Any) -> str:
+    """Stable short hash of a config, used to detect 'same job, same settings'."""
+    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.hidden=64` -> (['model', 'hidden'], 64); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key.sub=value` override set (creating nested dicts)."""
+    merged = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping from a local path or any fsspec URI, with a clear error."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], yaml_path: str | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> T:
+    """Defaults <- `base` <- YAML preset <- overrides, validated into `cls`."""
+    data: dict[str, Any] = dict(base or {})
+    if yaml_path:
+        data = _deep_merge(data, read_yaml(yaml_path))
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)
+
+
+def _deep_merge(left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(left)
+    for key, value in right.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Shared sections of the training-job configs (pretrain, finetune, evaluate, tune).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    hidden: int = 64
+    """Width of every representation: item and user embeddings, encoder states, flow dims."""
+    max_len: int = 50
+    """Longest item history the sequence encoder sees; longer ones are cut into windows."""
+    layers: int = 2
+    """Transformer blocks (or recurrent layers) in the sequence encoder."""
+    heads: int = 2
+    """Attention heads of the SASRec encoder; must divide `hidden`."""
+    dropout: float = 0.5
+    """Dropout in the sequence encoder (embeddings, attention output, feed-forward)."""
+    encoder: Literal["sasrec", "gru", "lstm"] = "sasrec"
+    """Sequence encoder: causal transformer (SASRec) or a recurrent net."""
+    fusion: Literal["concat", "sum", "gate"] = "concat"
+    """How the CF user vector and the sequence state become one user representation."""
+    flow_layers: int = 4
+    """Coupling layers of the normalising flow (each with ActNorm and a permutation)."""
+    flow_hidden: int = 128
+    """Width of the coupling networks inside the flow."""
+    flow_kind: Literal["affine", "spline"] = "affine"
+    """Affine (RealNVP) or rational-quadratic spline couplings."""
+    flow_stop_gradient: bool = True
+    """Stop the flow NLL's gradient at the user representation, so encoders cannot lower it by
+    collapsing representations; the flow then only models what the encoders learned."""
+
+    def __post_init__(self):
+        require(self.hidden > 0, "hidden", "must be positive")
+        require(self.max_len > 1, "max_len", "must be at least 2")
+        require(self.layers > 0, "layers", "must be positive")
+        require(self.heads > 0 and self.hidden % self.heads == 0, "heads", f"must divide hidden={self.hidden}")
+        require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        require(self.flow_layers >= 0, "flow_layers", "must be >= 0")
+        require(self.flow_hidden > 0, "flow_hidden", "must be positive")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    seq: float = 1.0
+    """Weight of the sequence encoder's next-item loss at every position."""
+    cf: float = 1.0
+    """Weight of the matrix-factorisation loss."""
+    flow: float = 0.1
+    """Weight of the flow's negative log-likelihood (per dimension) of the user representation."""
+    fused: float = 1.0
+    """Weight of the next-item loss of the fused user representation."""
+    cf_loss: Literal["ce", "bpr"] = "ce"
+    """CF objective: full-softmax cross-entropy or BPR with sampled negatives."""
+    softmax: Literal["full", "sampled"] = "full"
+    """Full softmax over all items, or sampled softmax with logQ correction for huge catalogs."""
+    num_negatives: int = 256
+    """Extra negatives per batch for sampled softmax and BPR (in-batch negatives come free)."""
+    negative_sampling: Literal["uniform", "popularity"] = "uniform"
+    """Distribution of the extra negatives; logQ correction uses its log-probabilities."""
+
+    def __post_init__(self):
+        for name in ("seq", "cf", "flow", "fused"):
+            require(getattr(self, name) >= 0.0, name, "loss weights must be >= 0")
+        require(self.seq + self.cf + self.fused > 0, "seq", "at least one of seq, cf, fused must be > 0")
+        require(self.num_negatives > 0, "num_negatives", "must be positive")
+
+    def weights(self) -> dict[str, float]:
+        return {"seq": self.seq, "cf": self.cf, "flow": self.flow, "fused": self.fused}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 200
+    """Upper bound on passes over the training windows (early stopping usually ends sooner)."""
+    batch_size: int = 256
+    """Windows per optimiser micro-step on each worker."""
+    grad_accum: int = 1
+    """Micro-steps per optimiser step."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices (never on embeddings, norms or biases)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor, as a fraction of `lr`."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    windows: Literal["all", "last"] = "all"
+    """Train on every `max_len` window of long sequences, or only the most recent one."""
+    seed: int = 42
+    """Seeds parameters, shuffling, dropout and negative sampling."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast on GPU with `auto`; fp32 on CPU. The flow always runs in fp32."""
+    compile: bool = False
+    """torch.compile the model (GPU; first steps are slower while it compiles)."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N optimiser steps (0: only at the end of each epoch)."""
+    eval_every_epochs: int = 1
+    """Validate every N epochs."""
+    patience: int = 10
+    """Stop after this many validations without improvement of `eval.monitor`."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps in total (0: no limit); for smoke tests and benches."""
+
+    def __post_init__(self):
+        require(self.epochs > 0, "epochs", "must be positive")
+        require(self.batch_size > 0, "batch_size", "must be positive")
+        require(self.grad_accum > 0, "grad_accum", "must be positive")
+        require(self.lr > 0, "lr", "must be positive")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        require(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
+        require(self.eval_every_epochs > 0, "eval_every_epochs", "must be positive")
+        require(self.patience > 0, "patience", "must be positive")
+        require(self.max_steps >= 0, "max_steps", "must be >= 0")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    ks: tuple[int, ...] = (5, 10, 20, 50)
+    """Cut-offs for HR@K, Recall@K and NDCG@K."""
+    mask_history: bool = True
+    """Monitor and headline the protocol that removes the user's earlier items from the ranking
+    (`/full`); `/full_nomask` (nothing removed) is always computed as well."""
+    monitor_metric: str = "ndcg@10"
+    """Validation metric for early stopping and the best checkpoint."""
+    user_source: Literal["fused", "sequence", "cf"] = "fused"
+    """Which user representation ranks items at evaluation."""
+    batch_size: int = 1024
+    """Users scored at once (scores are users x items)."""
+
+    def __post_init__(self):
+        require(len(self.ks) > 0 and all(k > 0 for k in self.ks), "ks", "must be positive integers")
+        require(self.batch_size > 0, "batch_size", "must be positive")
+
+    @property
+    def monitor(self) -> str:
+        return f"valid/{self.monitor_metric}/{'full' if self.mask_history else 'full_nomask'}"
+
+
+@dataclasses.dataclass
+class ScalingConfig:
+    workers: int = 1
+    """Ray Train workers (DDP ranks). 0 runs the loop in this process without Ray (debugging,
+    single-device benchmarks)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker; 0 trains on CPU with gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; keep some free for Ray Data (fractions allowed)."""
+    max_failures: int = 2
+    """Times Ray Train restarts the worker group after a crash, resuming from the last checkpoint."""
+    address: str | None = None
+    """Ray cluster address (default: $RAY_ADDRESS, else a local instance)."""
+
+    def __post_init__(self):
+        require(self.workers >= 0, "workers", "must be >= 0")
+        require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        require(self.max_failures >= 0, "max_failures", "must be >= 0")

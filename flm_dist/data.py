@@ -1,0 +1,152 @@
+"""From prepared split tables (pyarrow) to left-padded tensors, vectorised with numpy.
+
+Each worker reads its shard of the prepared splits once, turns it into fixed-size arrays, keeps
+them on its device and draws batches by index: no per-step host work, no per-step transfers.
+Sequences are left-padded (most recent item at the last position); item 0 is padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+
+def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (int64, len rows+1) and flat int64 values of a list<int> column."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(array) == 0:
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    values = array.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return offsets - offsets[0], values[offsets[0]:offsets[-1]]
+
+
+def _place_right_aligned(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                         width: int, shift: int = 0) -> np.ndarray:
+    """Rows of `values[start + shift : start + shift + length]` right-aligned in a [rows, width] array."""
+    out = np.zeros((len(starts), width), dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return out
+    rows = np.repeat(np.arange(len(starts)), lengths)
+    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    columns = width - np.repeat(lengths, lengths) + within
+    out[rows, columns] = values[np.repeat(starts, lengths) + within + shift]
+    return out
+
+
+@dataclass
+class TrainArrays:
+    """Next-item training windows: `input[:, t]` predicts `target[:, t]` (0 = no target)."""
+
+    user: torch.Tensor
+    input: torch.Tensor
+    target: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.user.shape[0]
+
+    def to(self, device: torch.device) -> "TrainArrays":
+        return TrainArrays(self.user.to(device), self.input.to(device), self.target.to(device))
+
+    def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"user": self.user[index], "input": self.input[index], "target": self.target[index]}
+
+
+def build_train_arrays(table: pa.Table, max_len: int, windows: str = "all") -> TrainArrays:
+    """Windows of `max_len + 1` items from each training sequence (column `items`).
+
+    `windows="last"` keeps only the most recent window per user (SASRec's choice); `"all"` cuts
+    longer sequences into consecutive windows ending at the last item, so no interaction is
+    unused. Windows overlap by one item: the last input of one is the first target of the next.
+    Users with fewer than two items have no next-item target and give no window.
+    """
+    offsets, values = _list_parts(table.column("items"))
+    users = table.column("user").to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
+    if windows == "last":
+        count = (lengths >= 2).astype(np.int64)
+    else:
+        count = np.where(lengths >= 2, -(-(lengths - 1) // max_len), 0)
+    row_of_window = np.repeat(np.arange(len(lengths)), count)
+    window_index = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    ends = offsets[row_of_window] + lengths[row_of_window] - window_index * max_len
+    starts = np.maximum(offsets[row_of_window], ends - (max_len + 1))
+    input_lengths = ends - starts - 1
+    return TrainArrays(
+        user=torch.from_numpy(users[row_of_window]),
+        input=torch.from_numpy(_place_right_aligned(values, starts, input_lengths, max_len)),
+        target=torch.from_numpy(_place_right_aligned(values, starts, input_lengths, max_len, shift=1)),
+    )
+
+
+@dataclass
+class EvalArrays:
+    """One held-out target per row with its model input, full history and fixed negatives."""
+
+    user: torch.Tensor
+    input: torch.Tensor
+    target: torch.Tensor
+    negatives: torch.Tensor
+    history_offsets: torch.Tensor
+    history_items: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.user.shape[0]
+
+    def to(self, device: torch.device) -> "EvalArrays":
+        return EvalArrays(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    def history_pairs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row within batch, item) pairs of the full histories of rows start..stop-1."""
+        lo, hi = self.history_offsets[start], self.history_offsets[stop]
+        lengths = self.history_offsets[start + 1:stop + 1] - self.history_offsets[start:stop]
+        rows = torch.repeat_interleave(torch.arange(stop - start, device=lengths.device), lengths)
+        return rows, self.history_items[lo:hi]
+
+
+def build_eval_arrays(table: pa.Table, max_len: int) -> EvalArrays:
+    """Model input = the last `max_len` history items; the full history is kept for masking."""
+    table = table.sort_by("user")
+    offsets, values = _list_parts(table.column("history"))
+    lengths = np.diff(offsets)
+    tail = np.minimum(lengths, max_len)
+    model_input = _place_right_aligned(values, offsets[:-1] + lengths - tail, tail, max_len)
+    negatives = table.column("negatives")
+    negative_offsets, negative_values = _list_parts(negatives)
+    width = int(np.diff(negative_offsets).max()) if len(table) else 0
+    if len(table) and not (np.diff(negative_offsets) == width).all():
+        raise ValueError("every evaluation row must carry the same number of negatives")
+    return EvalArrays(
+        user=torch.from_numpy(table.column("user").to_numpy().astype(np.int64)),
+        input=torch.from_numpy(model_input),
+        target=torch.from_numpy(table.column("target").to_numpy().astype(np.int64)),
+        negatives=torch.from_numpy(negative_values.reshape(len(table), width)),
+        history_offsets=torch.from_numpy(offsets),
+        history_items=torch.from_numpy(values),
+    )
+
+
+def concat_tables(batches: list[pa.Table]) -> pa.Table:
+    """Concatenate shard batches, tolerating an empty shard (returns an empty table)."""
+    batches = [b for b in batches if b.num_rows]
+    if not batches:
+        return pa.table({})
+    return pa.concat_tables(batches, promote_options="default")
+
+
+def item_log_frequencies(item_counts: np.ndarray) -> torch.Tensor:
+    """log q(item) for logQ correction of sampled softmax; index 0 (padding) gets -inf."""
+    counts = np.asarray(item_counts, dtype=np.float64)
+    probs = counts / counts.sum()
+    log_probs = np.concatenate([[-np.inf], np.log(np.maximum(probs, 1e-30))])
+    return torch.from_numpy(log_probs).float()
+
+
+def filter_users(table: pa.Table, keep_users: np.ndarray) -> pa.Table:
+    """Rows of `table` whose user index is in `keep_users` (used by low-data fine-tuning)."""
+    return table.filter(pc.is_in(table.column("user"), pa.array(keep_users, type=table.schema.field("user").type)))

@@ -1,0 +1,132 @@
+"""Evaluation shared by every stage: full ranking by default, fixed sampled candidates on request.
+
+Protocols, each in the metric name (`test/ndcg@10/full`):
+- `full`: the target ranked against every item, the user's earlier items removed;
+- `full_nomask`: against every item, nothing removed (comparable with RecBole's setting);
+- `sampledN`: against the N negatives fixed on disk by `prepare` (for comparison with papers).
+Each rank scores its own users; sums and counts are all-reduced, never per-rank means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flm_dist import distributed
+from flm_dist.config import EvalConfig, ScalingConfig, from_dict, require, to_dict
+from flm_dist.data import EvalArrays, build_eval_arrays
+from flm_dist.errors import UserError
+from flm_dist.metrics import RankingAccumulator, target_ranks
+
+log = logging.getLogger("flm_dist")
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: EvalConfig,
+                   num_negatives: int) -> dict[str, float]:
+    """All protocols' metrics for `split`; every rank must call it (it all-reduces)."""
+    model = distributed.unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = arrays.user.device
+    accumulator = RankingAccumulator(split, config.ks, device)
+    sampled = f"sampled{num_negatives}"
+    nothing = torch.zeros(0, dtype=torch.long, device=device)
+    for protocol in ("full", "full_nomask", sampled):
+        accumulator.add(protocol, nothing, 1)
+    for start in range(0, len(arrays), config.batch_size):
+        stop = min(start + config.batch_size, len(arrays))
+        scores = model.score_all(arrays.user[start:stop], arrays.input[start:stop],
+                                 source=config.user_source).float()
+        target = arrays.target[start:stop]
+        num_items = scores.shape[1] - 1
+        accumulator.add("full_nomask", target_ranks(scores, target), num_items)
+        candidates = torch.cat([target.view(-1, 1), arrays.negatives[start:stop]], dim=1)
+        accumulator.add(sampled, target_ranks(scores.gather(1, candidates), torch.zeros_like(target)),
+                        candidates.shape[1])
+        rows, items = arrays.history_pairs(start, stop)
+        scores[rows, items] = float("-inf")
+        unmasked = num_items - torch.isneginf(scores[:, 1:]).sum(dim=1)
+        accumulator.add("full", target_ranks(scores, target), unmasked)
+    model.train(was_training)
+    return accumulator.compute(distributed.all_reduce_sum)
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    checkpoint: str = ""
+    """Checkpoint directory to evaluate (a run's `best/`, or any `checkpoint_*`)."""
+    data: str = ""
+    """Prepared data directory; its vocabulary must match the checkpoint's."""
+    splits: tuple[str, ...] = ("valid", "test")
+    """Splits to evaluate."""
+    output: str | None = None
+    """Write the metrics as JSON here (default: print only)."""
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """Ranking protocol settings."""
+    scaling: ScalingConfig = dataclasses.field(default_factory=lambda: ScalingConfig(workers=0))
+    """0 workers evaluates in this process; N > 0 on N Ray Train workers."""
+
+    def __post_init__(self):
+        require(bool(self.checkpoint), "checkpoint", "is required")
+        require(bool(self.data), "data", "is required")
+        require(all(s in ("valid", "test") for s in self.splits), "splits", "only valid and test")
+
+
+def evaluate_with_session(config: EvaluateConfig, session) -> dict[str, float]:
+    from flm_dist.pretrain import load_model_for_data
+
+    device = session.device()
+    model, manifest, _ = load_model_for_data(config.checkpoint, config.data, device)
+    metrics: dict[str, float] = {}
+    for split in config.splits:
+        arrays = build_eval_arrays(session.read_split(split), model.max_len).to(device)
+        metrics.update(evaluate_split(model, arrays, split, config.eval, manifest["num_negatives"]))
+    return metrics
+
+
+def evaluate_worker(payload: dict[str, Any]) -> None:
+    """Ray Train worker entry point of `flm evaluate`."""
+    from flm_dist.ray_seam import RaySession
+
+    config = from_dict(EvaluateConfig, payload["config"])
+    session = RaySession()
+    metrics = evaluate_with_session(config, session)
+    session.report(metrics)
+    if distributed.is_main():
+        Path(payload["result_path"]).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def run_evaluate(config: EvaluateConfig) -> dict[str, float]:
+    """Re-compute every metric of a checkpoint on prepared data."""
+    from flm_dist.session import LocalSession
+
+    if not Path(config.checkpoint).is_dir():
+        raise UserError(f"checkpoint not found: {config.checkpoint}")
+    if config.scaling.workers == 0:
+        metrics = evaluate_with_session(config, LocalSession(config.data, run_dir=config.checkpoint))
+    else:
+        import tempfile
+
+        from flm_dist import ray_seam
+
+        ray_seam.ensure_ray(config.scaling.address)
+        with tempfile.TemporaryDirectory() as scratch:
+            result_path = Path(scratch) / "metrics.json"
+            ray_seam.run_trainer(
+                evaluate_worker, {"config": to_dict(config), "result_path": str(result_path)},
+                ray_seam.read_parquet_datasets(config.data, list(config.splits)), run_dir=scratch,
+                name="evaluate", workers=config.scaling.workers,
+                gpus_per_worker=config.scaling.gpus_per_worker,
+                cpus_per_worker=config.scaling.cpus_per_worker, max_failures=0)
+            metrics = json.loads(result_path.read_text())
+    if config.output:
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.output).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics

@@ -1,0 +1,77 @@
+"""Ranking metrics as sums and counts, so ranks can be combined exactly.
+
+Each protocol ranks one target per user among candidates: `full` ranks it against every item
+with the user's earlier items removed (mask_history), `full_nomask` against every item, and
+`sampledN` against the N negatives fixed on disk by `prepare`. Per-user values are summed in
+float64 and divided by the global user count only after the all-reduce, never averaged per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+DEFAULT_KS = (5, 10, 20, 50)
+
+
+def target_ranks(scores: torch.Tensor, target_column: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's target among its candidates (ties count in the target's favour).
+
+    A target whose score is -inf (masked, e.g. a repeat of a history item) gets rank = number of
+    candidates: it is a miss at every cutoff.
+    """
+    target_scores = scores.gather(1, target_column.view(-1, 1))
+    ranks = (scores > target_scores).sum(dim=1)
+    masked = torch.isneginf(target_scores.squeeze(1))
+    return torch.where(masked, torch.full_like(ranks, scores.shape[1]), ranks)
+
+
+class RankingAccumulator:
+    """Accumulates per-user metric sums per protocol; `compute` all-reduces and divides once."""
+
+    def __init__(self, split: str, ks: Sequence[int] = DEFAULT_KS, device: torch.device | str = "cpu"):
+        self.split = split
+        self.ks = tuple(ks)
+        self.device = torch.device(device)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, protocol: str, ranks: torch.Tensor, num_candidates: torch.Tensor | int) -> None:
+        """Add a batch of users' target ranks; `num_candidates` counts the target itself."""
+        ranks = ranks.to(torch.float64)
+        if not torch.is_tensor(num_candidates):
+            num_candidates = torch.full_like(ranks, float(num_candidates))
+        num_candidates = num_candidates.to(torch.float64)
+        values = {"mrr": torch.where(ranks < num_candidates, 1.0 / (ranks + 1.0), torch.zeros_like(ranks)),
+                  "auc": ((num_candidates - 1.0 - ranks) / (num_candidates - 1.0).clamp(min=1.0)).clamp(min=0.0)}
+        for k in self.ks:
+            hit = (ranks < k).to(torch.float64)
+            values[f"hr@{k}"] = hit
+            # One held-out target per user: recall@k equals hr@k; both names are kept for readers.
+            values[f"recall@{k}"] = hit
+            values[f"ndcg@{k}"] = hit / torch.log2(ranks + 2.0)
+        for metric, value in values.items():
+            name = f"{self.split}/{metric}/{protocol}"
+            total = self.sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=self.device))
+            total += value.sum()
+        count = self.counts.setdefault(protocol, torch.zeros((), dtype=torch.float64, device=self.device))
+        count += ranks.numel()
+
+    def compute(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
+        """Global metrics: every rank must call this (it all-reduces), in the same protocol order."""
+        names = sorted(self.sums)
+        protocols = sorted(self.counts)
+        if not names:
+            return {}
+        packed = torch.stack([self.sums[n] for n in names] + [self.counts[p] for p in protocols])
+        packed = all_reduce_sum(packed)
+        totals = dict(zip(names + [f"count/{p}" for p in protocols], packed.tolist()))
+        metrics = {}
+        for name in names:
+            protocol = name.rsplit("/", 1)[1]
+            count = totals[f"count/{protocol}"]
+            metrics[name] = totals[name] / count if count else float("nan")
+        for protocol in protocols:
+            metrics[f"{self.split}/users/{protocol}"] = int(totals[f"count/{protocol}"])
+        return metrics

@@ -1,0 +1,393 @@
+"""`flm pretrain`: joint CF + sequence + flow pretraining, one recipe from setup to the last report.
+
+Reading order: `PretrainConfig` -> `run_pretrain` (driver) -> `train_loop` (every worker):
+setup, resume, the epoch loop (steps, checkpoints, validation, early stopping), the final test
+evaluation of the best checkpoint and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+
+from flm_dist import distributed
+from flm_dist.checkpoint import load_checkpoint, publish_directory, save_checkpoint
+from flm_dist.config import (EvalConfig, LossConfig, ModelConfig, ScalingConfig, TrainConfig,
+                             from_dict, require, to_dict)
+from flm_dist.data import TrainArrays, build_eval_arrays, build_train_arrays, item_log_frequencies
+from flm_dist.errors import UserError
+from flm_dist.evaluate import evaluate_split
+from flm_dist.models import FLMModel
+
+log = logging.getLogger("flm_dist")
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    data: str = ""
+    """Prepared data directory (the output of `flm prepare`)."""
+    output: str = ""
+    """Run directory: Ray checkpoints, `best/`, `metrics.json`, `tensorboard/`."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """Encoders, fusion and flow."""
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    """Loss terms and their weights."""
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """Optimisation, precision, checkpointing, early stopping."""
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """Ranking protocol used for validation and the final test."""
+    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
+    """Workers and resources."""
+
+    def __post_init__(self):
+        require(bool(self.data), "data", "is required (a directory written by `flm prepare`)")
+        require(bool(self.output), "output", "is required (the run directory)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+# ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{data_dir} is not prepared data (no manifest.json); run `flm prepare` first")
+    manifest = json.loads(path.read_text())
+    manifest["num_negatives"] = manifest["config"]["num_negatives"]
+    return manifest
+
+
+def build_model(config: ModelConfig, num_users: int, num_items: int) -> FLMModel:
+    return FLMModel(num_users=num_users, num_items=num_items, hidden=config.hidden,
+                    max_len=config.max_len, layers=config.layers, heads=config.heads,
+                    dropout=config.dropout, encoder=config.encoder, fusion=config.fusion,
+                    flow_layers=config.flow_layers, flow_hidden=config.flow_hidden,
+                    flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient)
+
+
+def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):
+    """The model of a checkpoint, checked against the vocabulary of `data_dir`."""
+    state, meta = load_checkpoint(checkpoint_dir, map_location="cpu")
+    manifest = read_manifest(data_dir)
+    if meta["vocab_hash"] != manifest["vocab_hash"]:
+        raise UserError(f"{checkpoint_dir} was trained on another vocabulary than {data_dir} "
+                        f"(vocab hashes differ)")
+    model_config = from_dict(ModelConfig, meta["config"]["model"])
+    model = build_model(model_config, manifest["users"], manifest["items"])
+    model.load_state_dict(state["model"])
+    return model.to(device), manifest, meta
+
+
+def _pad_to_common_length(arrays: TrainArrays, device: torch.device) -> TrainArrays:
+    """Every rank must run the same number of steps: shorter shards repeat their first rows."""
+    longest = int(distributed.all_reduce_max(torch.tensor([len(arrays)], device=device)).item())
+    if len(arrays) == 0:
+        raise RuntimeError("a worker received no training rows; use fewer workers for this data")
+    index = torch.arange(longest) % len(arrays)
+    return TrainArrays(arrays.user[index], arrays.input[index], arrays.target[index])
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.ndim >= 2 and id(parameter) not in embeddings:
+            decay.append(parameter)
+        else:
+            no_decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(warmup: int, total: int, floor: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# State: what a checkpoint holds
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands; all of it goes into every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    micro_step_in_epoch: int = 0
+    best_value: float = -1.0
+    best_epoch: int = -1
+    evals_without_improvement: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_checkpoint(directory: Path, model, optimizer, scheduler, progress: Progress,
+                      config: PretrainConfig, manifest: dict[str, Any], metrics: dict[str, float]) -> None:
+    state = {"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+             "progress": dataclasses.asdict(progress)}
+    meta = {"step": progress.step, "epoch": progress.epoch, "config": to_dict(config),
+            "vocab_hash": manifest["vocab_hash"], "metrics": metrics, "kind": "pretrain"}
+    save_checkpoint(directory, state, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop every worker runs
+# ---------------------------------------------------------------------------------------------
+
+
+def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
+    device = session.device()
+    manifest = read_manifest(config.data)
+    torch.manual_seed(config.train.seed)
+    use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 \
+        else contextlib.nullcontext
+
+    # ---- data: this worker's shard, once, kept on the device ----
+    train = _pad_to_common_length(build_train_arrays(session.read_split("train"), config.model.max_len,
+                                                     config.train.windows), device).to(device)
+    valid = build_eval_arrays(session.read_split("valid"), config.model.max_len).to(device)
+    item_log_prob = None
+    if config.loss.softmax == "sampled" and config.loss.negative_sampling == "popularity":
+        counts = pq.read_table(Path(config.data) / "vocab" / "items.parquet", columns=["count"])
+        item_log_prob = item_log_frequencies(counts.column("count").to_numpy()).to(device)
+
+    # ---- model and optimiser ----
+    model = build_model(config.model, manifest["users"], manifest["items"]).to(device)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(_param_groups(model, config.train.weight_decay), lr=config.train.lr,
+                                  fused=fused)
+    micro_steps_per_epoch = math.ceil(len(train) / config.train.batch_size)
+    steps_per_epoch = math.ceil(micro_steps_per_epoch / config.train.grad_accum)
+    total_steps = steps_per_epoch * config.train.epochs
+    if config.train.max_steps:
+        total_steps = min(total_steps, config.train.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(config.train.warmup_steps, total_steps, config.train.min_lr_ratio))
+    progress = Progress()
+
+    # ---- resume from the newest intact checkpoint, if any ----
+    with session.latest_checkpoint() as checkpoint_dir:
+        if checkpoint_dir is not None:
+            state, meta = load_checkpoint(checkpoint_dir, map_location=device)
+            if meta["vocab_hash"] != manifest["vocab_hash"]:
+                raise UserError(f"cannot resume: {checkpoint_dir} was trained on another vocabulary")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            progress = Progress(**state["progress"])
+            log.info("resumed from %s at epoch %d step %d", checkpoint_dir, progress.epoch, progress.step)
+
+    weights = config.loss.weights()
+    find_unused = any(w == 0 for w in weights.values()) or config.model.flow_layers == 0
+    ddp_model = distributed.wrap_model(model, device, find_unused_parameters=find_unused)
+    step_model = torch.compile(ddp_model) if config.train.compile else ddp_model
+    run_dir = Path(config.output)
+    writer = _tensorboard(run_dir) if distributed.is_main() else None
+
+    def checkpoint_now(metrics: dict[str, float]) -> None:
+        """Rank 0 writes the checkpoint; every rank reports (Ray needs all ranks to call report)."""
+        with tempfile.TemporaryDirectory() as scratch:
+            directory = None
+            if distributed.is_main():
+                directory = Path(scratch) / "checkpoint"
+                _write_checkpoint(directory, model, optimizer, scheduler, progress, config, manifest, metrics)
+            session.report({**metrics, "step": progress.step, "epoch": progress.epoch}, directory)
+
+    stop = progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
+    while progress.epoch < config.train.epochs and not stop:
+        # A permutation per (seed, epoch): a resumed epoch replays the same order from its position.
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
+            config.train.seed * 100_003 + progress.epoch)).to(device)
+        loss_sums = torch.zeros(len(weights) + 1, device=device)
+        started, windows_seen = time.perf_counter(), 0
+        model.train()
+        while progress.micro_step_in_epoch < micro_steps_per_epoch:
+            first = progress.micro_step_in_epoch * config.train.batch_size
+            batch = train.take(order[first:first + config.train.batch_size])
+            is_update = ((progress.micro_step_in_epoch + 1) % config.train.grad_accum == 0
+                         or progress.micro_step_in_epoch + 1 == micro_steps_per_epoch)
+            sync = contextlib.nullcontext() if is_update or not distributed.is_distributed() \
+                else ddp_model.no_sync()
+            with sync:
+                with autocast():
+                    losses = step_model(batch, weights=weights, cf_loss=config.loss.cf_loss,
+                                        softmax=config.loss.softmax, num_negatives=config.loss.num_negatives,
+                                        item_log_prob=item_log_prob)
+                (losses["total"] / config.train.grad_accum).backward()
+            loss_sums += torch.stack([losses.get(k, losses["total"] * 0).detach().float()
+                                      for k in (*weights, "total")])
+            windows_seen += batch["user"].shape[0]
+            progress.micro_step_in_epoch += 1
+            if is_update:
+                if config.train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                if progress.step >= total_steps:
+                    stop = True
+                    break
+                if config.train.checkpoint_every_steps and progress.step % config.train.checkpoint_every_steps == 0:
+                    checkpoint_now({})
+        elapsed = time.perf_counter() - started
+        epoch_done = progress.micro_step_in_epoch >= micro_steps_per_epoch
+        progress.epoch += int(epoch_done)
+        progress.micro_step_in_epoch = 0 if epoch_done else progress.micro_step_in_epoch
+
+        # ---- end of epoch: losses, validation, best checkpoint, early stopping ----
+        loss_sums = distributed.all_reduce_sum(loss_sums) / max(1, micro_steps_per_epoch * distributed.world_size())
+        record = {f"loss/{k}": v for k, v in zip((*weights, "total"), loss_sums.tolist())}
+        record.update({"epoch": progress.epoch, "step": progress.step, "epoch_seconds": elapsed,
+                       "sequences_per_second": windows_seen * distributed.world_size() / max(elapsed, 1e-9),
+                       "lr": scheduler.get_last_lr()[0]})
+        if progress.epoch % config.train.eval_every_epochs == 0 or stop:
+            started = time.perf_counter()
+            record.update(evaluate_split(model, valid, "valid", config.eval, manifest["num_negatives"]))
+            record["eval_seconds"] = time.perf_counter() - started
+            value = record[config.eval.monitor]
+            if value > progress.best_value:
+                progress.best_value, progress.best_epoch = value, progress.epoch
+                progress.evals_without_improvement = 0
+                if distributed.is_main():
+                    with tempfile.TemporaryDirectory() as scratch:
+                        _write_checkpoint(Path(scratch) / "best", model, optimizer, scheduler, progress,
+                                          config, manifest, record)
+                        publish_directory(Path(scratch) / "best", run_dir / "best")
+            else:
+                progress.evals_without_improvement += 1
+            if progress.evals_without_improvement >= config.train.patience:
+                log.info("early stopping: %s has not improved for %d validations",
+                         config.eval.monitor, config.train.patience)
+                stop = True
+        progress.history.append(record)
+        if distributed.is_main():
+            _log_epoch(record, config.eval.monitor)
+            _write_scalars(writer, record)
+        checkpoint_now(record)
+
+    # ---- final: the best checkpoint on valid and test ----
+    distributed.barrier()
+    final = _evaluate_best(config, session, manifest, run_dir, device)
+    summary = {"best": {"epoch": progress.best_epoch, config.eval.monitor: progress.best_value},
+               "final": final, "history": progress.history, "steps": progress.step,
+               "config": to_dict(config), "data": {k: manifest[k] for k in ("users", "items", "interactions")}}
+    if distributed.is_main():
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        _write_scalars(writer, {f"final/{k}": v for k, v in final.items()})
+        if writer:
+            writer.close()
+    session.report({**final, "step": progress.step, "epoch": progress.epoch, "done": 1})
+    return summary
+
+
+def _evaluate_best(config: PretrainConfig, session, manifest, run_dir: Path, device) -> dict[str, float]:
+    model, _, _ = load_model_for_data(str(run_dir / "best"), config.data, device)
+    metrics: dict[str, float] = {}
+    for split in ("valid", "test"):
+        arrays = build_eval_arrays(session.read_split(split), config.model.max_len).to(device)
+        metrics.update(evaluate_split(model, arrays, split, config.eval, manifest["num_negatives"]))
+    return metrics
+
+
+def _tensorboard(run_dir: Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir=str(run_dir / "tensorboard"))
+
+
+def _write_scalars(writer, record: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    step = int(record.get("epoch", 0))
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key not in ("epoch",):
+            writer.add_scalar(key, value, step)
+    writer.flush()
+
+
+def _log_epoch(record: dict[str, Any], monitor: str) -> None:
+    losses = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+    validation = f" {monitor}={record[monitor]:.4f}" if monitor in record else ""
+    log.info("epoch %d step %d %s%s (%.1fs, %.0f seq/s)", record["epoch"], record["step"], losses,
+             validation, record["epoch_seconds"], record["sequences_per_second"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """Ray Train entry point: rebuild the config from plain data and run the loop."""
+    from flm_dist.ray_seam import RaySession
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    train_loop(from_dict(PretrainConfig, payload["config"]), RaySession())
+
+
+def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
+    """Pretrain on Ray Train (or in this process with `scaling.workers=0`); returns metrics.json."""
+    from flm_dist.session import LocalSession
+
+    read_manifest(config.data)
+    run_dir = Path(config.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
+    log.info("pretrain config:\n%s", json.dumps(to_dict(config), indent=2, sort_keys=True))
+    if config.scaling.workers == 0:
+        return train_loop(config, LocalSession(config.data, str(run_dir)))
+    from flm_dist import ray_seam
+
+    ray_seam.ensure_ray(config.scaling.address)
+    ray_seam.run_trainer(train_worker, {"config": to_dict(config)},
+                         ray_seam.read_parquet_datasets(config.data, ["train", "valid", "test"]),
+                         run_dir=str(run_dir), name="ray_train", workers=config.scaling.workers,
+                         gpus_per_worker=config.scaling.gpus_per_worker,
+                         cpus_per_worker=config.scaling.cpus_per_worker,
+                         max_failures=config.scaling.max_failures)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def final_metrics_table(metrics: dict[str, float], ks: tuple[int, ...] = (10,)) -> str:
+    """Readable table of the headline metrics per split and protocol."""
+    rows = []
+    protocols = sorted({k.rsplit("/", 1)[1] for k in metrics if k.count("/") == 2 and "@" in k})
+    for split in ("valid", "test"):
+        for protocol in protocols:
+            cells = [f"{metrics.get(f'{split}/{m}@{k}/{protocol}', float('nan')):.4f}"
+                     for k in ks for m in ("hr", "ndcg")]
+            rows.append(f"{split:<6} {protocol:<12} " + " ".join(f"{c:>8}" for c in cells))
+    header = f"{'split':<6} {'protocol':<12} " + " ".join(f"{m + '@' + str(k):>8}" for k in ks for m in ("hr", "ndcg"))
+    return "\n".join([header, *rows])

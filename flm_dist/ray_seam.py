@@ -1,0 +1,138 @@
+"""The Ray seam: the only module (with the job drivers) that knows about Ray.
+
+Job code asks it for Ray to be running, for this worker's dataset shard, and to report metrics and
+checkpoints; model and training-step code never import Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to `address` (or $RAY_ADDRESS), or start a local Ray instance if none is running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)
+
+
+class RaySession:
+    """The training-loop session inside a Ray Train worker (see `flm_dist.session.Session`)."""
+
+    def read_split(self, name: str):
+        from flm_dist.data import concat_tables
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(name)
+        return concat_tables(list(shard.iter_batches(batch_size=65536, batch_format="pyarrow")))
+
+    def device(self):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def latest_checkpoint(self):
+        return _latest_ray_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir=None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _latest_ray_checkpoint():
+    """Download the newest intact checkpoint of this run; a torn newest one falls back to older ones."""
+    import contextlib
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.fs
+    import ray.train
+
+    from flm_dist.checkpoint import newest_valid
+
+    @contextlib.contextmanager
+    def context():
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        filesystem, path = checkpoint.filesystem, checkpoint.path
+        parent = path.rstrip("/").rsplit("/", 1)[0]
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+        names = sorted(i.base_name for i in infos
+                       if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+        with tempfile.TemporaryDirectory() as scratch:
+            local = []
+            for name in names[-3:]:
+                destination = Path(scratch) / name
+                ray.train.Checkpoint(f"{parent}/{name}", filesystem).to_directory(str(destination))
+                local.append(destination)
+            yield newest_valid(local)
+
+    return context()
+
+
+def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any], run_dir: str,
+                name: str, workers: int, gpus_per_worker: float, cpus_per_worker: float,
+                max_failures: int) -> None:
+    """Fit `train_function(payload)` on `workers` Ray Train workers; resumes a run of the same name.
+
+    Every split is handed out with `streaming_split(equal=False)`: disjoint and complete, so
+    evaluation sees every user exactly once (Ray's default `equal=True` may drop rows).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    class DisjointSplits(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            for dataset_name, dataset in datasets.items():
+                dataset = dataset.copy(dataset)
+                dataset.context.execution_options = self._resolve_execution_options(dataset_name)
+                for index, split in enumerate(dataset.streaming_split(world_size, equal=False)):
+                    output[index][dataset_name] = split
+            return output
+
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    trainer = TorchTrainer(
+        train_function,
+        train_loop_config=payload,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        datasets=datasets,
+        dataset_config=DisjointSplits(),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=absolute_storage_path(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+        ),
+    )
+    trainer.fit()
+
+
+def absolute_storage_path(path: str) -> str:
+    """Ray needs absolute local storage paths; URIs (s3://, gs://, ...) pass through."""
+    import os
+
+    return path if "://" in path else os.path.abspath(path)
+
+
+def read_parquet_datasets(data_dir: str, splits: list[str]) -> dict[str, Any]:
+    """Ray Data datasets over the prepared split directories (local path or any URI)."""
+    import ray.data
+
+    return {split: ray.data.read_parquet(f"{data_dir.rstrip('/')}/{split}") for split in splits}
