@@ -53,8 +53,12 @@ class TrainArrays:
     def to(self, device: torch.device) -> "TrainArrays":
         return TrainArrays(self.user.to(device), self.input.to(device), self.target.to(device))
 
-    def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"user": self.user[index], "input": self.input[index], "target": self.target[index]}
+    def take(self, index: torch.Tensor, width: int | None = None) -> dict[str, torch.Tensor]:
+        """Rows `index`, cut to their last `width` positions (left padding makes that lossless
+        when no row has more than `width` items)."""
+        width = width or self.input.shape[1]
+        return {"user": self.user[index], "input": self.input[index, -width:],
+                "target": self.target[index, -width:]}
 
 
 def build_train_arrays(table: pa.Table, max_len: int, windows: str = "all") -> TrainArrays:
@@ -150,3 +154,35 @@ def item_log_frequencies(item_counts: np.ndarray) -> torch.Tensor:
 def filter_users(table: pa.Table, keep_users: np.ndarray) -> pa.Table:
     """Rows of `table` whose user index is in `keep_users` (used by low-data fine-tuning)."""
     return table.filter(pc.is_in(table.column("user"), pa.array(keep_users, type=table.schema.field("user").type)))
+
+
+def window_widths(arrays: TrainArrays, multiple: int = 8) -> np.ndarray:
+    """Per window, its item count rounded up to `multiple` (capped at max_len): the batch width."""
+    lengths = (arrays.input != 0).sum(dim=1).cpu().numpy()
+    max_len = arrays.input.shape[1]
+    return np.minimum(max_len, np.maximum(1, -(-lengths // multiple)) * multiple)
+
+
+def length_bucketed_batches(widths: np.ndarray, batch_size: int, seed: int,
+                            min_batches: int = 0) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """One epoch's order of windows and its batches as (start, stop, width) slices of that order.
+
+    Windows of the same width are batched together so a batch is cut to its width (most positions
+    of short-history data are padding otherwise); batches are shuffled. Everything is decided
+    here on the host, from (seed, epoch), so the step itself needs no host-device sync and a
+    resumed epoch replays the same batches. `min_batches` repeats random batches until there are
+    that many, so every DDP rank runs the same number of steps.
+    """
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(len(widths))
+    order = shuffled[np.argsort(widths[shuffled], kind="stable")]
+    batches = []
+    sorted_widths = widths[order]
+    for width in np.unique(sorted_widths):
+        first, last = np.searchsorted(sorted_widths, [width, width + 1])
+        batches += [(start, min(start + batch_size, last), int(width)) for start in range(first, last, batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    if len(batches) < min_batches:
+        extra = rng.integers(0, len(batches), size=min_batches - len(batches))
+        batches += [batches[i] for i in extra]
+    return order, batches

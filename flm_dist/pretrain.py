@@ -24,7 +24,8 @@ from flm_dist import distributed
 from flm_dist.checkpoint import load_checkpoint, publish_directory, save_checkpoint
 from flm_dist.config import (EvalConfig, LossConfig, ModelConfig, ScalingConfig, TrainConfig,
                              from_dict, require, to_dict)
-from flm_dist.data import TrainArrays, build_eval_arrays, build_train_arrays, item_log_frequencies
+from flm_dist.data import (build_eval_arrays, build_train_arrays, item_log_frequencies,
+                           length_bucketed_batches, window_widths)
 from flm_dist.errors import UserError
 from flm_dist.evaluate import evaluate_split
 from flm_dist.models import FLMModel
@@ -87,15 +88,6 @@ def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device
     model = build_model(model_config, manifest["users"], manifest["items"])
     model.load_state_dict(state["model"])
     return model.to(device), manifest, meta
-
-
-def _pad_to_common_length(arrays: TrainArrays, device: torch.device) -> TrainArrays:
-    """Every rank must run the same number of steps: shorter shards repeat their first rows."""
-    longest = int(distributed.all_reduce_max(torch.tensor([len(arrays)], device=device)).item())
-    if len(arrays) == 0:
-        raise RuntimeError("a worker received no training rows; use fewer workers for this data")
-    index = torch.arange(longest) % len(arrays)
-    return TrainArrays(arrays.user[index], arrays.input[index], arrays.target[index])
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -173,8 +165,13 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
         else contextlib.nullcontext
 
     # ---- data: this worker's shard, once, kept on the device ----
-    train = _pad_to_common_length(build_train_arrays(session.read_split("train"), config.model.max_len,
-                                                     config.train.windows), device).to(device)
+    train = build_train_arrays(session.read_split("train"), config.model.max_len, config.train.windows).to(device)
+    if len(train) == 0:
+        raise UserError("a worker received no training windows; use fewer workers for this data")
+    widths = window_widths(train)
+    # Every DDP rank must run the same number of steps: agree on the largest batch count.
+    local_batches = len(length_bucketed_batches(widths, config.train.batch_size, seed=0)[1])
+    micro_steps_per_epoch = int(distributed.all_reduce_max(torch.tensor(local_batches, device=device)).item())
     valid = build_eval_arrays(session.read_split("valid"), config.model.max_len).to(device)
     item_log_prob = None
     if config.loss.softmax == "sampled" and config.loss.negative_sampling == "popularity":
@@ -186,7 +183,6 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(_param_groups(model, config.train.weight_decay), lr=config.train.lr,
                                   fused=fused)
-    micro_steps_per_epoch = math.ceil(len(train) / config.train.batch_size)
     steps_per_epoch = math.ceil(micro_steps_per_epoch / config.train.grad_accum)
     total_steps = steps_per_epoch * config.train.epochs
     if config.train.max_steps:
@@ -208,6 +204,9 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
             progress = Progress(**state["progress"])
             log.info("resumed from %s at epoch %d step %d", checkpoint_dir, progress.epoch, progress.step)
 
+    if progress.step == 0:
+        # ActNorm's data-dependent init, before DDP broadcasts rank 0's parameters to every rank.
+        model.initialize_flow(train.take(torch.arange(min(len(train), config.train.batch_size), device=device)))
     weights = config.loss.weights()
     find_unused = any(w == 0 for w in weights.values()) or config.model.flow_layers == 0
     ddp_model = distributed.wrap_model(model, device, find_unused_parameters=find_unused)
@@ -224,17 +223,19 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
                 _write_checkpoint(directory, model, optimizer, scheduler, progress, config, manifest, metrics)
             session.report({**metrics, "step": progress.step, "epoch": progress.epoch}, directory)
 
-    stop = progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
-    while progress.epoch < config.train.epochs and not stop:
-        # A permutation per (seed, epoch): a resumed epoch replays the same order from its position.
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
-            config.train.seed * 100_003 + progress.epoch)).to(device)
+    finished = progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
+    while progress.epoch < config.train.epochs and not finished:
+        # Batches per (seed, epoch): a resumed epoch replays the same batches from its position.
+        order, batches = length_bucketed_batches(widths, config.train.batch_size,
+                                                 seed=config.train.seed * 100_003 + progress.epoch,
+                                                 min_batches=micro_steps_per_epoch)
+        order = torch.from_numpy(order).to(device)
         loss_sums = torch.zeros(len(weights) + 1, device=device)
         started, windows_seen = time.perf_counter(), 0
         model.train()
         while progress.micro_step_in_epoch < micro_steps_per_epoch:
-            first = progress.micro_step_in_epoch * config.train.batch_size
-            batch = train.take(order[first:first + config.train.batch_size])
+            first, last, width = batches[progress.micro_step_in_epoch]
+            batch = train.take(order[first:last], width)
             is_update = ((progress.micro_step_in_epoch + 1) % config.train.grad_accum == 0
                          or progress.micro_step_in_epoch + 1 == micro_steps_per_epoch)
             sync = contextlib.nullcontext() if is_update or not distributed.is_distributed() \
@@ -257,7 +258,7 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 progress.step += 1
                 if progress.step >= total_steps:
-                    stop = True
+                    finished = True
                     break
                 if config.train.checkpoint_every_steps and progress.step % config.train.checkpoint_every_steps == 0:
                     checkpoint_now({})
@@ -272,7 +273,7 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
         record.update({"epoch": progress.epoch, "step": progress.step, "epoch_seconds": elapsed,
                        "sequences_per_second": windows_seen * distributed.world_size() / max(elapsed, 1e-9),
                        "lr": scheduler.get_last_lr()[0]})
-        if progress.epoch % config.train.eval_every_epochs == 0 or stop:
+        if progress.epoch % config.train.eval_every_epochs == 0 or finished:
             started = time.perf_counter()
             record.update(evaluate_split(model, valid, "valid", config.eval, manifest["num_negatives"]))
             record["eval_seconds"] = time.perf_counter() - started
@@ -290,7 +291,7 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
             if progress.evals_without_improvement >= config.train.patience:
                 log.info("early stopping: %s has not improved for %d validations",
                          config.eval.monitor, config.train.patience)
-                stop = True
+                finished = True
         progress.history.append(record)
         if distributed.is_main():
             _log_epoch(record, config.eval.monitor)
@@ -333,7 +334,7 @@ def _write_scalars(writer, record: dict[str, Any]) -> None:
     step = int(record.get("epoch", 0))
     for key, value in record.items():
         if isinstance(value, (int, float)) and key not in ("epoch",):
-            writer.add_scalar(key, value, step)
+            writer.add_scalar(key.replace("@", "_at_"), value, step)
     writer.flush()
 
 
