@@ -80,6 +80,12 @@ def cmd_evaluate(args):
     print(final_metrics_table(metrics))
 
 
+def cmd_demo(args):
+    from flm_dist.demo import run_demo
+
+    run_demo(workdir=args.workdir, workers=args.workers, epochs=args.epochs, overrides=args.overrides)
+
+
 def cmd_bench_prepare(args):
     from flm_dist.bench_prepare import run_bench_prepare
 
@@ -124,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int)
     _add_common(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the embedded synthetic log")
+    demo.add_argument("--workdir", default="demo")
+    demo.add_argument("--workers", type=int, default=1)
+    demo.add_argument("--epochs", type=int, default=20)
+    demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="pretrain config overrides")
+    demo.set_defaults(run=cmd_demo)
 
     bench = commands.add_parser("bench", help="benchmarks that print numbers")
     benches = bench.add_subparsers(dest="bench", required=True)

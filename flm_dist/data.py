@@ -120,16 +120,17 @@ def build_eval_arrays(table: pa.Table, max_len: int) -> EvalArrays:
     lengths = np.diff(offsets)
     tail = np.minimum(lengths, max_len)
     model_input = _place_right_aligned(values, offsets[:-1] + lengths - tail, tail, max_len)
-    negatives = table.column("negatives")
-    negative_offsets, negative_values = _list_parts(negatives)
-    width = int(np.diff(negative_offsets).max()) if len(table) else 0
-    if len(table) and not (np.diff(negative_offsets) == width).all():
-        raise ValueError("every evaluation row must carry the same number of negatives")
+    # Small catalogs can leave a user fewer unseen items than negatives asked for: such rows are
+    # padded with item 0, whose score is -inf, and carry their true candidate count.
+    negative_offsets, negative_values = _list_parts(table.column("negatives"))
+    negative_counts = np.diff(negative_offsets)
+    width = int(negative_counts.max()) if len(table) else 0
     return EvalArrays(
         user=torch.from_numpy(table.column("user").to_numpy().astype(np.int64)),
         input=torch.from_numpy(model_input),
         target=torch.from_numpy(table.column("target").to_numpy().astype(np.int64)),
-        negatives=torch.from_numpy(negative_values.reshape(len(table), width)),
+        negatives=torch.from_numpy(_place_right_aligned(negative_values, negative_offsets[:-1],
+                                                        negative_counts, width)),
         history_offsets=torch.from_numpy(offsets),
         history_items=torch.from_numpy(values),
     )

@@ -49,7 +49,7 @@ def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: Eva
         accumulator.add("full_nomask", target_ranks(scores, target), num_items)
         candidates = torch.cat([target.view(-1, 1), arrays.negatives[start:stop]], dim=1)
         accumulator.add(sampled, target_ranks(scores.gather(1, candidates), torch.zeros_like(target)),
-                        candidates.shape[1])
+                        1 + (candidates[:, 1:] != 0).sum(dim=1))
         rows, items = arrays.history_pairs(start, stop)
         scores[rows, items] = float("-inf")
         unmasked = num_items - torch.isneginf(scores[:, 1:]).sum(dim=1)
@@ -83,10 +83,11 @@ def evaluate_with_session(config: EvaluateConfig, session) -> dict[str, float]:
     from flm_dist.pretrain import load_model_for_data
 
     device = session.device()
-    model, manifest, _ = load_model_for_data(config.checkpoint, config.data, device)
+    model, manifest, meta = load_model_for_data(config.checkpoint, config.data, device)
+    max_len = meta["config"]["model"]["max_len"]
     metrics: dict[str, float] = {}
     for split in config.splits:
-        arrays = build_eval_arrays(session.read_split(split), model.max_len).to(device)
+        arrays = build_eval_arrays(session.read_split(split), max_len).to(device)
         metrics.update(evaluate_split(model, arrays, split, config.eval, manifest["num_negatives"]))
     return metrics
 

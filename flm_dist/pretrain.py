@@ -165,7 +165,13 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
         else contextlib.nullcontext
 
     # ---- data: this worker's shard, once, kept on the device ----
-    train = build_train_arrays(session.read_split("train"), config.model.max_len, config.train.windows).to(device)
+    train_table = session.read_split("train")
+    train_users = int(distributed.all_reduce_sum(torch.tensor(train_table.num_rows, device=device)).item())
+    if train_users != manifest["splits"]["train"]["rows"]:
+        log.warning("balancing shards over %d workers left out %d of %d training sequences",
+                    distributed.world_size(), manifest["splits"]["train"]["rows"] - train_users,
+                    manifest["splits"]["train"]["rows"])
+    train = build_train_arrays(train_table, config.model.max_len, config.train.windows).to(device)
     if len(train) == 0:
         raise UserError("a worker received no training windows; use fewer workers for this data")
     widths = window_widths(train)

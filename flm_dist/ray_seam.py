@@ -32,7 +32,11 @@ class RaySession:
         import ray.train
 
         shard = ray.train.get_dataset_shard(name)
-        return concat_tables(list(shard.iter_batches(batch_size=65536, batch_format="pyarrow")))
+        table = concat_tables(list(shard.iter_batches(batch_size=65536, batch_format="pyarrow")))
+        if table.num_columns == 0:  # an evaluation shard may be empty; keep its columns
+            schema = shard.schema()
+            table = getattr(schema, "base_schema", schema).empty_table()
+        return table
 
     def device(self):
         import ray.train.torch
@@ -87,8 +91,10 @@ def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any
                 max_failures: int) -> None:
     """Fit `train_function(payload)` on `workers` Ray Train workers; resumes a run of the same name.
 
-    Every split is handed out with `streaming_split(equal=False)`: disjoint and complete, so
-    evaluation sees every user exactly once (Ray's default `equal=True` may drop rows).
+    Evaluation splits are handed out with `streaming_split(equal=False)`: disjoint and complete,
+    so every user is scored exactly once (Ray's default `equal=True` may drop rows). Training
+    uses `equal=True`: DDP needs balanced shards, and the few rows it may drop are counted and
+    logged by the training loop.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -99,7 +105,8 @@ def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any
             for dataset_name, dataset in datasets.items():
                 dataset = dataset.copy(dataset)
                 dataset.context.execution_options = self._resolve_execution_options(dataset_name)
-                for index, split in enumerate(dataset.streaming_split(world_size, equal=False)):
+                equal = dataset_name == "train"
+                for index, split in enumerate(dataset.streaming_split(world_size, equal=equal)):
                     output[index][dataset_name] = split
             return output
 

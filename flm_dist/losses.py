@@ -1,0 +1,124 @@
+"""Ranking losses over a shared item table whose row 0 is padding.
+
+Conventions shared by every function here: `item_table` has `num_items + 1` rows, row 0 is the
+padding item and never receives probability; a target of 0 means "no target" and is ignored;
+means are taken over the non-ignored targets only, and a batch with none of them gives 0 rather
+than NaN. All functions avoid boolean indexing (which would sync with the host and give dynamic
+shapes under torch.compile): ignored rows are computed and then weighted by zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where `mask` is True; 0 (not NaN) when nothing is selected."""
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def _ce_sum_over_real_items(hidden: torch.Tensor, real_items: torch.Tensor,
+                            targets: torch.Tensor) -> torch.Tensor:
+    # Column j of the logits is item j + 1, so target 0 (no target) maps to ignore_index -1.
+    logits = hidden @ real_items.T
+    return F.cross_entropy(logits.float(), targets - 1, ignore_index=-1, reduction="sum")
+
+
+def full_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
+                    chunk_size: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `hidden` [M, H] against every real item of `item_table` [N+1, H].
+
+    With `chunk_size`, rows are processed `chunk_size` at a time under activation checkpointing,
+    so at most a [chunk_size, N] logit block is alive in forward *and* backward (it is recomputed
+    in backward) instead of the full [M, N] matrix; the result is identical to the unchunked one.
+    """
+    real_items = item_table[1:]
+    num_targets = (targets != 0).sum().clamp_min(1)
+    if chunk_size is None or chunk_size >= hidden.shape[0]:
+        return _ce_sum_over_real_items(hidden, real_items, targets) / num_targets
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        stop = start + chunk_size
+        total = total + checkpoint(_ce_sum_over_real_items, hidden[start:stop], real_items,
+                                   targets[start:stop], use_reentrant=False)
+    return total / num_targets
+
+
+def normalized_item_log_prob(item_log_prob: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the real items (index 0 = padding, set to -inf) summing to one."""
+    real = item_log_prob[1:].float()
+    real = real - torch.logsumexp(real, dim=0)
+    return torch.cat([real.new_full((1,), -math.inf), real])
+
+
+def sample_items(num_samples: int, num_items: int, item_log_prob: torch.Tensor | None = None,
+                 device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw item ids in 1..num_items with replacement: uniformly, or by `item_log_prob` [N+1].
+
+    Popularity sampling inverts the CDF with searchsorted, which (unlike multinomial) is cheap for
+    millions of items and keeps a static output shape.
+    """
+    if item_log_prob is None:
+        return torch.randint(1, num_items + 1, (num_samples,), device=device, generator=generator)
+    cdf = normalized_item_log_prob(item_log_prob)[1:].exp().cumsum(0)
+    uniform = torch.rand(num_samples, device=cdf.device, generator=generator) * cdf[-1]
+    return torch.searchsorted(cdf, uniform, right=True).clamp_max(num_items - 1) + 1
+
+
+def sampled_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
+                       num_negatives: int, item_log_prob: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sampled-softmax cross-entropy with in-batch plus sampled negatives and logQ correction.
+
+    Negatives for row i are the other rows' targets (in-batch) and `num_negatives` items shared by
+    all rows, drawn from `item_log_prob` (popularity, [N+1], need not be normalised but must be
+    finite for every real item) or uniformly when it is None. In-batch targets are treated as
+    draws from the same distribution, which holds when `item_log_prob` is the training-target
+    popularity; with None the in-batch negatives stay popularity-biased (plain in-batch softmax).
+
+    logQ correction: each negative logit s_j becomes s_j - log(C * q_j) where C is the number of
+    negatives drawn per row, so sum_j exp(.) is an importance-sampling estimate of the full
+    partition function over the non-target items and the loss tends to the full-softmax loss as
+    C grows. Accidental hits (a negative equal to the row's target, including the row's own
+    in-batch copy) and padding targets of ignored rows are masked out of the denominator.
+    Cost is O(M * (M + num_negatives)) for M rows, so it pays off when M << num_items.
+    """
+    num_items = item_table.shape[0] - 1
+    valid = targets != 0
+    negatives = sample_items(num_negatives, num_items, item_log_prob, hidden.device, generator)
+    candidates = torch.cat([targets, negatives])
+
+    positive_logits = (hidden * item_table[targets]).sum(-1).float()
+    candidate_logits = (hidden @ item_table[candidates].T).float()
+
+    if item_log_prob is None:
+        candidate_log_q = candidate_logits.new_full(candidates.shape, -math.log(num_items))
+    else:
+        candidate_log_q = normalized_item_log_prob(item_log_prob)[candidates]
+    draws_per_row = (valid.sum() - 1 + num_negatives).clamp_min(1)
+    candidate_logits = candidate_logits - (candidate_log_q + draws_per_row.float().log())
+
+    excluded = (candidates[None, :] == targets[:, None]) | (candidates[None, :] == 0)
+    candidate_logits = candidate_logits.masked_fill(excluded, -math.inf)
+    log_partition = torch.logsumexp(
+        torch.cat([positive_logits[:, None], candidate_logits], dim=1), dim=1)
+    return masked_mean(log_partition - positive_logits, valid)
+
+
+def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bayesian personalised ranking: mean of -log sigmoid(pos - neg).
+
+    `pos_scores` has shape [...], `neg_scores` [..., K] (K negatives per positive); `mask` [...]
+    (True = keep) drops positives that are padding.
+    """
+    per_positive = -F.logsigmoid(pos_scores.float()[..., None] - neg_scores.float()).mean(-1)
+    if mask is None:
+        return per_positive.mean()
+    return masked_mean(per_positive, mask)

@@ -1,0 +1,210 @@
+"""The joint FLM model: MF user vectors + sequence encoder, fused, with a flow over the result.
+
+All item scoring uses dot products against ONE item table (`item_embedding`, row 0 = padding)
+that the CF and sequence parts share by reference. Training batches are dicts of tensors:
+`user` Long[B], `input` Long[B, L] left-padded (0 = pad), `target` Long[B, L] (next item for each
+position, 0 = no target).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flm_dist.losses import (
+    bpr_loss,
+    full_softmax_ce,
+    masked_mean,
+    sample_items,
+    sampled_softmax_ce,
+)
+from flm_dist.models.cf import MatrixFactorization
+from flm_dist.models.flow import FlowKind, NormalizingFlow
+from flm_dist.models.sequence import EncoderKind, SequenceEncoder, item_embedding_table
+
+FusionKind = Literal["concat", "sum", "gate"]
+RepresentationSource = Literal["fused", "sequence", "cf"]
+LOSS_TERMS = ("seq", "cf", "fused", "flow")
+
+
+class Fusion(nn.Module):
+    """Combine the CF user vector and the latest sequence state into one user vector.
+
+    concat: Linear([cf; seq]); sum: cf + seq; gate: g * cf + (1 - g) * seq with a per-dimension
+    gate g = sigmoid(Linear([cf; seq])), letting the model lean on CF for users with short
+    histories and on the sequence otherwise.
+    """
+
+    def __init__(self, kind: FusionKind, hidden: int):
+        super().__init__()
+        if kind not in ("concat", "sum", "gate"):
+            raise ValueError(f"unknown fusion {kind!r}; expected 'concat', 'sum' or 'gate'")
+        self.kind = kind
+        if kind != "sum":
+            self.projection = nn.Linear(2 * hidden, hidden)
+
+    def forward(self, cf_vector: torch.Tensor, sequence_vector: torch.Tensor) -> torch.Tensor:
+        if self.kind == "sum":
+            return cf_vector + sequence_vector
+        projected = self.projection(torch.cat([cf_vector, sequence_vector], dim=-1))
+        if self.kind == "concat":
+            return projected
+        gate = torch.sigmoid(projected)
+        return gate * cf_vector + (1 - gate) * sequence_vector
+
+
+class FLMModel(nn.Module):
+    """Pretraining-FLM: CF + sequence encoder over a shared item table, fused user vectors, and a
+    normalising flow giving an exact density of the fused user representation.
+
+    With `flow_stop_gradient` (default) the flow is fitted to detached representations: the flow
+    NLL can be made arbitrarily low by shrinking the representation (log-det grows without bound
+    as the data collapses), so letting it reach the encoders would reward collapse.
+    """
+
+    def __init__(self, num_users: int, num_items: int, hidden: int, max_len: int, layers: int,
+                 heads: int, dropout: float, encoder: EncoderKind = "sasrec",
+                 fusion: FusionKind = "concat", flow_layers: int = 4, flow_hidden: int = 128,
+                 flow_kind: FlowKind = "affine", flow_stop_gradient: bool = True):
+        super().__init__()
+        self.num_items = num_items
+        self.hidden = hidden
+        self.flow_stop_gradient = flow_stop_gradient
+        self.item_embedding = item_embedding_table(num_items, hidden)
+        self.cf = MatrixFactorization(num_users, hidden, self.item_embedding)
+        self.sequence = SequenceEncoder(num_items, hidden, max_len, layers, heads, dropout,
+                                        kind=encoder, item_embedding=self.item_embedding)
+        self.fusion = Fusion(fusion, hidden)
+        self.flow = NormalizingFlow(hidden, flow_layers, flow_hidden, flow_kind)
+
+    def item_table(self) -> torch.Tensor:
+        """[num_items + 1, H]; row 0 is padding and must never be ranked."""
+        return self.item_embedding.weight
+
+    def sequence_states(self, input: torch.Tensor) -> torch.Tensor:
+        """Long[B, L] left-padded -> [B, L, H] causal state per position."""
+        return self.sequence(input)
+
+    def user_representation(self, user: torch.Tensor, input: torch.Tensor,
+                            source: RepresentationSource = "fused") -> torch.Tensor:
+        """[B, H] user vector: CF vector, last-position sequence state, or their fusion."""
+        if source == "cf":
+            return self.cf.user_vectors(user)
+        if source == "sequence":
+            return self.sequence_states(input)[:, -1]
+        if source == "fused":
+            return self.fusion(self.cf.user_vectors(user), self.sequence_states(input)[:, -1])
+        raise ValueError(f"unknown source {source!r}; expected 'fused', 'sequence' or 'cf'")
+
+    def score_all(self, user: torch.Tensor, input: torch.Tensor,
+                  source: RepresentationSource = "fused") -> torch.Tensor:
+        """[B, num_items + 1] dot-product scores; column 0 (padding) is -inf."""
+        representation = self.user_representation(user, input, source)
+        scores = representation @ self.item_table()[1:].T
+        return F.pad(scores, (1, 0), value=-math.inf)
+
+    def flow_latent(self, user: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        """[B, H] flow latent (approximately standard normal) of the fused representation."""
+        return self.flow(self.user_representation(user, input, "fused"))[0]
+
+    def flow_log_density(self, user: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        """[B] exact log-density (nats, summed over H dims) of the fused representation."""
+        return self.flow.log_prob(self.user_representation(user, input, "fused"))
+
+    @torch.no_grad()
+    def initialize_flow(self, batch: dict[str, torch.Tensor]) -> None:
+        """Run the flow's ActNorm data-dependent init on this batch's fused representations.
+
+        Call it on one process before replicating the model (e.g. before DDP, which broadcasts
+        rank 0's parameters once at wrap time): left to the first training step, each rank would
+        initialise from its own batch and the flow parameters would differ across ranks.
+        """
+        self.flow(self.user_representation(batch["user"], batch["input"], "fused"))
+
+    def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
+                **loss_options: object) -> dict[str, torch.Tensor]:
+        """Same as `losses`; exists so wrappers that hook `forward` (DDP, FSDP) see the step."""
+        return self.losses(batch, weights, **loss_options)
+
+    def losses(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
+               cf_loss: Literal["ce", "bpr"] = "ce",
+               softmax: Literal["full", "sampled"] = "full", num_negatives: int = 100,
+               item_log_prob: torch.Tensor | None = None,
+               chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
+
+        seq: next-item CE at every position with a target. cf: CF loss of the MF user vector
+        against all of the user's targets ("ce": softmax CE, "bpr": BPR with `num_negatives`
+        uniform negatives per user). fused: CE of the fused vector for the last target. flow: NLL
+        per dimension of the fused vector under the flow. `softmax` picks full or sampled softmax
+        (in-batch + `num_negatives` sampled from `item_log_prob` or uniform, logQ-corrected) for
+        the CE terms; `chunk_size` bounds the full-softmax logit block (see full_softmax_ce).
+        Terms with weight 0 are not computed.
+        """
+        unknown = set(weights) - set(LOSS_TERMS)
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; expected {LOSS_TERMS}")
+        active = {term for term in LOSS_TERMS if weights.get(term, 0.0) != 0.0}
+        if not active:
+            raise ValueError("every loss weight is zero; nothing to train")
+
+        user, input, target = batch["user"], batch["input"], batch["target"]
+        table = self.item_table()
+
+        if softmax not in ("full", "sampled"):
+            raise ValueError(f"unknown softmax {softmax!r}; expected 'full' or 'sampled'")
+
+        def softmax_ce(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            if softmax == "full":
+                return full_softmax_ce(hidden, table, targets, chunk_size)
+            return sampled_softmax_ce(hidden, table, targets, num_negatives, item_log_prob)
+
+        terms: dict[str, torch.Tensor] = {}
+        states = self.sequence_states(input) if active & {"seq", "fused", "flow"} else None
+        cf_vectors = self.cf.user_vectors(user) if active & {"cf", "fused", "flow"} else None
+
+        if "seq" in active:
+            terms["seq"] = softmax_ce(states.reshape(-1, self.hidden), target.reshape(-1))
+        if "cf" in active:
+            terms["cf"] = self._cf_loss(cf_vectors, target, cf_loss, softmax, num_negatives,
+                                        item_log_prob)
+        if active & {"fused", "flow"}:
+            fused = self.fusion(cf_vectors, states[:, -1])
+            if "fused" in active:
+                terms["fused"] = softmax_ce(fused, target[:, -1])
+            if "flow" in active:
+                flow_input = fused.detach() if self.flow_stop_gradient else fused
+                terms["flow"] = -self.flow.log_prob(flow_input).mean() / self.hidden
+
+        terms["total"] = sum(weights[name] * value for name, value in terms.items())
+        return terms
+
+    def _cf_loss(self, cf_vectors: torch.Tensor, target: torch.Tensor,
+                 kind: Literal["ce", "bpr"], softmax: Literal["full", "sampled"],
+                 num_negatives: int, item_log_prob: torch.Tensor | None) -> torch.Tensor:
+        has_target = target != 0
+        table = self.item_table()
+        if kind == "bpr":
+            # One uniform negative set per user, shared by all of that user's positives.
+            negatives = sample_items(cf_vectors.shape[0] * num_negatives, self.num_items,
+                                     device=target.device).view(-1, num_negatives)
+            positive_scores = torch.einsum("bh,blh->bl", cf_vectors, table[target])
+            negative_scores = torch.einsum("bh,bkh->bk", cf_vectors, table[negatives])
+            return bpr_loss(positive_scores,
+                            negative_scores[:, None, :].expand(-1, target.shape[1], -1), has_target)
+        if kind != "ce":
+            raise ValueError(f"unknown cf_loss {kind!r}; expected 'ce' or 'bpr'")
+        if softmax == "sampled":
+            per_position = cf_vectors[:, None, :].expand(-1, target.shape[1], -1)
+            return sampled_softmax_ce(per_position.reshape(-1, self.hidden), table,
+                                      target.reshape(-1), num_negatives, item_log_prob)
+        # The MF vector is the same at every position, so the log-partition is computed once per
+        # user ([B, N]) and reused for all of that user's targets instead of a [B*L, N] softmax.
+        logits = (cf_vectors @ table[1:].T).float()
+        log_partition = torch.logsumexp(logits, dim=-1, keepdim=True)
+        target_logits = logits.gather(1, (target - 1).clamp_min(0))
+        return masked_mean(log_partition - target_logits, has_target)

@@ -1,0 +1,182 @@
+"""Loss functions over a shared item table whose row 0 is padding."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flm_dist.losses import (
+    bpr_loss,
+    full_softmax_ce,
+    masked_mean,
+    normalized_item_log_prob,
+    sample_items,
+    sampled_softmax_ce,
+)
+
+NUM_ITEMS = 40
+HIDDEN = 8
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core runner OpenMP
+    oversubscription makes them 10-50x slower; restore the setting for other test files."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, HIDDEN, generator=generator)
+    table = torch.randn(NUM_ITEMS + 1, HIDDEN, generator=generator)
+    targets = torch.randint(1, NUM_ITEMS + 1, (12,), generator=generator)
+    targets[[2, 7]] = 0
+    return hidden, table, targets
+
+
+def test_full_softmax_matches_explicit_cross_entropy(problem):
+    hidden, table, targets = problem
+    keep = targets != 0
+    explicit = F.cross_entropy(hidden[keep] @ table[1:].T, targets[keep] - 1)
+    torch.testing.assert_close(full_softmax_ce(hidden, table, targets), explicit)
+
+
+def test_full_softmax_chunked_equals_unchunked_in_value_and_gradient(problem):
+    hidden, table, targets = problem
+    results = []
+    for chunk_size in (None, 5):
+        hidden_leaf = hidden.clone().requires_grad_()
+        table_leaf = table.clone().requires_grad_()
+        loss = full_softmax_ce(hidden_leaf, table_leaf, targets, chunk_size=chunk_size)
+        loss.backward()
+        results.append((loss.detach(), hidden_leaf.grad, table_leaf.grad))
+    for unchunked, chunked in zip(results[0], results[1]):
+        torch.testing.assert_close(chunked, unchunked)
+
+
+def test_padding_row_never_gets_probability(problem):
+    hidden, table, targets = problem
+    table = table.clone().requires_grad_()
+    loss = full_softmax_ce(hidden, table, targets)
+    loss.backward()
+    assert torch.all(table.grad[0] == 0)
+
+    with torch.no_grad():
+        huge_padding = table.clone()
+        huge_padding[0] = hidden.sum(0) * 1e3
+    torch.testing.assert_close(full_softmax_ce(hidden, huge_padding, targets), loss.detach())
+    torch.manual_seed(0)
+    sampled = sampled_softmax_ce(hidden, table.detach(), targets, 16)
+    torch.manual_seed(0)
+    sampled_huge = sampled_softmax_ce(hidden, huge_padding, targets, 16)
+    torch.testing.assert_close(sampled_huge, sampled)
+
+
+def test_all_targets_ignored_gives_zero_not_nan(problem):
+    hidden, table, _ = problem
+    no_targets = torch.zeros(hidden.shape[0], dtype=torch.long)
+    assert full_softmax_ce(hidden, table, no_targets).item() == 0.0
+    assert full_softmax_ce(hidden, table, no_targets, chunk_size=4).item() == 0.0
+    assert sampled_softmax_ce(hidden, table, no_targets, 8).item() == 0.0
+
+
+def test_sampled_softmax_in_batch_only_matches_hand_computation(problem):
+    hidden, table, targets = problem
+    loss = sampled_softmax_ce(hidden, table, targets, num_negatives=0)
+
+    draws = (targets != 0).sum().item() - 1
+    correction = math.log(draws) - math.log(NUM_ITEMS)  # log(C * q) for uniform q = 1 / N
+    per_row = []
+    for i in range(len(targets)):
+        if targets[i] == 0:
+            continue
+        positive = hidden[i] @ table[targets[i]]
+        negatives = [hidden[i] @ table[t] - correction
+                     for t in targets if t != 0 and t != targets[i]]
+        per_row.append(torch.logsumexp(torch.stack([positive, *negatives]), 0) - positive)
+    torch.testing.assert_close(loss, torch.stack(per_row).mean())
+
+
+def test_sampled_softmax_masks_accidental_hits():
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, HIDDEN, generator=generator)
+    # Every in-batch and every sampled negative is the positive itself: nothing is left in the
+    # denominator but the positive, so the loss is exactly zero.
+    one_item_table = torch.randn(2, HIDDEN, generator=generator)
+    targets = torch.ones(6, dtype=torch.long)
+    assert sampled_softmax_ce(hidden, one_item_table, targets, num_negatives=32).item() == 0.0
+
+    # With two items, only the other item may appear in the denominator.
+    two_item_table = torch.randn(3, HIDDEN, generator=generator)
+    targets = torch.tensor([1, 1, 1, 2, 2, 2])
+    loss = sampled_softmax_ce(hidden, two_item_table, targets, num_negatives=0)
+    logits = hidden @ two_item_table.T
+    correction = math.log(5) - math.log(2)  # 5 in-batch draws per row, uniform q = 1/2
+    other = 3 - targets
+    positive = logits.gather(1, targets[:, None]).squeeze(1)
+    negative = logits.gather(1, other[:, None]).squeeze(1) - correction
+    # Each row sees the other item 3 times in-batch (the rows with the other target).
+    expected = torch.logsumexp(torch.stack([positive, negative + math.log(3)], 1), 1) - positive
+    torch.testing.assert_close(loss, expected.mean())
+
+
+def _skewed_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    num_items = 200
+    hidden = torch.randn(8, HIDDEN, generator=generator)
+    table = torch.randn(num_items + 1, HIDDEN, generator=generator)
+    popularity = 1.0 / torch.arange(1, num_items + 1).float() ** 1.2  # Zipf-like
+    item_log_prob = torch.cat([torch.zeros(1), popularity.log()])  # index 0 is ignored
+    targets = torch.randint(1, num_items + 1, (8,), generator=generator)
+    return hidden, table, targets, item_log_prob
+
+
+@pytest.mark.parametrize("popularity_sampling", [True, False])
+def test_sampled_softmax_with_logq_correction_approaches_full_softmax(popularity_sampling):
+    hidden, table, targets, item_log_prob = _skewed_problem()
+    full = full_softmax_ce(hidden, table, targets)
+    torch.manual_seed(3)
+    sampled = sampled_softmax_ce(hidden, table, targets, num_negatives=20000,
+                                 item_log_prob=item_log_prob if popularity_sampling else None)
+    assert abs(sampled.item() - full.item()) < 0.02 * full.item()
+
+    if popularity_sampling:
+        # Without the correction, popular items are over-counted in the denominator.
+        torch.manual_seed(3)
+        negatives = sample_items(20000, 200, item_log_prob)
+        positive = (hidden * table[targets]).sum(-1)
+        uncorrected = torch.cat([positive[:, None], hidden @ table[negatives].T], 1)
+        uniform_correction = math.log(20000) - math.log(200)
+        naive = (torch.logsumexp(uncorrected - uniform_correction, 1) - positive).mean()
+        assert abs(naive.item() - full.item()) > 5 * abs(sampled.item() - full.item())
+
+
+def test_sample_items_follows_popularity_and_never_returns_padding():
+    _, _, _, item_log_prob = _skewed_problem()
+    torch.manual_seed(4)
+    samples = sample_items(200_000, 200, item_log_prob)
+    assert samples.min().item() >= 1 and samples.max().item() <= 200
+    frequencies = torch.bincount(samples, minlength=201)[1:].float() / samples.numel()
+    expected = normalized_item_log_prob(item_log_prob)[1:].exp()
+    torch.testing.assert_close(frequencies[:20], expected[:20], atol=4e-3, rtol=0.05)
+
+    uniform = sample_items(10_000, 7)
+    assert set(uniform.unique().tolist()) == set(range(1, 8))
+
+
+def test_bpr_loss_and_mask():
+    pos = torch.tensor([2.0, 0.0, -1.0])
+    neg = torch.tensor([[1.0, 3.0], [0.0, 0.0], [5.0, 5.0]])
+    expected = -F.logsigmoid(pos[:, None] - neg).mean(1)
+    torch.testing.assert_close(bpr_loss(pos, neg), expected.mean())
+    mask = torch.tensor([True, True, False])
+    torch.testing.assert_close(bpr_loss(pos, neg, mask), expected[:2].mean())
+
+
+def test_masked_mean_of_empty_selection_is_zero():
+    assert masked_mean(torch.ones(3), torch.zeros(3, dtype=torch.bool)).item() == 0.0

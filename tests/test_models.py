@@ -1,0 +1,264 @@
+"""Sequence encoders, MF, and the joint FLM model: shapes, causality, padding, tying, losses."""
+
+import math
+
+import pytest
+import torch
+
+from flm_dist.losses import full_softmax_ce
+from flm_dist.models import FLMModel, MatrixFactorization, NormalizingFlow, SequenceEncoder
+
+NUM_USERS = 12
+NUM_ITEMS = 30
+HIDDEN = 16
+MAX_LEN = 10
+ENCODERS = ["sasrec", "gru", "lstm"]
+ALL_WEIGHTS = {"seq": 1.0, "cf": 0.5, "fused": 0.25, "flow": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core runner OpenMP
+    oversubscription makes them 10-50x slower; restore the setting for other test files."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_encoder(kind: str) -> SequenceEncoder:
+    torch.manual_seed(0)
+    return SequenceEncoder(NUM_ITEMS, HIDDEN, MAX_LEN, layers=2, heads=2, dropout=0.1,
+                           kind=kind).eval()
+
+
+def make_model(**overrides) -> FLMModel:
+    torch.manual_seed(0)
+    options = dict(num_users=NUM_USERS, num_items=NUM_ITEMS, hidden=HIDDEN, max_len=MAX_LEN,
+                   layers=2, heads=2, dropout=0.0, flow_layers=2, flow_hidden=16)
+    options.update(overrides)
+    return FLMModel(**options)
+
+
+def left_padded_input(batch: int = 5, length: int = MAX_LEN, seed: int = 0) -> torch.Tensor:
+    """Rows with 0, 1, 3, ... leading pads; row 0 is entirely padding."""
+    generator = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, NUM_ITEMS + 1, (batch, length), generator=generator)
+    pads = [length, 0, 1, 3, length - 2, 4, 2, 0][:batch]
+    for row, count in enumerate(pads):
+        items[row, :count] = 0
+    return items
+
+
+def make_batch(batch: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Next-item batch: target[t] = input[t + 1], the last target is a held-out next item."""
+    generator = torch.Generator().manual_seed(seed)
+    full = left_padded_input(batch, MAX_LEN + 1, seed)
+    full[0, -3:] = torch.randint(1, NUM_ITEMS + 1, (3,), generator=generator)  # a short history
+    return {
+        "user": torch.randint(0, NUM_USERS, (batch,), generator=generator),
+        "input": full[:, :-1],
+        "target": full[:, 1:] * (full[:, :-1] != 0),
+    }
+
+
+# --- Sequence encoders ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_encoder_shapes_and_fully_padded_row_is_finite(kind):
+    encoder = make_encoder(kind)
+    states = encoder(left_padded_input())
+    assert states.shape == (5, MAX_LEN, HIDDEN)
+    assert torch.isfinite(states).all()
+    shorter = encoder(left_padded_input(length=4))
+    assert shorter.shape == (5, 4, HIDDEN)
+    assert torch.isfinite(encoder(torch.zeros(3, MAX_LEN, dtype=torch.long))).all()
+
+
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_no_future_leakage(kind):
+    encoder = make_encoder(kind)
+    input = left_padded_input()
+    with torch.no_grad():
+        original = encoder(input)
+        for position in (2, 5, MAX_LEN - 1):
+            changed = input.clone()
+            changed[:, position] = changed[:, position] % NUM_ITEMS + 1  # another real item
+            states = encoder(changed)
+            torch.testing.assert_close(states[:, :position], original[:, :position],
+                                       atol=1e-6, rtol=0)
+            # The change must be visible from its own position on, or the check above is vacuous.
+            assert (states[1:, position] - original[1:, position]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_padding_row_contents_never_reach_real_positions(kind):
+    encoder = make_encoder(kind)
+    input = left_padded_input()
+    with torch.no_grad():
+        original = encoder(input)
+        encoder.item_embedding.weight[0] = torch.randn(HIDDEN) * 10
+        changed = encoder(input)
+    real = input != 0
+    torch.testing.assert_close(changed[real], original[real], atol=1e-5, rtol=0)
+
+
+def test_sasrec_positions_are_right_aligned_so_padding_does_not_matter():
+    encoder = make_encoder("sasrec")
+    history = torch.randint(1, NUM_ITEMS + 1, (2, 4), generator=torch.Generator().manual_seed(1))
+    padded = torch.cat([torch.zeros(2, MAX_LEN - 4, dtype=torch.long), history], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(padded)[:, -4:], encoder(history), atol=1e-5, rtol=0)
+
+
+def test_encoder_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="divisible"):
+        SequenceEncoder(NUM_ITEMS, HIDDEN, MAX_LEN, layers=1, heads=3, dropout=0.0)
+    with pytest.raises(ValueError, match="unknown encoder kind"):
+        SequenceEncoder(NUM_ITEMS, HIDDEN, MAX_LEN, layers=1, heads=2, dropout=0.0, kind="bert")
+    with pytest.raises(ValueError, match="item_embedding"):
+        SequenceEncoder(NUM_ITEMS, HIDDEN, MAX_LEN, layers=1, heads=2, dropout=0.0,
+                        item_embedding=torch.nn.Embedding(NUM_ITEMS, HIDDEN))
+    with pytest.raises(ValueError, match="max_len"):
+        make_encoder("gru")(torch.ones(1, MAX_LEN + 1, dtype=torch.long))
+
+
+# --- Weight tying --------------------------------------------------------------------------------
+
+def test_item_table_is_one_shared_object_and_cf_gradient_reaches_it():
+    model = make_model()
+    assert model.cf.item_embedding is model.item_embedding
+    assert model.sequence.item_embedding is model.item_embedding
+    assert isinstance(model.cf, MatrixFactorization) and isinstance(model.flow, NormalizingFlow)
+    shared = [p for p in model.parameters() if p is model.item_embedding.weight]
+    assert len(shared) == 1  # counted once, so optimisers and DDP see a single tensor
+
+    batch = make_batch()
+    model.losses(batch, {"cf": 1.0})["total"].backward()
+    gradient = model.item_embedding.weight.grad
+    targeted = batch["target"][batch["target"] != 0].unique()
+    assert gradient[targeted].abs().sum(-1).min() > 0
+    assert torch.all(gradient[0] == 0)
+
+
+# --- Joint model losses --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("fusion", ["concat", "sum", "gate"])
+def test_losses_returns_every_term_and_weighted_total(encoder, fusion):
+    model = make_model(encoder=encoder, fusion=fusion, flow_kind="spline")
+    terms = model.losses(make_batch(), ALL_WEIGHTS)
+    assert set(terms) == {"seq", "cf", "fused", "flow", "total"}
+    assert all(torch.isfinite(value) and value.dim() == 0 for value in terms.values())
+    expected = sum(weight * terms[name] for name, weight in ALL_WEIGHTS.items())
+    torch.testing.assert_close(terms["total"], expected)
+    terms["total"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("cf_loss", ["ce", "bpr"])
+@pytest.mark.parametrize("softmax", ["full", "sampled"])
+def test_loss_options_give_finite_losses_with_gradients(cf_loss, softmax):
+    model = make_model()
+    terms = model.losses(make_batch(), ALL_WEIGHTS, cf_loss=cf_loss, softmax=softmax,
+                         num_negatives=7, item_log_prob=torch.randn(NUM_ITEMS + 1))
+    assert all(torch.isfinite(value) for value in terms.values())
+    terms["total"].backward()
+    assert model.cf.user_embedding.weight.grad.abs().sum() > 0
+
+
+def test_model_without_flow_layers_scores_representations_under_a_standard_normal():
+    model = make_model(flow_layers=0)
+    batch = make_batch()
+    terms = model.losses(batch, ALL_WEIGHTS)
+    fused = model.user_representation(batch["user"], batch["input"], "fused")
+    standard_normal = torch.distributions.Normal(0.0, 1.0).log_prob(fused).sum(-1)
+    torch.testing.assert_close(terms["flow"], -standard_normal.mean() / HIDDEN)
+
+
+def test_zero_weight_terms_are_skipped_and_unknown_weights_rejected():
+    model = make_model()
+    terms = model.losses(make_batch(), {"seq": 1.0, "cf": 0.0})
+    assert set(terms) == {"seq", "total"}
+    torch.testing.assert_close(terms["total"], terms["seq"])
+    with pytest.raises(ValueError, match="unknown loss weights"):
+        model.losses(make_batch(), {"sequence": 1.0})
+    with pytest.raises(ValueError, match="every loss weight is zero"):
+        model.losses(make_batch(), {"seq": 0.0})
+
+
+def test_loss_terms_match_their_definitions():
+    model = make_model().eval()
+    batch = make_batch()
+    terms = model.losses(batch, ALL_WEIGHTS)
+    table = model.item_table()
+    states = model.sequence_states(batch["input"])
+    cf_vectors = model.cf.user_vectors(batch["user"])
+    length = batch["target"].shape[1]
+
+    seq = full_softmax_ce(states.reshape(-1, HIDDEN), table, batch["target"].reshape(-1))
+    # CF CE with one log-partition per user equals the naive per-position softmax.
+    cf = full_softmax_ce(cf_vectors.repeat_interleave(length, 0), table,
+                         batch["target"].reshape(-1))
+    fused_vectors = model.user_representation(batch["user"], batch["input"], "fused")
+    fused = full_softmax_ce(fused_vectors, table, batch["target"][:, -1])
+    flow = -model.flow.log_prob(fused_vectors).mean() / HIDDEN
+    for name, expected in {"seq": seq, "cf": cf, "fused": fused, "flow": flow}.items():
+        torch.testing.assert_close(terms[name], expected, msg=name)
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_flow_stop_gradient_keeps_flow_loss_off_the_encoders(stop_gradient):
+    model = make_model(flow_stop_gradient=stop_gradient)
+    model.losses(make_batch(), {"flow": 1.0})["total"].backward()
+    flow_parameters = {id(p) for p in model.flow.parameters()}
+    encoder_gradients = [p.grad for p in model.parameters() if id(p) not in flow_parameters]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.flow.parameters())
+    reached = [g is not None and g.abs().sum() > 0 for g in encoder_gradients]
+    assert not any(reached) if stop_gradient else all(reached)
+
+
+# --- Scoring and representations -----------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["fused", "sequence", "cf"])
+def test_score_all_excludes_padding_and_matches_dot_products(source):
+    model = make_model().eval()
+    batch = make_batch()
+    with torch.no_grad():
+        scores = model.score_all(batch["user"], batch["input"], source)
+        representation = model.user_representation(batch["user"], batch["input"], source)
+    assert scores.shape == (8, NUM_ITEMS + 1)
+    assert torch.all(scores[:, 0] == -math.inf)
+    torch.testing.assert_close(scores[:, 1:], representation @ model.item_table()[1:].T)
+    assert torch.all(scores.argmax(1) > 0)
+
+
+def test_representation_sources_and_flow_outputs():
+    model = make_model().eval()
+    batch = make_batch()
+    with torch.no_grad():
+        model.initialize_flow(batch)
+        sequence = model.user_representation(batch["user"], batch["input"], "sequence")
+        cf = model.user_representation(batch["user"], batch["input"], "cf")
+        latent = model.flow_latent(batch["user"], batch["input"])
+        log_density = model.flow_log_density(batch["user"], batch["input"])
+    torch.testing.assert_close(sequence, model.sequence_states(batch["input"])[:, -1])
+    torch.testing.assert_close(cf, model.cf.user_vectors(batch["user"]))
+    assert latent.shape == (8, HIDDEN) and log_density.shape == (8,)
+    # The init batch is standardised by the first ActNorm, and the density is finite.
+    assert torch.isfinite(log_density).all()
+    assert all(bool(step.initialized) for step in model.flow.steps if hasattr(step, "initialized"))
+    with pytest.raises(ValueError, match="unknown source"):
+        model.user_representation(batch["user"], batch["input"], "item")
+
+
+def test_bf16_autocast_losses_are_finite_and_flow_is_fp32():
+    model = make_model()
+    batch = make_batch()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        terms = model.losses(batch, ALL_WEIGHTS)
+        log_density = model.flow_log_density(batch["user"], batch["input"])
+    assert all(torch.isfinite(value) for value in terms.values())
+    assert terms["flow"].dtype == log_density.dtype == torch.float32
+    terms["total"].backward()
+    assert torch.isfinite(model.item_embedding.weight.grad).all()

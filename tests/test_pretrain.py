@@ -1,0 +1,135 @@
+import json
+import math
+
+import pytest
+import torch
+
+from flm_dist.checkpoint import load_checkpoint
+from flm_dist.config import load_config
+from flm_dist.evaluate import EvaluateConfig, run_evaluate
+from flm_dist.pretrain import PretrainConfig, run_pretrain, train_loop
+from flm_dist.session import LocalSession
+
+SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hidden=16",
+         "model.flow_layers=2", "train.batch_size=64", "train.warmup_steps=2", "eval.batch_size=128"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, ray_session):
+    """A learnable synthetic log, prepared once for the whole session."""
+    from flm_dist.prepare import PrepareConfig, run_prepare
+    from flm_dist.synth import SynthConfig, run_synth
+
+    root = tmp_path_factory.mktemp("tiny")
+    run_synth(SynthConfig(output=str(root / "log"), users=300, items=120, interactions=6000, seed=1))
+    run_prepare(PrepareConfig(input=str(root / "log"), format="parquet", output=str(root / "data")))
+    return str(root / "data")
+
+
+def _config(data, output, *overrides):
+    return load_config(PretrainConfig, None, [f"data={data}", f"output={output}", *SMALL, *overrides])
+
+
+@pytest.fixture(scope="session")
+def local_run(tiny_data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run") / "local"
+    summary = run_pretrain(_config(tiny_data, output, "scaling.workers=0", "train.epochs=3"))
+    return output, summary
+
+
+def test_local_pretrain_writes_metrics_and_best_checkpoint(local_run):
+    output, summary = local_run
+    on_disk = json.loads((output / "metrics.json").read_text())
+    assert on_disk["final"] == summary["final"]
+    final = summary["final"]
+    for split in ("valid", "test"):
+        for protocol in ("full", "full_nomask", "sampled99"):
+            for metric in ("hr@10", "ndcg@10", "recall@10", "mrr", "auc"):
+                value = final[f"{split}/{metric}/{protocol}"]
+                assert 0.0 <= value <= 1.0, (split, protocol, metric, value)
+        assert final[f"{split}/users/full"] == summary["data"]["users"]
+    assert len(summary["history"]) == 3
+    for record in summary["history"]:
+        assert all(math.isfinite(record[f"loss/{k}"]) for k in ("seq", "cf", "flow", "fused", "total"))
+    state, meta = load_checkpoint(output / "best")
+    assert meta["vocab_hash"] and meta["config"]["model"]["hidden"] == 16
+    assert {"model", "optimizer", "scheduler", "rng", "progress"} <= set(state)
+    assert (output / "tensorboard").is_dir()
+
+
+def test_training_reduces_loss(tiny_data, tmp_path):
+    summary = run_pretrain(_config(tiny_data, tmp_path / "r", "scaling.workers=0", "train.epochs=4",
+                                   "train.lr=0.01", "model.dropout=0.1"))
+    losses = [record["loss/seq"] for record in summary["history"]]
+    assert losses[-1] < losses[0] - 0.1
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAfter(LocalSession):
+    """Dies right after the checkpoint of step `crash_step` is published, like a killed worker."""
+
+    def __init__(self, *args, crash_step: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.crash_step = crash_step
+
+    def report(self, metrics, checkpoint_dir=None):
+        super().report(metrics, checkpoint_dir)
+        if checkpoint_dir is not None and metrics["step"] == self.crash_step:
+            raise _Crash()
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_data, tmp_path):
+    overrides = ["scaling.workers=0", "train.epochs=2", "train.checkpoint_every_steps=3"]
+    straight = _config(tiny_data, tmp_path / "straight", *overrides)
+    train_loop(straight, LocalSession(tiny_data, straight.output))
+
+    resumed = _config(tiny_data, tmp_path / "resumed", *overrides)
+    with pytest.raises(_Crash):
+        train_loop(resumed, _CrashAfter(tiny_data, resumed.output, crash_step=3))
+    session = LocalSession(tiny_data, resumed.output)
+    train_loop(resumed, session)
+    assert session.reports[0]["step"] > 3  # it continued, it did not start again
+
+    def last_state(run_dir):
+        checkpoints = sorted((run_dir / "checkpoints").iterdir())
+        return load_checkpoint(checkpoints[-1])[0]
+
+    a, b = last_state(tmp_path / "straight"), last_state(tmp_path / "resumed")
+    assert a["progress"]["step"] == b["progress"]["step"]
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(tensor, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rerunning_a_finished_run_does_not_train_again(tiny_data, local_run):
+    output, summary = local_run
+    again = run_pretrain(_config(tiny_data, output, "scaling.workers=0", "train.epochs=3"))
+    assert again["steps"] == summary["steps"]
+    assert again["final"] == summary["final"]
+
+
+@pytest.mark.slow
+def test_pretrain_on_two_ray_workers(tiny_data, tmp_path):
+    output = tmp_path / "ddp"
+    summary = run_pretrain(_config(tiny_data, output, "scaling.workers=2", "scaling.cpus_per_worker=0.5",
+                                   "train.epochs=2"))
+    assert summary["final"]["test/users/full"] == summary["data"]["users"]
+    assert (output / "best" / "checkpoint.json").is_file()
+    assert any((output / "ray_train").glob("checkpoint_*"))
+
+
+@pytest.mark.slow
+def test_evaluation_is_identical_on_one_and_two_workers(tiny_data, local_run):
+    output, _ = local_run
+    results = {}
+    for workers in (0, 1, 2):
+        config = EvaluateConfig(checkpoint=str(output / "best"), data=tiny_data)
+        config.scaling.workers = workers
+        config.scaling.cpus_per_worker = 0.5
+        results[workers] = run_evaluate(config)
+    assert results[0].keys() == results[1].keys() == results[2].keys()
+    for name, value in results[0].items():
+        assert results[1][name] == pytest.approx(value, abs=1e-12), name
+        assert results[2][name] == pytest.approx(value, abs=1e-12), name
