@@ -92,6 +92,14 @@ def cmd_bench_prepare(args):
     run_bench_prepare(rows=args.rows, workdir=args.workdir, workers=args.workers)
 
 
+def cmd_bench_train(args):
+    from flm_dist.bench_train import run_bench_train
+    from flm_dist.pretrain import PretrainConfig
+
+    config = _job_config(PretrainConfig, args, {"data": args.data, "output": args.output})
+    run_bench_train(config, steps=args.steps, warmup=args.warmup)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flm", description="Distributed Pretraining-FLM on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -145,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_prepare.add_argument("--workdir", default=".bench/prepare")
     bench_prepare.add_argument("--workers", type=int)
     bench_prepare.set_defaults(run=cmd_bench_prepare)
+    bench_train = benches.add_parser("train", help="timed pretraining steps on one device (JSON line)")
+    bench_train.add_argument("--data", required=True, help="prepared data directory")
+    bench_train.add_argument("--output", default=".bench/train", help="scratch run directory")
+    bench_train.add_argument("--steps", type=int, default=50)
+    bench_train.add_argument("--warmup", type=int, default=10)
+    _add_common(bench_train)
+    bench_train.set_defaults(run=cmd_bench_train)
     return parser
 
 

@@ -253,12 +253,16 @@ class LossConfig:
     """Extra negatives per batch for sampled softmax and BPR (in-batch negatives come free)."""
     negative_sampling: Literal["uniform", "popularity"] = "uniform"
     """Distribution of the extra negatives; logQ correction uses its log-probabilities."""
+    chunk_size: int = 0
+    """Full softmax: compute logits this many rows at a time (recomputed in backward), so a
+    [rows x catalog] block never lives whole; 0 computes them at once."""
 
     def __post_init__(self):
         for name in ("seq", "cf", "flow", "fused"):
             require(getattr(self, name) >= 0.0, name, "loss weights must be >= 0")
         require(self.seq + self.cf + self.fused > 0, "seq", "at least one of seq, cf, fused must be > 0")
         require(self.num_negatives > 0, "num_negatives", "must be positive")
+        require(self.chunk_size >= 0, "chunk_size", "must be >= 0")
 
     def weights(self) -> dict[str, float]:
         return {"seq": self.seq, "cf": self.cf, "flow": self.flow, "fused": self.fused}

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -24,7 +25,7 @@ from flm_dist import distributed
 from flm_dist.checkpoint import load_checkpoint, publish_directory, save_checkpoint
 from flm_dist.config import (EvalConfig, LossConfig, ModelConfig, ScalingConfig, TrainConfig,
                              from_dict, require, to_dict)
-from flm_dist.data import (build_eval_arrays, build_train_arrays, item_log_frequencies,
+from flm_dist.data import (TrainArrays, build_eval_arrays, build_train_arrays, item_log_frequencies,
                            length_bucketed_batches, window_widths)
 from flm_dist.errors import UserError
 from flm_dist.evaluate import evaluate_split
@@ -88,6 +89,29 @@ def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device
     model = build_model(model_config, manifest["users"], manifest["items"])
     model.load_state_dict(state["model"])
     return model.to(device), manifest, meta
+
+
+def loss_options(config: PretrainConfig, device: torch.device) -> dict[str, Any]:
+    """Everything a training step passes to the model besides the batch."""
+    item_log_prob = None
+    if config.loss.softmax == "sampled" and config.loss.negative_sampling == "popularity":
+        counts = pq.read_table(Path(config.data) / "vocab" / "items.parquet", columns=["count"])
+        item_log_prob = item_log_frequencies(counts.column("count").to_numpy()).to(device)
+    use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
+    return {"weights": config.loss.weights(), "cf_loss": config.loss.cf_loss, "softmax": config.loss.softmax,
+            "num_negatives": config.loss.num_negatives, "item_log_prob": item_log_prob,
+            "chunk_size": config.loss.chunk_size or None, "bf16": use_bf16}
+
+
+def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], options: dict[str, Any],
+                     grad_accum: int) -> dict[str, torch.Tensor]:
+    """One micro-step: losses under autocast (bf16 when asked), backward of the scaled total."""
+    device_type = batch["input"].device.type
+    kwargs = {k: v for k, v in options.items() if k != "bf16"}
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=options["bf16"]):
+        losses = model(batch, **kwargs)
+    (losses["total"] / grad_accum).backward()
+    return losses
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -156,15 +180,25 @@ def _write_checkpoint(directory: Path, model, optimizer, scheduler, progress: Pr
 # ---------------------------------------------------------------------------------------------
 
 
-def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
-    device = session.device()
+@dataclasses.dataclass
+class TrainingSetup:
+    """What `setup_training` builds for a worker: its data on the device, model, optimiser, plan."""
+
+    manifest: dict[str, Any]
+    train: TrainArrays
+    widths: np.ndarray
+    micro_steps_per_epoch: int
+    total_steps: int
+    model: FLMModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step_options: dict[str, Any]
+
+
+def setup_training(config: PretrainConfig, session, device: torch.device) -> TrainingSetup:
+    """This worker's training windows (read once, kept on `device`), the model and optimiser."""
     manifest = read_manifest(config.data)
     torch.manual_seed(config.train.seed)
-    use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 \
-        else contextlib.nullcontext
-
-    # ---- data: this worker's shard, once, kept on the device ----
     train_table = session.read_split("train")
     train_users = int(distributed.all_reduce_sum(torch.tensor(train_table.num_rows, device=device)).item())
     if train_users != manifest["splits"]["train"]["rows"]:
@@ -178,23 +212,26 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
     # Every DDP rank must run the same number of steps: agree on the largest batch count.
     local_batches = len(length_bucketed_batches(widths, config.train.batch_size, seed=0)[1])
     micro_steps_per_epoch = int(distributed.all_reduce_max(torch.tensor(local_batches, device=device)).item())
-    valid = build_eval_arrays(session.read_split("valid"), config.model.max_len).to(device)
-    item_log_prob = None
-    if config.loss.softmax == "sampled" and config.loss.negative_sampling == "popularity":
-        counts = pq.read_table(Path(config.data) / "vocab" / "items.parquet", columns=["count"])
-        item_log_prob = item_log_frequencies(counts.column("count").to_numpy()).to(device)
 
-    # ---- model and optimiser ----
     model = build_model(config.model, manifest["users"], manifest["items"]).to(device)
-    fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(_param_groups(model, config.train.weight_decay), lr=config.train.lr,
-                                  fused=fused)
-    steps_per_epoch = math.ceil(micro_steps_per_epoch / config.train.grad_accum)
-    total_steps = steps_per_epoch * config.train.epochs
+                                  fused=device.type == "cuda")
+    total_steps = math.ceil(micro_steps_per_epoch / config.train.grad_accum) * config.train.epochs
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(config.train.warmup_steps, total_steps, config.train.min_lr_ratio))
+    return TrainingSetup(manifest, train, widths, micro_steps_per_epoch, total_steps, model, optimizer,
+                         scheduler, loss_options(config, device))
+
+
+def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
+    device = session.device()
+    setup = setup_training(config, session, device)
+    manifest, train, widths = setup.manifest, setup.train, setup.widths
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    micro_steps_per_epoch, total_steps, step_options = setup.micro_steps_per_epoch, setup.total_steps, setup.step_options
+    valid = build_eval_arrays(session.read_split("valid"), config.model.max_len).to(device)
     progress = Progress()
 
     # ---- resume from the newest intact checkpoint, if any ----
@@ -247,11 +284,7 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
             sync = contextlib.nullcontext() if is_update or not distributed.is_distributed() \
                 else ddp_model.no_sync()
             with sync:
-                with autocast():
-                    losses = step_model(batch, weights=weights, cf_loss=config.loss.cf_loss,
-                                        softmax=config.loss.softmax, num_negatives=config.loss.num_negatives,
-                                        item_log_prob=item_log_prob)
-                (losses["total"] / config.train.grad_accum).backward()
+                losses = forward_backward(step_model, batch, step_options, config.train.grad_accum)
             loss_sums += torch.stack([losses.get(k, losses["total"] * 0).detach().float()
                                       for k in (*weights, "total")])
             windows_seen += batch["user"].shape[0]

@@ -14,18 +14,6 @@ SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hid
          "model.flow_layers=2", "train.batch_size=64", "train.warmup_steps=2", "eval.batch_size=128"]
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory, ray_session):
-    """A learnable synthetic log, prepared once for the whole session."""
-    from flm_dist.prepare import PrepareConfig, run_prepare
-    from flm_dist.synth import SynthConfig, run_synth
-
-    root = tmp_path_factory.mktemp("tiny")
-    run_synth(SynthConfig(output=str(root / "log"), users=300, items=120, interactions=6000, seed=1))
-    run_prepare(PrepareConfig(input=str(root / "log"), format="parquet", output=str(root / "data")))
-    return str(root / "data")
-
-
 def _config(data, output, *overrides):
     return load_config(PretrainConfig, None, [f"data={data}", f"output={output}", *SMALL, *overrides])
 

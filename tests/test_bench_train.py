@@ -1,0 +1,36 @@
+import math
+
+import pytest
+
+from flm_dist.bench_train import run_bench_train, step_flops
+from flm_dist.config import load_config
+from flm_dist.pretrain import PretrainConfig
+
+
+def _config(data, output, *overrides):
+    return load_config(PretrainConfig, None, [f"data={data}", f"output={output}", "model.hidden=16",
+                                              "model.max_len=12", "model.flow_hidden=16",
+                                              "train.batch_size=32", *overrides])
+
+
+@pytest.mark.parametrize("softmax", ["full", "sampled"])
+def test_bench_train_prints_sane_numbers(tiny_data, tmp_path, capsys, softmax):
+    result = run_bench_train(_config(tiny_data, tmp_path, f"loss.softmax={softmax}",
+                                     "loss.num_negatives=16"), steps=3, warmup=1)
+    assert result["sequences_per_s"] > 0 and result["items_per_s"] >= result["sequences_per_s"]
+    assert math.isclose(result["step_ms"], result["data_ms"] + result["compute_ms"], rel_tol=1e-9)
+    assert 0.0 <= result["data_wait_fraction"] < 1.0
+    assert result["model_tflops_per_s"] > 0
+    assert result["mfu"] is None  # no known peak for a CPU
+    assert '"sequences_per_s"' in capsys.readouterr().out
+
+
+def test_step_flops_counts_the_softmax():
+    import torch
+
+    config = load_config(PretrainConfig, None, ["data=d", "output=o", "model.hidden=8", "model.layers=1",
+                                                "loss.cf=0", "loss.fused=0", "loss.flow=0"])
+    batch = {"input": torch.ones(4, 5, dtype=torch.long)}
+    tokens, hidden = 20, 8
+    expected = 6 * (tokens * (12 * hidden * hidden + 2 * 5 * hidden) + tokens * 100 * hidden)
+    assert step_flops(batch, config, num_items=100) == expected
