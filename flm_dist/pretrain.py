@@ -79,14 +79,18 @@ def build_model(config: ModelConfig, num_users: int, num_items: int) -> FLMModel
 
 
 def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):
-    """The model of a checkpoint, checked against the vocabulary of `data_dir`."""
+    """The model of a checkpoint (pretrained or fine-tuned), checked against `data_dir`'s vocabulary."""
     state, meta = load_checkpoint(checkpoint_dir, map_location="cpu")
     manifest = read_manifest(data_dir)
     if meta["vocab_hash"] != manifest["vocab_hash"]:
         raise UserError(f"{checkpoint_dir} was trained on another vocabulary than {data_dir} "
                         f"(vocab hashes differ)")
-    model_config = from_dict(ModelConfig, meta["config"]["model"])
-    model = build_model(model_config, manifest["users"], manifest["items"])
+    if meta.get("kind", "pretrain") == "pretrain":
+        model = build_model(from_dict(ModelConfig, meta["config"]["model"]), manifest["users"], manifest["items"])
+    else:
+        from flm_dist.finetune import rebuild_model
+
+        model = rebuild_model(meta, manifest)
     model.load_state_dict(state["model"])
     return model.to(device), manifest, meta
 
@@ -166,12 +170,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _write_checkpoint(directory: Path, model, optimizer, scheduler, progress: Progress,
-                      config: PretrainConfig, manifest: dict[str, Any], metrics: dict[str, float]) -> None:
+                      config: PretrainConfig, manifest: dict[str, Any], metrics: dict[str, float],
+                      kind: str) -> None:
     state = {"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": _rng_state(),
              "progress": dataclasses.asdict(progress)}
     meta = {"step": progress.step, "epoch": progress.epoch, "config": to_dict(config),
-            "vocab_hash": manifest["vocab_hash"], "metrics": metrics, "kind": "pretrain"}
+            "vocab_hash": manifest["vocab_hash"], "metrics": metrics, "kind": kind}
     save_checkpoint(directory, state, meta)
 
 
@@ -195,13 +200,21 @@ class TrainingSetup:
     step_options: dict[str, Any]
 
 
-def setup_training(config: PretrainConfig, session, device: torch.device) -> TrainingSetup:
-    """This worker's training windows (read once, kept on `device`), the model and optimiser."""
+def setup_training(config: PretrainConfig, session, device: torch.device, model_factory=None,
+                   train_filter=None) -> TrainingSetup:
+    """This worker's training windows (read once, kept on `device`), the model and optimiser.
+
+    Fine-tuning reuses this with `model_factory(manifest) -> nn.Module` (a model with the same
+    `forward(batch, weights, **options)` / `score_all` / `initialize_flow` interface) and
+    `train_filter(table) -> table` (e.g. keep a fraction of the users).
+    """
     manifest = read_manifest(config.data)
     torch.manual_seed(config.train.seed)
     train_table = session.read_split("train")
+    if train_filter is not None:
+        train_table = train_filter(train_table)
     train_users = int(distributed.all_reduce_sum(torch.tensor(train_table.num_rows, device=device)).item())
-    if train_users != manifest["splits"]["train"]["rows"]:
+    if train_filter is None and train_users != manifest["splits"]["train"]["rows"]:
         log.warning("balancing shards over %d workers left out %d of %d training sequences",
                     distributed.world_size(), manifest["splits"]["train"]["rows"] - train_users,
                     manifest["splits"]["train"]["rows"])
@@ -213,7 +226,8 @@ def setup_training(config: PretrainConfig, session, device: torch.device) -> Tra
     local_batches = len(length_bucketed_batches(widths, config.train.batch_size, seed=0)[1])
     micro_steps_per_epoch = int(distributed.all_reduce_max(torch.tensor(local_batches, device=device)).item())
 
-    model = build_model(config.model, manifest["users"], manifest["items"]).to(device)
+    model = (model_factory(manifest) if model_factory else
+             build_model(config.model, manifest["users"], manifest["items"])).to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, config.train.weight_decay), lr=config.train.lr,
                                   fused=device.type == "cuda")
     total_steps = math.ceil(micro_steps_per_epoch / config.train.grad_accum) * config.train.epochs
@@ -225,9 +239,12 @@ def setup_training(config: PretrainConfig, session, device: torch.device) -> Tra
                          scheduler, loss_options(config, device))
 
 
-def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
+def train_loop(config: PretrainConfig, session, model_factory=None, train_filter=None,
+               kind: str = "pretrain") -> dict[str, Any]:
+    """Train, validate, checkpoint and finally test the best checkpoint; `kind` is recorded in
+    every checkpoint so that `load_model_for_data` can rebuild the right model."""
     device = session.device()
-    setup = setup_training(config, session, device)
+    setup = setup_training(config, session, device, model_factory, train_filter)
     manifest, train, widths = setup.manifest, setup.train, setup.widths
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
     micro_steps_per_epoch, total_steps, step_options = setup.micro_steps_per_epoch, setup.total_steps, setup.step_options
@@ -263,7 +280,7 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
             directory = None
             if distributed.is_main():
                 directory = Path(scratch) / "checkpoint"
-                _write_checkpoint(directory, model, optimizer, scheduler, progress, config, manifest, metrics)
+                _write_checkpoint(directory, model, optimizer, scheduler, progress, config, manifest, metrics, kind)
             session.report({**metrics, "step": progress.step, "epoch": progress.epoch}, directory)
 
     finished = progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
@@ -323,7 +340,7 @@ def train_loop(config: PretrainConfig, session) -> dict[str, Any]:
                 if distributed.is_main():
                     with tempfile.TemporaryDirectory() as scratch:
                         _write_checkpoint(Path(scratch) / "best", model, optimizer, scheduler, progress,
-                                          config, manifest, record)
+                                          config, manifest, record, kind)
                         publish_directory(Path(scratch) / "best", run_dir / "best")
             else:
                 progress.evals_without_improvement += 1
