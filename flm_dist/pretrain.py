@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -418,9 +419,12 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain on Ray Train (or in this process with `scaling.workers=0`); returns metrics.json."""
     from flm_dist.session import LocalSession
 
-    read_manifest(config.data)
+    manifest = read_manifest(config.data)
     run_dir = Path(config.output)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The run carries the vocabulary it was trained on: fine-tuning maps new data onto it by id.
+    shutil.copytree(Path(config.data) / "vocab", run_dir / "vocab", dirs_exist_ok=True)
+    (run_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
     log.info("pretrain config:\n%s", json.dumps(to_dict(config), indent=2, sort_keys=True))
     if config.scaling.workers == 0:
