@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flm_dist import distributed
-from flm_dist.checkpoint import load_checkpoint, publish_directory, save_checkpoint
+from flm_dist.checkpoint import CheckpointError, load_checkpoint, publish_directory, save_checkpoint
 from flm_dist.config import (EvalConfig, LossConfig, ModelConfig, ScalingConfig, TrainConfig,
                              from_dict, require, to_dict)
 from flm_dist.data import (TrainArrays, build_eval_arrays, build_train_arrays, item_log_frequencies,
@@ -211,7 +211,8 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     """
     manifest = read_manifest(config.data)
     torch.manual_seed(config.train.seed)
-    train_table = session.read_split("train")
+    # Sorted, so the batch plan does not depend on the order Ray Data delivered the blocks.
+    train_table = session.read_split("train").sort_by("user")
     if train_filter is not None:
         train_table = train_filter(train_table)
     train_users = int(distributed.all_reduce_sum(torch.tensor(train_table.num_rows, device=device)).item())
@@ -276,13 +277,22 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     writer = _tensorboard(run_dir) if distributed.is_main() else None
 
     def checkpoint_now(metrics: dict[str, float]) -> None:
-        """Rank 0 writes the checkpoint; every rank reports (Ray needs all ranks to call report)."""
-        with tempfile.TemporaryDirectory() as scratch:
-            directory = None
-            if distributed.is_main():
-                directory = Path(scratch) / "checkpoint"
-                _write_checkpoint(directory, model, optimizer, scheduler, progress, config, manifest, metrics, kind)
-            session.report({**metrics, "step": progress.step, "epoch": progress.epoch}, directory)
+        """Rank 0 writes the checkpoint; every rank reports (Ray needs all ranks to call report).
+
+        It is written to scratch space and published whole, so a full disk or an unreachable
+        store fails this checkpoint with a clear error and leaves the previous one intact.
+        """
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                directory = None
+                if distributed.is_main():
+                    directory = Path(scratch) / "checkpoint"
+                    _write_checkpoint(directory, model, optimizer, scheduler, progress, config, manifest,
+                                      metrics, kind)
+                session.report({**metrics, "step": progress.step, "epoch": progress.epoch}, directory)
+        except OSError as exc:
+            raise CheckpointError(f"could not write the checkpoint of step {progress.step}: "
+                                  f"{exc.strerror or exc}; earlier checkpoints are intact, re-run to resume") from None
 
     finished = progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
     while progress.epoch < config.train.epochs and not finished:

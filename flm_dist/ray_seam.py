@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from flm_dist.errors import UserError
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS), or start a local Ray instance if none is running."""
@@ -128,7 +130,26 @@ def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; a user mistake must stay one clear line
+        user_error = _user_error_in(exc)
+        if user_error:
+            raise UserError(user_error) from None
+        raise
+
+
+def _user_error_in(exc: BaseException) -> str | None:
+    """The message of a `UserError` raised inside a Ray worker, if that is what `exc` carries."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return str(seen)
+        for line in str(seen).splitlines():
+            if "UserError: " in line or "ConfigKeyError: " in line or "CheckpointError: " in line:
+                return line.split("Error: ", 1)[1].strip()
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def absolute_storage_path(path: str) -> str:

@@ -121,3 +121,27 @@ def test_evaluation_is_identical_on_one_and_two_workers(tiny_data, local_run):
     for name, value in results[0].items():
         assert results[1][name] == pytest.approx(value, abs=1e-12), name
         assert results[2][name] == pytest.approx(value, abs=1e-12), name
+
+
+def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import errno
+
+    import flm_dist.checkpoint as checkpoint_module
+    from flm_dist.checkpoint import CheckpointError, verify_checkpoint
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_until_disk_fills(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_disk_fills)
+    config = _config(tiny_data, tmp_path / "full", "scaling.workers=0", "train.epochs=2",
+                     "train.checkpoint_every_steps=2")
+    with pytest.raises(CheckpointError, match="No space left on device; earlier checkpoints are intact"):
+        train_loop(config, LocalSession(tiny_data, config.output))
+    kept = sorted((tmp_path / "full" / "checkpoints").iterdir())
+    assert kept and all(verify_checkpoint(c) is None for c in kept)
