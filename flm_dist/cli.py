@@ -36,7 +36,7 @@ def _job_config(cls, args: argparse.Namespace, flags: dict[str, Any]):
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML preset (e.g. jobs/pretrain_beauty.yaml)")
+    parser.add_argument("--config", help="YAML preset holding this command's config keys")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--warmup", type=int, default=10)
     _add_common(bench_train)
     bench_train.set_defaults(run=cmd_bench_train)
+
+    from flm_dist.submit import add_commands as add_job_commands
+
+    add_job_commands(commands)
     return parser
 
 

@@ -106,7 +106,11 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
 
 def run_evaluate(config: EvaluateConfig) -> dict[str, float]:
     """Re-compute every metric of a checkpoint on prepared data."""
+    from flm_dist.ray_seam import absolute_storage_path
     from flm_dist.session import LocalSession
+
+    config = dataclasses.replace(config, checkpoint=absolute_storage_path(config.checkpoint),
+                                 data=absolute_storage_path(config.data))
 
     if not Path(config.checkpoint).is_dir():
         raise UserError(f"checkpoint not found: {config.checkpoint}")

@@ -13,11 +13,12 @@ runs, with one line naming the job file, the step and the key. Overrides address
 `pretrain.train.epochs=3`.
 
 Paths: relative paths resolve against the current working directory and absolute paths are
-allowed. Inputs (data read) may point anywhere, `..` included. Outputs (the fields a stage writes,
-`Stage.outputs`) must stay inside the working directory, or inside one of the directories an
-operator lists in the environment variable FLM_OUTPUT_ROOTS (os.pathsep-separated; never read
-from a job file); remote URIs (s3://, gs://, ...) are not local paths and pass. See
-`resolve_output_path`.
+allowed; before a stage runs, its local input and output paths (`Stage.inputs`, `Stage.outputs`)
+are made absolute, because Ray workers do not share the driver's working directory. Inputs (data
+read) may point anywhere, `..` included. Outputs must stay inside the working directory, or inside
+one of the directories an operator lists in the environment variable FLM_OUTPUT_ROOTS
+(os.pathsep-separated; never read from a job file); remote URIs (s3://, gs://, ...) are not local
+paths and pass. See `resolve_output_path`.
 """
 
 from __future__ import annotations
@@ -129,9 +130,9 @@ def resolve_output_path(path: str, root: str | os.PathLike | None = None, key: s
         return target
     where = roots[0] + (f" or {', '.join(roots[1:])}" if len(roots) > 1 else "")
     if target in roots:
-        raise PathEscapeError(f"{key}: output {path!r} is the output area itself ({target}); "
+        raise PathEscapeError(f"{key} {path!r} is the output area itself ({target}); "
                               f"name a subdirectory such as runs/NAME")
-    raise PathEscapeError(f"{key}: output {path!r} resolves to {target}, outside the working directory "
+    raise PathEscapeError(f"{key} {path!r} resolves to {target}, outside the working directory "
                           f"{where}; outputs must stay inside it (operators can allow more directories "
                           f"with ${OUTPUT_ROOTS_ENV})")
 
@@ -156,6 +157,8 @@ class RuntimeSpec:
     environment (Kubernetes Secrets, the token file)."""
     excludes: list[str] = dataclasses.field(default_factory=list)
     """Extra gitignore-style patterns left out of the upload (runs/, .data/, .git/ always are)."""
+    remote_cwd: str | None = None
+    """Directory on the cluster to run in (see `flm submit --remote-cwd`); default: the upload."""
     entrypoint_num_cpus: float | None = None
     """CPUs reserved for the driver (`flm run`) on the cluster."""
     entrypoint_num_gpus: float | None = None

@@ -427,7 +427,12 @@ def train_worker(payload: dict[str, Any]) -> None:
 
 def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain on Ray Train (or in this process with `scaling.workers=0`); returns metrics.json."""
+    from flm_dist.ray_seam import absolute_storage_path
     from flm_dist.session import LocalSession
+
+    # Ray workers do not share the driver's working directory: hand them absolute paths.
+    config = dataclasses.replace(config, data=absolute_storage_path(config.data),
+                                 output=absolute_storage_path(config.output))
 
     manifest = read_manifest(config.data)
     run_dir = Path(config.output)

@@ -90,13 +90,17 @@ def _submission_id(name: str) -> str:
 def build_submission(job: str, overrides: list[str] | tuple[str, ...] = (), *, pip: list[str] | None = None,
                      working_dir: str | None = None, env: dict[str, str] | None = None,
                      excludes: list[str] | tuple[str, ...] = (), entrypoint_command: str = "flm",
-                     submission_id: str | None = None) -> dict[str, Any]:
+                     submission_id: str | None = None, remote_cwd: str | None = None) -> dict[str, Any]:
     """Keyword arguments for `JobSubmissionClient.submit_job` that run `job` on a cluster.
 
     The job is validated here first (schema and overrides; output paths are checked where the
     job runs, against that machine's working directory and $FLM_OUTPUT_ROOTS).
     pip: `--pip` values (a package, a requirements file, or `project` for pyproject's
     dependencies); None falls back to the job's `runtime.pip`; empty means no pip environment.
+    remote_cwd: a directory on the cluster nodes to run in (default: the job's `runtime.remote_cwd`,
+    else the uploaded working directory). The uploaded code and job file are still used, but
+    relative paths then resolve there, e.g. /opt/flm/project of cluster/Dockerfile, whose .data/
+    and runs/ live on a shared volume.
     """
     from flm_dist.jobs import RuntimeSpec, _SECRET_NAME, load_job
 
@@ -132,8 +136,14 @@ def build_submission(job: str, overrides: list[str] | tuple[str, ...] = (), *, p
                                    "env_vars": env_vars}
     if packages:
         runtime_env["pip"] = packages
-    entrypoint = " ".join([entrypoint_command, "run", shlex.quote(relative_job),
-                           *(shlex.quote(o) for o in overrides)])
+    remote_cwd = remote_cwd or runtime.remote_cwd
+    job_arg = shlex.quote(relative_job)
+    prefix = ""
+    if remote_cwd:
+        # The driver starts in the unpacked working_dir (also on PYTHONPATH, so its code is used).
+        prefix = f'FLM_JOB_DIR="$PWD" && cd {shlex.quote(remote_cwd)} && '
+        job_arg = f'"$FLM_JOB_DIR"/{job_arg}'
+    entrypoint = prefix + " ".join([entrypoint_command, "run", job_arg, *(shlex.quote(o) for o in overrides)])
     submission: dict[str, Any] = {
         "entrypoint": entrypoint, "runtime_env": runtime_env,
         "submission_id": submission_id or _submission_id(spec.name),
@@ -188,14 +198,22 @@ def follow(job_client, job_id: str, out=None, poll_s: float = 1.0) -> str:
         asyncio.run(tail())
     except RuntimeError as exc:  # connection dropped: fall back to polling
         print(f"(log stream ended: {exc}; waiting for the job)", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (flm jobs stop {job_id} to end it)",
+              file=sys.stderr)
+        raise
     return wait(job_client, job_id, poll_s=poll_s)
+
+
+def _status(status) -> str:
+    return str(getattr(status, "value", status))
 
 
 def wait(job_client, job_id: str, timeout_s: float | None = None, poll_s: float = 1.0) -> str:
     """Poll until the job is SUCCEEDED, FAILED or STOPPED (or `timeout_s` passes); returns the status."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        status = str(job_client.get_job_status(job_id).value)
+        status = _status(job_client.get_job_status(job_id))
         if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
             return status
         time.sleep(poll_s)
@@ -223,7 +241,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
         env[key] = value
     submission = build_submission(args.job, args.overrides, pip=args.pip, working_dir=args.working_dir,
                                   env=env, excludes=args.exclude or [], entrypoint_command=args.entrypoint_command,
-                                  submission_id=args.submission_id)
+                                  submission_id=args.submission_id, remote_cwd=args.remote_cwd)
     if args.dry_run:
         print(json.dumps(submission, indent=2))
         return
@@ -239,10 +257,10 @@ def cmd_jobs(args: argparse.Namespace) -> None:
     try:
         if args.action == "list":
             for info in job_client.list_jobs():
-                print(f"{info.submission_id or info.job_id}\t{info.status}\t{info.entrypoint}")
+                print(f"{info.submission_id or info.job_id}\t{_status(info.status)}\t{info.entrypoint}")
         elif args.action == "status":
             info = job_client.get_job_info(args.job_id)
-            print(f"{args.job_id}\t{info.status}" + (f"\t{info.message}" if info.message else ""))
+            print(f"{args.job_id}\t{_status(info.status)}" + (f"\t{info.message}" if info.message else ""))
         elif args.action == "logs":
             if args.follow:
                 _finish(job_client, args.job_id, follow(job_client, args.job_id))
@@ -283,6 +301,8 @@ def add_commands(subparsers) -> None:
     sub.add_argument("--working-dir", help="directory to upload (default: the job's runtime.working_dir, '.')")
     sub.add_argument("--exclude", action="append", help="extra gitignore-style pattern not to upload")
     sub.add_argument("--env", action="append", metavar="KEY=VALUE", help="job environment variable (no secrets)")
+    sub.add_argument("--remote-cwd", help="directory on the cluster to run in, e.g. /opt/flm/project "
+                                           "(default: the uploaded working directory)")
     sub.add_argument("--submission-id", help="job id to use (default: flm-NAME-TIME-RANDOM)")
     sub.add_argument("--entrypoint-command", default="flm",
                      help="how the cluster runs flm (default 'flm'; e.g. 'python -m flm_dist.cli')")
@@ -301,3 +321,24 @@ def add_commands(subparsers) -> None:
     listing = actions.add_parser("list", help="all jobs of the cluster")
     listing.add_argument("--address", help="Jobs API address (default $RAY_ADDRESS)")
     listing.set_defaults(run=cmd_jobs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flm_dist.submit run|submit|jobs ...`: the same commands without the `flm` script."""
+    import logging
+
+    parser = argparse.ArgumentParser(prog="python -m flm_dist.submit", description="flm run / submit / jobs")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        args.run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

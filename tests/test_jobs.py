@@ -1,0 +1,296 @@
+"""Job files: schema validation of every jobs/*.yaml, error messages, output-path confinement, `flm run`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flm_dist.errors import UserError
+from flm_dist.jobs import (OUTPUT_ROOTS_ENV, STAGES, JobError, PathEscapeError, load_job, parse_job,
+                           resolve_input_path, resolve_output_path)
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_FILES = sorted((REPO / "jobs").glob("*.yaml"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    from flm_dist.submit import add_commands
+
+    parser = argparse.ArgumentParser(prog="flm")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _flm(*argv: str) -> None:
+    args = _parser().parse_args(list(argv))
+    args.run(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage registry and every job file in jobs/
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stage_registry_loads_lazily_and_names_real_fields():
+    assert {"synth", "prepare", "pretrain", "evaluate"} <= set(STAGES)
+    for name, stage in STAGES.items():
+        config_cls, run = stage.load()
+        assert dataclasses.is_dataclass(config_cls) and callable(run), name
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        assert set(stage.inputs) | set(stage.outputs) <= fields, name
+
+
+def test_jobs_folder_has_every_stage_for_every_dataset():
+    names = {p.name for p in JOB_FILES}
+    for dataset in ("beauty", "sports", "toys", "ml100k"):
+        for kind in ("prepare", "pretrain", "sasrec"):
+            assert f"{kind}_{dataset}.yaml" in names
+    assert "demo.yaml" in names
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_every_job_file_validates(path):
+    spec = load_job(str(path), root=REPO)
+    assert spec.steps and spec.name
+    for step in spec.steps:
+        config_cls, _ = STAGES[step.stage].load()
+        assert isinstance(step.config, config_cls)
+        for field in STAGES[step.stage].outputs:
+            value = getattr(step.config, field)
+            if value:
+                assert Path(value).is_absolute() and Path(value).is_relative_to(REPO), (path.name, value)
+    text = path.read_text()
+    assert "0.0.0.0" not in text and "RAY_AUTH_TOKEN" not in text
+
+
+DATASETS = {"beauty": ("Beauty.txt", "seq-txt", 0, 50), "sports": ("Sports_and_Outdoors.txt", "seq-txt", 0, 50),
+            "toys": ("Toys_and_Games.txt", "seq-txt", 0, 50), "ml100k": ("ml-100k/ml-100k.inter", "recbole", 5, 200)}
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_dataset_jobs_use_the_agreed_settings(dataset):
+    filename, fmt, kcore, max_len = DATASETS[dataset]
+    for kind in ("prepare", "pretrain", "sasrec"):
+        spec = load_job(str(REPO / "jobs" / f"{kind}_{dataset}.yaml"), root=REPO)
+        prepare = spec.step("prepare").config
+        assert prepare.input == str(REPO.parent / "shared" / "data" / filename)
+        assert prepare.format == fmt
+        assert prepare.min_user_interactions == kcore and prepare.min_item_interactions == kcore
+        if kind == "prepare":
+            assert [s.stage for s in spec.steps] == ["prepare"]
+            continue
+        pretrain = spec.step("pretrain").config
+        assert pretrain.data == prepare.output
+        assert (pretrain.model.hidden, pretrain.model.layers, pretrain.model.max_len) == (64, 2, max_len)
+        assert pretrain.model.dropout == 0.5
+        assert (pretrain.train.batch_size, pretrain.train.lr) == (256, 1e-3)
+        if kind == "sasrec":
+            assert (pretrain.loss.cf, pretrain.loss.fused, pretrain.loss.flow) == (0.0, 0.0, 0.0)
+            assert pretrain.loss.seq > 0 and pretrain.eval.user_source == "sequence"
+        else:
+            assert pretrain.loss.cf > 0 and pretrain.eval.user_source == "fused"
+
+
+def test_demo_chains_its_steps():
+    spec = load_job(str(REPO / "jobs" / "demo.yaml"), root=REPO)
+    synth, prepare, pretrain, evaluate = (s.config for s in spec.steps)
+    assert [s.stage for s in spec.steps] == ["synth", "prepare", "pretrain", "evaluate"]
+    assert prepare.input == synth.output and pretrain.data == prepare.output
+    assert evaluate.data == prepare.output and evaluate.checkpoint.startswith(pretrain.output)
+    assert pretrain.train.epochs <= 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the job file, the step and the key
+# ---------------------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, data) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+PRETRAIN = {"data": ".data/x", "output": "runs/x"}
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"steps": [{"pretrain": {**PRETRAIN, "modle": {}}}]}, ["step 1 'pretrain' (pretrain)", "'modle'", "unknown key"]),
+    ({"steps": [{"pretrain": {**PRETRAIN, "model": {"hiden": 3}}}]}, ["'model.hiden'"]),
+    ({"steps": [{"pretrain": {**PRETRAIN, "train": {"epochs": "many"}}}]}, ["'train.epochs'", "integer"]),
+    ({"steps": [{"pretrain": {"output": "runs/x"}}]}, ["'data'", "required"]),
+    ({"steps": [{"finetune": {}}]}, ["step 1", "unknown stage 'finetune'"]),
+    ({"steps": [{"prepare": {}, "pretrain": {}}]}, ["exactly one stage"]),
+    ({"steps": [{"pretrain": PRETRAIN}, {"pretrain": PRETRAIN}]}, ["step 2", "already exists"]),
+    ({"steps": []}, ["non-empty list"]),
+    ({"steps": [{"pretrain": PRETRAIN}], "runtim": {}}, ["unknown top-level key 'runtim'"]),
+    ({"steps": [{"pretrain": PRETRAIN}], "runtime": {"pipp": []}}, ["runtime", "'pipp'"]),
+    ({"steps": [{"pretrain": PRETRAIN}], "runtime": {"env": {"AWS_SECRET_ACCESS_KEY": "x"}}}, ["credential"]),
+    ({"steps": [{"pretrain": PRETRAIN}], "runtime": {"env": {OUTPUT_ROOTS_ENV: "/"}}}, ["operator"]),
+])
+def test_bad_job_files_fail_with_one_clear_line(tmp_path, body, expected):
+    path = _write(tmp_path, body)
+    with pytest.raises(UserError) as info:
+        load_job(path, root=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and path in message
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_missing_and_invalid_job_files(tmp_path):
+    with pytest.raises(UserError, match="job file not found"):
+        load_job(str(tmp_path / "nope.yaml"))
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_job(_write(tmp_path, "steps: [\n"))
+
+
+def test_named_steps_and_overrides(tmp_path):
+    path = _write(tmp_path, {"steps": [
+        {"pretrain": {**PRETRAIN, "train": {"epochs": 5}}},
+        {"name": "baseline", "pretrain": {"data": ".data/x", "output": "runs/base", "loss": {"cf": 0.0}}}]})
+    spec = load_job(path, ["pretrain.train.epochs=3", "baseline.model.hidden=32"], root=tmp_path)
+    assert spec.step("pretrain").config.train.epochs == 3
+    assert spec.step("baseline").config.model.hidden == 32 and spec.step("baseline").config.train.epochs == 200
+    with pytest.raises(UserError, match="must start with a step name"):
+        load_job(path, ["prepare.output=x"], root=tmp_path)
+    with pytest.raises(UserError, match="must start with a step name"):
+        load_job(path, ["epochs=3"], root=tmp_path)
+    with pytest.raises(JobError, match=r"step 1 'pretrain'.*'train.epochs'"):
+        load_job(path, ["pretrain.train.epochs=zero"], root=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: outputs cannot leave the working directory, inputs may
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_output_path_inside(tmp_path, monkeypatch):
+    monkeypatch.delenv(OUTPUT_ROOTS_ENV, raising=False)
+    assert resolve_output_path("runs/a", tmp_path) == str(tmp_path / "runs" / "a")
+    assert resolve_output_path("runs/../.data/b/./c", tmp_path) == str(tmp_path / ".data" / "b" / "c")
+    assert resolve_output_path(str(tmp_path / "runs" / "abs"), tmp_path) == str(tmp_path / "runs" / "abs")
+    assert resolve_output_path(f"file://{tmp_path}/runs/u", tmp_path) == str(tmp_path / "runs" / "u")
+    assert resolve_output_path("s3://bucket/runs/x", tmp_path) == "s3://bucket/runs/x"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_output_path("runs/cwd") == str(tmp_path / "runs" / "cwd")
+
+
+@pytest.mark.parametrize("path", ["../escape", "runs/../../escape", "a/b/../../../escape", "/etc/flm",
+                                  "..", ".", "runs/..", "file:///etc/flm"])
+def test_resolve_output_path_rejects_escapes(tmp_path, monkeypatch, path):
+    monkeypatch.delenv(OUTPUT_ROOTS_ENV, raising=False)
+    root = tmp_path / "work"
+    root.mkdir()
+    with pytest.raises(PathEscapeError) as info:
+        resolve_output_path(path, root)
+    assert repr(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_resolve_output_path_sibling_prefix_is_outside(tmp_path, monkeypatch):
+    monkeypatch.delenv(OUTPUT_ROOTS_ENV, raising=False)
+    (tmp_path / "work").mkdir()
+    with pytest.raises(PathEscapeError):
+        resolve_output_path(str(tmp_path / "work-other" / "x"), tmp_path / "work")
+
+
+def test_operator_output_roots(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    monkeypatch.setenv(OUTPUT_ROOTS_ENV, os.pathsep.join([str(shared), "relative/ignored"]))
+    assert resolve_output_path(str(shared / "runs" / "x"), tmp_path / "work") == str(shared / "runs" / "x")
+    with pytest.raises(PathEscapeError, match=str(shared)):
+        resolve_output_path(str(tmp_path / "elsewhere"), tmp_path / "work")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["..", ".", "a", "b", "runs", ""]), min_size=1, max_size=6))
+def test_resolve_output_path_never_leaves_the_root(parts):
+    root = "/srv/project"
+    path = "/".join(parts)
+    with mock.patch.dict(os.environ):
+        os.environ.pop(OUTPUT_ROOTS_ENV, None)
+        try:
+            resolved = resolve_output_path(path, root)
+        except PathEscapeError:
+            return
+    assert resolved.startswith(root + "/") and ".." not in resolved.split("/")
+
+
+def test_job_outputs_confined_but_inputs_free(tmp_path, monkeypatch):
+    monkeypatch.delenv(OUTPUT_ROOTS_ENV, raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    data = {"steps": [{"prepare": {"input": "../shared/data/x.txt", "format": "seq-txt", "output": ".data/x"}},
+                      {"pretrain": {"data": "../shared/prepared", "output": "runs/x"}}]}
+    spec = parse_job(data, "job.yaml", root=work)
+    assert spec.step("prepare").config.input == str(tmp_path / "shared" / "data" / "x.txt")
+    assert spec.step("prepare").config.output == str(work / ".data" / "x")
+    assert spec.step("pretrain").config.data == str(tmp_path / "shared" / "prepared")
+    for override in ("prepare.output=../escaped", "pretrain.output=/tmp/elsewhere"):
+        with pytest.raises(PathEscapeError) as info:
+            parse_job(data, "job.yaml", [override], root=work)
+        assert "job.yaml: step" in str(info.value) and "outside the working directory" in str(info.value)
+    unresolved = parse_job(data, "job.yaml", ["prepare.output=../escaped"], resolve_paths=False, root=work)
+    assert unresolved.step("prepare").config.output == "../escaped"
+
+
+def test_resolve_input_path(tmp_path):
+    assert resolve_input_path("../d/x", tmp_path / "w") == str(tmp_path / "d" / "x")
+    assert resolve_input_path("gs://b/x", tmp_path) == "gs://b/x"
+    assert resolve_input_path("/abs/x", tmp_path) == "/abs/x"
+
+
+# ---------------------------------------------------------------------------------------------
+# flm run
+# ---------------------------------------------------------------------------------------------
+
+
+TINY = """\
+name: tiny
+steps:
+  - synth: {output: .data/tiny/log, users: 60, items: 40, interactions: 900, clusters: 4, seed: 1}
+  - prepare: {input: .data/tiny/log, format: parquet, output: .data/tiny/prepared, num_negatives: 10,
+              buckets: 1, workers: 1}
+"""
+
+
+def test_flm_run_dry_run_and_step_selection(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "tiny.yaml").write_text(TINY)
+    _flm("run", "jobs/tiny.yaml", "synth.users=50", "--dry-run")
+    described = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in described["steps"]] == ["synth", "prepare"]
+    assert described["steps"][0]["config"]["users"] == 50
+    assert described["steps"][0]["config"]["output"] == str(tmp_path / ".data" / "tiny" / "log")
+    _flm("run", "jobs/tiny.yaml", "--steps", "synth")
+    assert "step synth (synth)" in capsys.readouterr().out
+    assert (tmp_path / ".data" / "tiny" / "log" / "_synth.json").is_file()
+    assert not (tmp_path / ".data" / "tiny" / "prepared").exists()
+    with pytest.raises(UserError, match="no step named 'train'"):
+        _flm("run", "jobs/tiny.yaml", "--steps", "train")
+
+
+def test_flm_run_synth_then_prepare(tmp_path, monkeypatch, capsys, ray_session):
+    try:
+        importlib.import_module("flm_dist.prepare")
+    except Exception as exc:  # noqa: BLE001 - prepare is written in parallel
+        pytest.skip(f"flm_dist.prepare not importable yet: {exc}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "tiny.yaml").write_text(TINY)
+    _flm("run", "jobs/tiny.yaml")
+    out = capsys.readouterr().out
+    assert "step synth (synth)" in out and "step prepare (prepare)" in out
+    manifest = json.loads((tmp_path / ".data" / "tiny" / "prepared" / "manifest.json").read_text())
+    assert manifest["interactions"] > 0 and manifest["users"] > 0

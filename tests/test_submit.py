@@ -1,0 +1,306 @@
+"""`flm submit` / `flm jobs`: the submission we build, and a real job on a local two-node Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flm_dist.errors import UserError
+from flm_dist.submit import add_commands, build_submission
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flm")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(list(argv))
+
+
+def test_add_commands_registers_run_submit_jobs():
+    from flm_dist.submit import cmd_jobs, cmd_run, cmd_submit
+
+    assert _parse("run", "jobs/demo.yaml", "pretrain.train.epochs=1").run is cmd_run
+    args = _parse("submit", "jobs/demo.yaml", "--address", "http://h:8265", "--follow", "--pip", "x==1")
+    assert args.run is cmd_submit and args.follow and args.pip == ["x==1"]
+    for action in ("status", "logs", "stop"):
+        assert _parse("jobs", action, "raysubmit_1", "--address", "http://h:8265").run is cmd_jobs
+    assert _parse("jobs", "list").run is cmd_jobs
+
+
+def test_submission_for_a_repo_job(monkeypatch):
+    monkeypatch.chdir(REPO)
+    submission = build_submission("jobs/demo.yaml", ["pretrain.train.epochs=1", "pretrain.output=runs/a b"])
+    assert submission["entrypoint"] == "flm run jobs/demo.yaml pretrain.train.epochs=1 'pretrain.output=runs/a b'"
+    runtime_env = submission["runtime_env"]
+    assert runtime_env["working_dir"] == str(REPO)
+    for pattern in ("/runs/", "/.data/", ".git/"):
+        assert pattern in runtime_env["excludes"]
+    assert "pip" not in runtime_env
+    assert submission["submission_id"].startswith("flm-demo-")
+    assert submission["metadata"] == {"flm_job": "demo", "job_file": "jobs/demo.yaml"}
+    assert not any("TOKEN" in key for key in runtime_env["env_vars"])
+
+
+def test_submission_pip_env_and_remote_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\ndependencies = ["numpy>=1", "pyyaml"]\n')
+    (tmp_path / "requirements.txt").write_text("# pinned\ntqdm==4.66.0  # progress\n\n")
+    (tmp_path / "jobs" / "j.yaml").write_text(
+        "steps:\n  - synth: {output: .data/s}\n"
+        "runtime: {pip: [requests], env: {A: '1'}, excludes: [big/], entrypoint_num_cpus: 0.5}\n")
+    submission = build_submission("jobs/j.yaml")
+    assert submission["runtime_env"]["pip"] == ["requests"]
+    assert submission["runtime_env"]["env_vars"]["A"] == "1"
+    assert "big/" in submission["runtime_env"]["excludes"]
+    assert submission["entrypoint_num_cpus"] == 0.5
+    submission = build_submission("jobs/j.yaml", pip=["project", "requirements.txt"], env={"B": "2"},
+                                  remote_cwd="/opt/flm/project", entrypoint_command="python -m flm_dist.cli")
+    assert submission["runtime_env"]["pip"] == ["numpy>=1", "pyyaml", "tqdm==4.66.0"]
+    assert submission["runtime_env"]["env_vars"]["B"] == "2"
+    assert submission["entrypoint"] == ('FLM_JOB_DIR="$PWD" && cd /opt/flm/project && '
+                                        'python -m flm_dist.cli run "$FLM_JOB_DIR"/jobs/j.yaml')
+    assert build_submission("jobs/j.yaml", pip=[])["runtime_env"].get("pip") is None
+
+
+def test_submission_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "j.yaml").write_text("steps:\n  - synth: {output: .data/s}\n")
+    outside = tmp_path / "project"
+    outside.mkdir()
+    with pytest.raises(UserError, match="outside the working directory"):
+        build_submission(str(tmp_path / "j.yaml"), working_dir=str(outside))
+    with pytest.raises(UserError, match="looks like a credential"):
+        build_submission("j.yaml", env={"RAY_AUTH_TOKEN": "abc"})
+    with pytest.raises(UserError, match="must start with a step name"):
+        build_submission("j.yaml", ["synth_users=3"])
+    with pytest.raises(UserError, match="unknown key"):
+        build_submission("j.yaml", ["synth.userz=3"])
+
+
+def test_submit_dry_run_prints_the_submission(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    args = _parse("submit", "jobs/demo.yaml", "--dry-run", "--submission-id", "flm-test-1")
+    args.run(args)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["submission_id"] == "flm-test-1" and printed["entrypoint"] == "flm run jobs/demo.yaml"
+
+
+def test_unreachable_cluster_is_a_user_error():
+    args = _parse("jobs", "list", "--address", "http://127.0.0.1:1")
+    with pytest.raises(UserError, match="cannot reach the Ray Jobs API"):
+        args.run(args)
+
+
+def test_no_address_is_a_user_error(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = _parse("jobs", "status", "raysubmit_1")
+    with pytest.raises(UserError, match="no cluster address"):
+        args.run(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# A job through the Jobs API on a local two-node cluster (head + one more node, both on loopback)
+# ---------------------------------------------------------------------------------------------
+
+TINY_JOB = """\
+name: tiny-cluster
+steps:
+  - synth: {output: .data/tiny/log, users: 60, items: 40, interactions: 900, clusters: 4, seed: 1}
+  - prepare: {input: .data/tiny/log, format: parquet, output: .data/tiny/prepared, num_negatives: 10,
+              buckets: 1, workers: 1}
+  - pretrain:
+      data: .data/tiny/prepared
+      output: runs/tiny
+      model: {hidden: 16, layers: 1, heads: 1, max_len: 10, flow_layers: 1, flow_hidden: 16}
+      train: {epochs: 2, batch_size: 64, warmup_steps: 1}
+      eval: {ks: [5, 10]}
+      scaling: {max_failures: 0}
+"""
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+class LocalCluster:
+    """`ray start --block` head + worker node, each in its own process group, on loopback.
+
+    Each node gets its own temp dir: on one machine, nodes sharing one would share the runtime-env
+    cache, and one node's clean-up of the job's working_dir deletes the other's (the job's cwd).
+    """
+
+    def __init__(self):
+        self.temp_dir = tempfile.mkdtemp(prefix="flmrc", dir="/tmp")  # short: Ray's socket paths are long
+        self.procs: list[subprocess.Popen] = []
+        self.gcs_address = self.address = ""
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 would refuse the second node ("multi-node clusters are
+        # not supported"); loopback comes from --node-ip-address=127.0.0.1 on both nodes instead.
+        env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
+                    "RAY_DEDUP_LOGS": "0", "TQDM_DISABLE": "1",
+                    "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")})
+        self.env = env
+
+    def start(self) -> None:
+        gcs, dashboard, client, agent_head, agent_worker = _free_ports(5)
+        self.gcs_address = f"127.0.0.1:{gcs}"
+        self.address = f"http://127.0.0.1:{dashboard}"
+        ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+               "--min-worker-port=0", "--max-worker-port=0", "--node-ip-address=127.0.0.1",
+               "--include-log-monitor=false",  # job logs are the driver's output; saves a process per node
+               f"--object-store-memory={100 * 1024**2}"]
+        self._start(ray + ["--head", f"--temp-dir={self.temp_dir}/h", f"--port={gcs}", "--num-cpus=2",
+                           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_head}"],
+                    "head")
+        self._wait(lambda: socket.create_connection(("127.0.0.1", gcs), timeout=1).close() or True, "the GCS", 90)
+        self._start(ray + [f"--address={self.gcs_address}", f"--temp-dir={self.temp_dir}/w", "--num-cpus=1",
+                           f"--dashboard-agent-listen-port={agent_worker}"], "worker")
+        self._wait(lambda: _get_json(f"{self.address}/api/version"), "the Jobs API", 90)
+        self._wait(lambda: self.alive_nodes() >= 2 or None, "the second node", 90)
+
+    def _start(self, command: list[str], name: str) -> None:
+        log = open(Path(self.temp_dir) / f"{name}.out", "wb")
+        self.procs.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True, cwd=self.temp_dir))
+
+    def _wait(self, probe, what: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"ray start exited while waiting for {what}: {self.logs()}")
+            try:
+                if probe():
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{what} not up after {timeout_s} s: {self.logs()}")
+
+    def alive_nodes(self) -> int:
+        data = _get_json(f"{self.address}/api/v0/nodes?limit=100")
+        rows = data["data"]["result"]["result"]
+        return sum(1 for n in rows if n.get("state") == "ALIVE")
+
+    def logs(self) -> str:
+        return " | ".join((Path(self.temp_dir) / f"{n}.out").read_text(errors="replace")[-1500:]
+                          for n in ("head", "worker") if (Path(self.temp_dir) / f"{n}.out").exists())
+
+    def stop(self) -> None:
+        """SIGTERM each `ray start --block` (it stops its own children), then SIGKILL whatever is left
+        in the process groups started here. Never `ray stop`: it kills every Ray on the machine."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def local_cluster():
+    if shutil.which("ray") is None and not (Path(sys.executable).parent / "ray").exists():
+        pytest.skip("ray CLI not installed")
+    cluster = LocalCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _cli_has_run() -> bool:
+    from flm_dist.cli import build_parser
+
+    try:
+        build_parser().parse_args(["run", "jobs/demo.yaml", "--dry-run"])
+    except SystemExit:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_local_two_node_cluster_runs_a_submitted_job(tmp_path, local_cluster, capsys, monkeypatch):
+    from ray.job_submission import JobSubmissionClient
+
+    from flm_dist.submit import wait
+
+    started = time.monotonic()
+    project = tmp_path / "project"
+    (project / "jobs").mkdir(parents=True)
+    (project / "jobs" / "tiny.yaml").write_text(TINY_JOB)
+    overrides = ["pretrain.train.epochs=1", "pretrain.scaling.workers=1", "pretrain.scaling.cpus_per_worker=0.5"]
+    command = "flm" if _cli_has_run() else f"{sys.executable} -m flm_dist.submit"  # until cli.py registers run
+    submission = build_submission(str(project / "jobs" / "tiny.yaml"), overrides, working_dir=str(project), pip=[],
+                                  entrypoint_command=command)
+    assert submission["entrypoint"] == f"{command} run jobs/tiny.yaml " + " ".join(shlex.quote(o) for o in overrides)
+    assert local_cluster.alive_nodes() == 2
+
+    client = JobSubmissionClient(local_cluster.address)
+    job_id = client.submit_job(**submission)
+    # ~90 s on an idle 2-core machine; the bound leaves room for a machine shared with other work.
+    status = wait(client, job_id, timeout_s=max(60.0, 240.0 - (time.monotonic() - started)), poll_s=2.0)
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", f"job {status} after {time.monotonic() - started:.0f} s:\n{logs[:2000]}\n...\n{logs[-4000:]}"
+    assert "step pretrain (pretrain) done" in logs
+    assert "test" in logs and "ndcg@10" in logs
+    capsys.readouterr()
+
+    # flm jobs status / logs --follow / stop against the same cluster
+    address = ["--address", local_cluster.address]
+    for argv in (["jobs", "status", job_id], ["jobs", "logs", job_id, "--follow"], ["jobs", "stop", job_id]):
+        args = _parse(*argv, *address)
+        args.run(args)
+    out = capsys.readouterr().out
+    assert f"{job_id}\tSUCCEEDED" in out and "step prepare (prepare) done" in out
+    assert f"job {job_id} SUCCEEDED" in out and "already finished" in out
+    with pytest.raises(UserError, match="no job 'flm-missing'"):
+        args = _parse("jobs", "status", "flm-missing", *address)
+        args.run(args)
+
+    # flm submit --follow exits non-zero when the job fails (here: its input does not exist)
+    (project / "jobs" / "broken.yaml").write_text(
+        "steps:\n  - prepare: {input: .data/missing, format: parquet, output: .data/out}\n")
+    monkeypatch.chdir(project)
+    args = _parse("submit", "jobs/broken.yaml", *address, "--follow", "--entrypoint-command", command)
+    with pytest.raises(SystemExit) as info:
+        args.run(args)
+    assert info.value.code == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and ".data/missing" in captured.out
