@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(synth)
     synth.set_defaults(run=cmd_synth)
 
-    prepare = commands.add_parser("prepare", help="interaction logs -> training shards (Ray Data)")
+    prepare = commands.add_parser("prepare", help="interaction logs -> training shards (on Ray Data)")
     prepare.add_argument("--input", required=True, help="file, directory or URI (s3://, gs://, ...)")
     prepare.add_argument("--format", default=None,
                          help="auto, parquet, csv, tsv, jsonl, seq-txt, pairs-txt, recbole, movielens")

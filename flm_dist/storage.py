@@ -1,0 +1,95 @@
+"""Filesystem helpers shared by prepare, synth and checkpoint code: fsspec URIs, JSON, atomic publish.
+
+Every path may be a local path or any fsspec URI (file://, s3://, gs://, memory://). Output
+directories appear atomically: a job writes into a sibling `DIR.tmp-<random>` and `publish` moves it
+into place only when complete, with the marker file (manifest.json) last, so a reader that sees the
+marker sees a complete directory.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import secrets
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from flm_dist.errors import UserError
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or fsspec URI; a clear error if it can't be opened."""
+    try:
+        return fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as exc:
+        raise UserError(f"cannot open {uri}: {exc}") from None
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(path: str, *parts: str) -> str:
+    return posixpath.join(path, *parts)
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
+    """Write `data` as stable JSON (sorted keys, fixed indent) so equal data gives equal bytes."""
+    with fs.open(path, "w") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    """The JSON object at `path`, or None if it is missing or unreadable (e.g. half-written)."""
+    try:
+        with fs.open(path, "r") as handle:
+            return json.load(handle)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def staging_dir(fs: fsspec.AbstractFileSystem, final: str) -> str:
+    """A fresh sibling `final.tmp-<random>` to write into before `publish`."""
+    tmp = f"{final.rstrip('/')}.tmp-{secrets.token_hex(4)}"
+    fs.makedirs(tmp, exist_ok=True)
+    return tmp
+
+
+def remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete a file or directory tree if it exists."""
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_replaceable(fs: fsspec.AbstractFileSystem, final: str, marker: str) -> None:
+    """Refuse to overwrite a non-empty directory that is not a previous output (no `marker` in it)."""
+    if fs.exists(final) and (not fs.isdir(final) or (fs.ls(final) and not fs.exists(join(final, marker)))):
+        raise UserError(f"output {final} exists and is not a previous output of this job (no {marker}); "
+                        f"remove it or choose another output")
+
+
+def publish(fs: fsspec.AbstractFileSystem, tmp: str, final: str, marker: str = "manifest.json") -> None:
+    """Move the finished directory `tmp` to `final`, replacing any old `final`, marker file last.
+
+    Locally the directory rename is atomic. On object stores rename is a copy, so the files move
+    one by one with the marker last: a crash leaves `final` without its marker, which readers treat
+    as absent. An old `final` is moved aside first and deleted at the end, so `final` never holds a
+    mix of two runs.
+    """
+    final = final.rstrip("/")
+    aside = None
+    if fs.exists(final):
+        aside = f"{final}.old-{secrets.token_hex(4)}"
+        fs.mv(final, aside, recursive=True)
+    if is_local(fs):
+        fs.mv(tmp, final, recursive=True)
+    else:
+        files = sorted(p for p in fs.find(tmp) if posixpath.basename(p) != marker)
+        for src in files:
+            fs.mv(src, join(final, posixpath.relpath(src, tmp)))
+        fs.mv(join(tmp, marker), join(final, marker))
+        remove(fs, tmp)
+    if aside is not None:
+        remove(fs, aside)

@@ -1,0 +1,353 @@
+"""flm prepare: counts on real data, split semantics, negatives, bad input, atomic and deterministic output.
+
+Hand-made logs live on the fsspec memory filesystem (the pipeline then runs in-process); the real
+files, determinism and atomic publishing run through Ray on local disk.
+"""
+
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flm_dist import prepare as prepare_module
+from flm_dist.config import ConfigKeyError, from_dict
+from flm_dist.errors import UserError
+from flm_dist.prepare import PrepareConfig, draw_negatives, run_prepare
+from flm_dist.readers import ColumnMap
+from flm_dist.synth import SynthConfig, run_synth
+
+MEMORY = fsspec.filesystem("memory")
+
+
+@pytest.fixture
+def mem():
+    """A fresh memory:// root, removed afterwards."""
+    root = f"/prepare-{uuid.uuid4().hex[:8]}"
+    yield root
+    if MEMORY.exists(root):
+        MEMORY.rm(root, recursive=True)
+
+
+def put(root: str, name: str, text: str) -> str:
+    with MEMORY.open(f"{root}/{name}", "w") as handle:
+        handle.write(text)
+    return f"memory://{root}/{name}"
+
+
+def csv(rows) -> str:
+    return "user_id,item_id,timestamp\n" + "".join(",".join(map(str, r)) + "\n" for r in rows)
+
+
+def load(fs, root: str, name: str) -> list[dict]:
+    if not fs.exists(f"{root}/{name}"):
+        return []
+    files = sorted(p for p in fs.find(f"{root}/{name}") if p.endswith(".parquet"))
+    tables = [pq.read_table(fs.open(p, "rb")) for p in files]
+    return pa.concat_tables(tables).to_pylist() if tables else []
+
+
+def config(**kw) -> PrepareConfig:
+    kw.setdefault("min_user_interactions", 0)
+    kw.setdefault("min_item_interactions", 0)
+    return PrepareConfig(**kw)
+
+
+def accounted(manifest) -> bool:
+    return manifest["input_rows"] == manifest["interactions"] + sum(manifest["dropped"].values())
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def test_leave_one_out_on_hand_made_log(mem):
+    # File order is not time order: the pipeline sorts by timestamp.
+    rows = [(10, "b", 2), (10, "a", 1), (10, "c", 3), (10, "d", 4), (10, "a", 5),
+            (2, "a", 7), (2, "b", 8), (2, "e", 6),
+            (3, "c", 1), (3, "a", 2),
+            (4, "e", 1)]
+    out = f"memory://{mem}/out"
+    manifest = run_prepare(config(input=put(mem, "log.csv", csv(rows)), output=out, num_negatives=2))
+    items = {r["item_id"]: r["index"] for r in load(MEMORY, f"{mem}/out", "vocab/items.parquet")}
+    assert list(items) == ["a", "b", "c", "e", "d"]  # by count desc (4, 2, 2, 2, 1), ties by id
+    users = [r["user_id"] for r in load(MEMORY, f"{mem}/out", "vocab/users.parquet")]
+    assert users == ["2", "3", "4", "10"]  # integer ids sort numerically
+    a, b, c, d, e = (items[x] for x in "abcde")
+    train = {r["user"]: (r["items"], r["timestamps"]) for r in load(MEMORY, f"{mem}/out", "train")}
+    assert train == {3: ([a, b, c], [1, 2, 3]), 0: ([e], [6]), 1: ([c, a], [1, 2]), 2: ([e], [1])}
+    valid = {r["user"]: (r["history"], r["target"]) for r in load(MEMORY, f"{mem}/out", "valid")}
+    test = {r["user"]: (r["history"], r["target"]) for r in load(MEMORY, f"{mem}/out", "test")}
+    assert valid == {3: ([a, b, c], d), 0: ([e], a)}
+    assert test == {3: ([a, b, c, d], a), 0: ([e, a], b)}
+    assert manifest["splits"]["users_without_valid"] == 2 and manifest["splits"]["users_without_test"] == 2
+    assert manifest["splits"]["train"]["interactions"] + 4 == manifest["interactions"] == 11
+    negatives = {r["user"]: r["negatives"] for r in load(MEMORY, f"{mem}/out", "test")}
+    assert sorted(negatives[3]) == [e] and len(negatives[0]) == 2 and set(negatives[0]) <= {c, d}
+    assert manifest["splits"]["short_negatives"] == 2  # user 10 has seen all items but one (valid, test)
+
+
+def test_temporal_split_with_quantile_cutoffs(mem):
+    rows = [("u", i, t) for i, t in zip("abcdef", (10, 20, 30, 40, 50, 60))] + \
+           [("v", "a", 25), ("v", "b", 45), ("v", "g", 65), ("w", "c", 55)]
+    out = f"memory://{mem}/out"
+    # 10 timestamps; quantile 0.4 -> the 5th smallest (40), 0.7 -> the 8th (55).
+    manifest = run_prepare(config(input=put(mem, "log.csv", csv(rows)), output=out, split="temporal",
+                                  valid_cutoff=0.4, test_cutoff=0.7, num_negatives=1))
+    assert (manifest["splits"]["valid_cutoff"], manifest["splits"]["test_cutoff"]) == (40, 55)
+    name = {r["index"]: r["item_id"] for r in load(MEMORY, f"{mem}/out", "vocab/items.parquet")}
+    user = {r["index"]: r["user_id"] for r in load(MEMORY, f"{mem}/out", "vocab/users.parquet")}
+
+    def named(split):
+        return {user[r["user"]]: ([name[i] for i in r["history"]], name[r["target"]])
+                for r in load(MEMORY, f"{mem}/out", split)}
+
+    train = {user[r["user"]]: [name[i] for i in r["items"]] for r in load(MEMORY, f"{mem}/out", "train")}
+    assert train == {"u": ["a", "b", "c"], "v": ["a"]}
+    assert named("valid") == {"u": (["a", "b", "c"], "d"), "v": (["a"], "b")}
+    assert named("test") == {"u": (["a", "b", "c", "d", "e"], "f"), "v": (["a", "b"], "g")}
+    assert manifest["splits"]["test_no_history"] == 1  # w's only event is its test target
+    absolute = run_prepare(config(input=f"memory://{mem}/log.csv", output=f"memory://{mem}/abs", split="temporal",
+                                  valid_cutoff=40, test_cutoff=55, num_negatives=1))
+    for split in ("train", "valid", "test"):
+        assert load(MEMORY, f"{mem}/abs", split) == load(MEMORY, f"{mem}/out", split)
+    assert absolute["config"]["valid_cutoff"] == 40
+
+
+def test_temporal_needs_timestamps_and_cutoffs(mem):
+    with pytest.raises(ConfigKeyError, match="valid_cutoff"):
+        PrepareConfig(input="x", output="y", split="temporal")
+    with pytest.raises(UserError, match="needs timestamps"):
+        run_prepare(PrepareConfig(input=put(mem, "seq.txt", "1 2 3 4\n2 3 4 5\n"), output=f"memory://{mem}/o",
+                                  split="temporal", valid_cutoff=0.5, test_cutoff=0.8))
+
+
+def test_config_from_dict_resolves_kcore_defaults(mem):
+    cfg = from_dict(PrepareConfig, {"input": "a", "output": "b", "columns": {"user": "uid"}, "num_negatives": 9})
+    assert cfg.columns.user == "uid" and cfg.min_user_interactions is None
+    assert prepare_module.resolve(cfg, "seq-txt").min_user_interactions == 0
+    assert prepare_module.resolve(cfg, "csv").min_item_interactions == 5
+
+
+# ------------------------------------------------------------------------------------------- negatives
+
+
+def test_negatives_never_seen_fixed_and_independent_of_buckets(mem):
+    run_synth(SynthConfig(output=f"memory://{mem}/log", users=200, items=600, interactions=30_000, seed=5))
+    first = run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/a", buckets=1))
+    run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/b", buckets=4))
+    assert first["splits"]["short_negatives"] == 0
+
+    def by_user(out, split):
+        return {r["user"]: r for r in load(MEMORY, f"{mem}/{out}", split)}
+
+    train = by_user("a", "train")
+    for split in ("valid", "test"):
+        a, b = by_user("a", split), by_user("b", split)
+        assert a.keys() == b.keys() and len(a) == 200
+        for user, row in a.items():
+            seen = set(train[user]["items"]) | set(by_user("a", "test")[user]["history"]) | \
+                {by_user("a", "test")[user]["target"]}
+            negatives = row["negatives"]
+            assert len(negatives) == 99 and len(set(negatives)) == 99
+            assert not set(negatives) & seen
+            assert min(negatives) >= 1 and max(negatives) <= first["items"]
+            assert negatives == b[user]["negatives"]
+        assert a[0]["negatives"] != by_user("a", "valid" if split == "test" else "test")[0]["negatives"]
+
+
+def test_draw_negatives_dense_and_short_users():
+    n_items = 10
+    seen = np.array([0 * 11 + i for i in range(1, 8)] + [1 * 11 + i for i in range(1, 10)])
+    offsets, values = draw_negatives(np.array([0, 1]), 1, seen, n_items, k=2, seed=0)
+    assert offsets.tolist() == [0, 2, 3]
+    assert set(values[:2]) <= {8, 9, 10} and values[2] == 10
+    again = draw_negatives(np.array([1, 0]), 1, seen, n_items, k=2, seed=0)
+    assert again[1].tolist() == values[2:].tolist() + values[:2].tolist()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_rows_are_quarantined_and_counted(mem):
+    text = csv([("u1", "a", 1), ("u1", "b", 2), ("u1", "b", 2), ("u1", "c", 3), ("", "a", 4), ("u2", "a", "soon"),
+                ("u2", "b", 5), ("u2", "c", 6), ("u3", "d", 1)]) + "u9,x\n"
+    put(mem, "in/a.csv", text)
+    put(mem, "in/b.csv", "user_id,item_id,timestamp\n")
+    out = f"memory://{mem}/out"
+    manifest = run_prepare(config(input=f"memory://{mem}/in", output=out, min_user_interactions=2,
+                                  min_item_interactions=2))
+    assert manifest["dropped"] == {"bad_id": 0, "bad_timestamp": 1, "bad_weight": 0, "duplicate": 1,
+                                   "kcore_item": 2, "kcore_user": 0, "malformed": 1, "null_id": 1}
+    # Left after dedup: u1 a b c, u2 b c, u3 d; items a and d have one event each.
+    assert manifest["input_rows"] == 10 and manifest["interactions"] == 4 and accounted(manifest)
+    assert manifest["empty_files"] == [f"{mem}/in/b.csv"]
+    bad = load(MEMORY, f"{mem}/out", "quarantine")
+    assert [(r["file"].split("/")[-1], r["row"], r["column"], r["reason"]) for r in bad] == [
+        ("a.csv", 6, "user_id", "null_id"), ("a.csv", 7, "timestamp", "bad_timestamp"), ("a.csv", 11, "", "malformed"),
+        ("b.csv", 0, "", "empty_file")]
+    assert bad[2]["raw"] == "u9,x"
+    assert "quarantine/part-00000.parquet" in manifest["files"]
+
+
+def test_strict_names_file_row_and_column(mem):
+    path = put(mem, "log.csv", csv([("u1", "a", 1), ("u1", "b", "noon")]))
+    with pytest.raises(UserError, match=r"log.csv, row 3, column 'timestamp': bad_timestamp"):
+        run_prepare(config(input=path, output=f"memory://{mem}/out", strict=True))
+    assert not MEMORY.exists(f"{mem}/out/manifest.json")
+
+
+def test_strict_rejects_empty_files(mem):
+    put(mem, "in/a.csv", csv([("u1", "a", 1)]))
+    put(mem, "in/b.csv", "")
+    with pytest.raises(UserError, match="b.csv is empty"):
+        run_prepare(config(input=f"memory://{mem}/in", output=f"memory://{mem}/out", format="csv", strict=True))
+
+
+def test_missing_column_and_unreadable_input(mem):
+    path = put(mem, "log.csv", "user,item_id,timestamp\nu,i,1\n")
+    with pytest.raises(UserError, match=r"log.csv: column 'user_id' not found \(available columns: user, item_id"):
+        run_prepare(config(input=path, output=f"memory://{mem}/out"))
+    with pytest.raises(UserError, match="input not found"):
+        run_prepare(config(input=f"memory://{mem}/nothing", output=f"memory://{mem}/out"))
+
+
+def test_schema_mismatch_names_both_files(mem):
+    for name, table in (("a.parquet", pa.table({"user_id": [1], "item_id": [2], "timestamp": [3]})),
+                        ("b.parquet", pa.table({"user_id": ["1"], "item_id": [2], "timestamp": [3]}))):
+        with MEMORY.open(f"{mem}/in/{name}", "wb") as handle:
+            pq.write_table(table, handle)
+    with pytest.raises(UserError, match=r"schema of .*b.parquet differs from .*a.parquet"):
+        run_prepare(config(input=f"memory://{mem}/in", output=f"memory://{mem}/out"))
+
+
+def test_all_rows_bad_is_a_clear_error(mem):
+    with pytest.raises(UserError, match="no usable interactions"):
+        run_prepare(config(input=put(mem, "log.csv", csv([("", "a", 1)])), output=f"memory://{mem}/out"))
+
+
+# ---------------------------------------------------------------------------------- real data, via Ray
+
+
+@pytest.mark.parametrize("name, users, items, interactions", [
+    ("Beauty.txt", 22363, 12101, 198502),
+    ("Sports_and_Outdoors.txt", 35598, 18357, 296337),
+    ("Toys_and_Games.txt", 19412, 11924, 167597),
+])
+def test_real_sequence_sets(ray_session, shared_data, tmp_path, name, users, items, interactions):
+    out = tmp_path / "out"
+    manifest = run_prepare(PrepareConfig(input=str(shared_data / name), output=str(out)))
+    assert manifest["config"]["format"] == "seq-txt" and manifest["kcore"]["min_user_interactions"] == 0
+    assert (manifest["users"], manifest["items"], manifest["interactions"]) == (users, items, interactions)
+    assert manifest["splits"]["test"]["rows"] == users and accounted(manifest)  # every user has >= 3 items
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    for path in manifest["files"]:
+        assert (out / path).is_file()
+    vocab = pq.read_table(out / "vocab" / "items.parquet")
+    assert vocab.column("index").to_pylist() == list(range(1, items + 1))
+    assert vocab.column("count").to_numpy().sum() == interactions
+    assert np.all(np.diff(vocab.column("count").to_numpy()) <= 0)
+
+
+def kcore_reference(users: np.ndarray, items: np.ndarray, k: int) -> tuple[int, int, int]:
+    """Plain iterative k-core on (user, item) pairs: drop users and items under k until stable."""
+    keep = np.ones(len(users), dtype=bool)
+    while True:
+        u, inv_u, cnt_u = np.unique(users[keep], return_inverse=True, return_counts=True)
+        i, inv_i, cnt_i = np.unique(items[keep], return_inverse=True, return_counts=True)
+        ok = (cnt_u[inv_u] >= k) & (cnt_i[inv_i] >= k)
+        if ok.all():
+            return len(u), len(i), int(keep.sum())
+        keep[np.flatnonzero(keep)[~ok]] = False
+
+
+def test_ml100k_five_core_matches_reference(ray_session, shared_data, tmp_path):
+    path = shared_data / "ml-100k" / "ml-100k.inter"
+    manifest = run_prepare(PrepareConfig(input=str(path), output=str(tmp_path / "ml")))
+    assert manifest["kcore"]["min_user_interactions"] == manifest["kcore"]["min_item_interactions"] == 5
+    raw = np.loadtxt(path, skiprows=1, dtype=np.int64)
+    expected = kcore_reference(raw[:, 0], raw[:, 1], 5)
+    assert (manifest["users"], manifest["items"], manifest["interactions"]) == expected == (943, 1349, 99287)
+    assert manifest["dropped"]["kcore_item"] == 713 and accounted(manifest)
+
+
+# ------------------------------------------------------------------------------ determinism, atomicity
+
+
+@pytest.fixture(scope="module")
+def small_log(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("log") / "synth"
+    run_synth(SynthConfig(output=str(path), users=400, items=300, interactions=12_000, rows_per_file=4_000))
+    return str(path)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_skip_and_replace(ray_session, small_log, tmp_path, caplog):
+    a = run_prepare(config(input=small_log, output=str(tmp_path / "a"), buckets=3))
+    run_prepare(config(input=small_log, output=str(tmp_path / "b"), buckets=3))
+    files_a = tree(tmp_path / "a")
+    assert files_a == tree(tmp_path / "b")
+    assert {"train/part-00002.parquet", "valid/part-00002.parquet", "manifest.json"} <= set(files_a)
+
+    stamp = (tmp_path / "a" / "manifest.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="flm_dist"):
+        assert run_prepare(config(input=small_log, output=str(tmp_path / "a"), buckets=3, workers=1)) == a
+    assert "up to date" in caplog.text
+    assert (tmp_path / "a" / "manifest.json").stat().st_mtime_ns == stamp
+
+    run_prepare(config(input=small_log, output=str(tmp_path / "a"), buckets=1))
+    assert sorted(p.name for p in (tmp_path / "a" / "train").iterdir()) == ["part-00000.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no staging or old copies left
+
+
+def test_failed_run_leaves_no_manifest_and_keeps_old_output(ray_session, small_log, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    fresh = tmp_path / "fresh"
+
+    def crash(*args):
+        raise RuntimeError("killed in the last stage")
+
+    good = run_prepare(config(input=small_log, output=str(out), buckets=2))
+    monkeypatch.setattr(prepare_module, "_merge_quarantine", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_prepare(config(input=small_log, output=str(fresh)))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_prepare(config(input=small_log, output=str(out), buckets=1))
+    assert not fresh.exists()
+    assert json.loads((out / "manifest.json").read_text()) == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_memory_output_replaced_without_mixing(mem):
+    log = put(mem, "log.csv", csv([(u, i, t) for u in range(6) for t, i in enumerate("abcd")]))
+    run_prepare(config(input=log, output=f"memory://{mem}/out", buckets=3, num_negatives=0))
+    assert len(MEMORY.find(f"{mem}/out/train")) == 3
+    manifest = run_prepare(config(input=log, output=f"memory://{mem}/out", buckets=1, num_negatives=0))
+    assert [p.split("/")[-1] for p in MEMORY.find(f"{mem}/out/train")] == ["part-00000.parquet"]
+    on_store = sorted(p[len(f"{mem}/out/"):] for p in MEMORY.find(f"{mem}/out"))
+    assert on_store == sorted(manifest["files"] + ["manifest.json"])
+    assert [p.split("/")[-1] for p in MEMORY.ls(mem, detail=False)] == ["log.csv", "out"]
+
+
+def test_errors_from_ray_tasks_are_one_line_user_errors(ray_session, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text(csv([("u1", "a", 1), ("u1", "b", "x")]))
+    with pytest.raises(UserError, match=r"a.csv, row 3, column 'timestamp'"):
+        run_prepare(config(input=str(tmp_path / "in"), output=str(tmp_path / "out"), strict=True))
+    with pytest.raises(UserError, match=r"column 'uid' not found"):
+        run_prepare(config(input=str(tmp_path / "in"), output=str(tmp_path / "out"), columns=ColumnMap(user="uid")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_refuses_to_replace_an_unrelated_directory(mem):
+    put(mem, "precious/notes.txt", "keep me")
+    with pytest.raises(UserError, match="not a previous output"):
+        run_prepare(config(input=put(mem, "log.csv", csv([("u", "a", 1)])), output=f"memory://{mem}/precious"))
+    assert MEMORY.cat(f"{mem}/precious/notes.txt") == b"keep me"

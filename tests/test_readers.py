@@ -1,0 +1,211 @@
+"""Readers: every format, column mapping, bad rows, memory:// input, the real files in shared/data."""
+
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from flm_dist.errors import UserError
+from flm_dist.readers import (EVENTS_SCHEMA, ColumnMap, FileProblem, detect_format, list_input, read_file,
+                              resolve_format)
+
+LOCAL = fsspec.filesystem("file")
+
+
+def write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def rows(table: pa.Table, *columns: str) -> list[tuple]:
+    return list(zip(*(table.column(c).to_pylist() for c in columns)))
+
+
+def test_csv_with_column_mapping_and_timestamp_forms(tmp_path):
+    path = write(tmp_path / "log.csv", "uid,iid,when,kind,stars\n"
+                 "u1,i1,100,click,4\n"
+                 "u1,i2,100.9,buy,\n"
+                 "u2,i1,1970-01-01T00:01:40Z,click,3.5\n"
+                 "u2,i3,1970-01-01T01:00:00+01:00,click,1\n"
+                 "u3,i4,1970-01-01 00:00:07,click,2\n")
+    columns = ColumnMap(user="uid", item="iid", timestamp="when", event="kind", weight="stars")
+    events, bad = read_file(LOCAL, path, "csv", columns, file_index=3)
+    assert events.schema == EVENTS_SCHEMA
+    assert bad.num_rows == 0
+    assert rows(events, "user", "item", "timestamp", "event", "weight") == [
+        ("u1", "i1", 100, "click", 4.0), ("u1", "i2", 100, "buy", None), ("u2", "i1", 100, "click", 3.5),
+        ("u2", "i3", 0, "click", 1.0), ("u3", "i4", 7, "click", 2.0)]
+    assert events.column("row").to_pylist() == [2, 3, 4, 5, 6]  # line numbers; the header is line 1
+    assert set(events.column("file").to_pylist()) == {3}
+
+
+def test_csv_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
+    path = write(tmp_path / "log.csv", "user_id,item_id,timestamp\n"
+                 "u1,i1,1\n"
+                 "u1,i2\n"            # line 3: wrong field count
+                 ",i3,3\n"            # line 4: null user
+                 "u2,i4,yesterday\n"  # line 5: bad timestamp
+                 "u2,i5,5\n")
+    events, bad = read_file(LOCAL, path, "csv")
+    assert rows(events, "user", "item", "row") == [("u1", "i1", 2), ("u2", "i5", 6)]
+    assert rows(bad, "row", "column", "reason") == [(3, "", "malformed"), (4, "user_id", "null_id"),
+                                                    (5, "timestamp", "bad_timestamp")]
+    assert set(bad.column("file").to_pylist()) == {path}
+    assert bad.column("raw").to_pylist()[0] == "u1,i2"
+
+
+def test_tsv_without_timestamps(tmp_path):
+    path = write(tmp_path / "log.tsv", "user_id\titem_id\nu1\ti1\nu1\ti2\n")
+    events, _ = read_file(LOCAL, path, "tsv", ColumnMap(timestamp=None))
+    assert rows(events, "user", "item", "timestamp") == [("u1", "i1", None), ("u1", "i2", None)]
+
+
+def test_missing_column_names_file_column_and_available(tmp_path):
+    path = write(tmp_path / "log.csv", "user,item,ts\nu,i,1\n")
+    with pytest.raises(FileProblem, match=r"log.csv: column 'user_id' not found \(available columns: user, item, ts\)"):
+        read_file(LOCAL, path, "csv")
+
+
+def test_jsonl_clean_mixed_and_broken_lines(tmp_path):
+    clean = write(tmp_path / "a.jsonl", '{"user_id": 1, "item_id": 7, "timestamp": 10}\n\n'
+                  '{"user_id": 2, "item_id": 8.0, "timestamp": 11.5}\n')
+    events, bad = read_file(LOCAL, clean, "jsonl")
+    assert rows(events, "user", "item", "timestamp", "row") == [("1", "7", 10, 1), ("2", "8", 11, 3)]
+    assert bad.num_rows == 0
+    mixed = write(tmp_path / "b.jsonl", '{"user_id": 1, "item_id": "x", "timestamp": 10}\n'
+                  '{"user_id": "u", "item_id": 2, "timestamp": "1970-01-01T00:00:20"}\n'
+                  '{"user_id": "v", "item_id": 3\n'
+                  '{"item_id": 4, "timestamp": 1}\n')
+    events, bad = read_file(LOCAL, mixed, "jsonl")
+    assert rows(events, "user", "item", "timestamp") == [("1", "x", 10), ("u", "2", 20)]
+    assert rows(bad, "row", "reason") == [(3, "malformed"), (4, "null_id")]
+
+
+def test_parquet_int_and_float_ids(tmp_path):
+    path = str(tmp_path / "log.parquet")
+    pq.write_table(pa.table({"user_id": [1, 2, 3], "item_id": [10.0, 11.5, None],
+                             "timestamp": pa.array([1, 2, 3], pa.timestamp("s"))}), path)
+    events, bad = read_file(LOCAL, path, "parquet")
+    assert rows(events, "user", "item", "timestamp", "row") == [("1", "10", 1, 1)]
+    assert rows(bad, "row", "column", "reason") == [(2, "item_id", "bad_id"), (3, "item_id", "null_id")]
+
+
+def test_partitioned_parquet_directory_with_hive_column(tmp_path):
+    for country, users in (("fr", [1, 2]), ("de", [3])):
+        part = tmp_path / "log" / f"country={country}"
+        part.mkdir(parents=True)
+        pq.write_table(pa.table({"user_id": users, "item_id": [5] * len(users), "timestamp": [9] * len(users)}),
+                       str(part / "part-0.parquet"))
+    (tmp_path / "log" / "_SUCCESS").write_text("")
+    files = list_input(LOCAL, str(tmp_path / "log"))
+    assert [f.split("/")[-2] for f in files] == ["country=de", "country=fr"]
+    assert resolve_format(LOCAL, files, "auto") == "parquet"
+    events, _ = read_file(LOCAL, files[0], "parquet", ColumnMap(event="country"))
+    assert rows(events, "user", "event") == [("3", "de")]
+
+
+def test_seq_txt_positions_and_short_lines(tmp_path):
+    path = write(tmp_path / "seq.txt", "1 5 6 7\n\n2 8\n3\n")
+    events, bad = read_file(LOCAL, path, "seq-txt")
+    assert rows(events, "user", "item", "row", "pos") == [("1", "5", 1, 0), ("1", "6", 1, 1), ("1", "7", 1, 2),
+                                                          ("2", "8", 3, 0)]
+    assert rows(bad, "row", "reason", "raw") == [(4, "malformed", "3")]
+    assert detect_format(LOCAL, path) == "seq-txt"
+
+
+def test_pairs_txt_keeps_file_order(tmp_path):
+    assert detect_format(LOCAL, write(tmp_path / "clean.txt", "u1 a\nu2 b\nu1 c\n")) == "pairs-txt"
+    path = write(tmp_path / "pairs.txt", "u1 a\nu2 b\nu1 c\nu1 d e\n")
+    events, bad = read_file(LOCAL, path, "pairs-txt")
+    assert rows(events, "user", "item", "row") == [("u1", "a", 1), ("u2", "b", 2), ("u1", "c", 3)]
+    assert rows(bad, "row", "reason") == [(4, "malformed")]
+
+
+def test_recbole_inter_header_types(tmp_path):
+    path = write(tmp_path / "x.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                 "u1\ti1\t4\t881250949\nu2\ti2\t3\t881250950.7\n")
+    assert detect_format(LOCAL, path) == "recbole"
+    events, _ = read_file(LOCAL, path, "recbole", ColumnMap(weight="rating"))
+    assert rows(events, "user", "item", "weight", "timestamp") == [("u1", "i1", 4.0, 881250949),
+                                                                   ("u2", "i2", 3.0, 881250950)]
+
+
+def test_movielens_dat_and_csv_require_integer_ids(tmp_path):
+    dat = write(tmp_path / "ratings.dat", "1::1193::5::978300760\n1::x::3::978302109\n2::10::4\n")
+    assert detect_format(LOCAL, dat) == "movielens"
+    events, bad = read_file(LOCAL, dat, "movielens")
+    assert rows(events, "user", "item", "weight", "timestamp") == [("1", "1193", 5.0, 978300760)]
+    assert rows(bad, "row", "column", "reason") == [(3, "", "malformed"), (2, "item", "bad_id")]
+    csv = write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n007,1029,3.0,1\n")
+    assert detect_format(LOCAL, csv) == "movielens"
+    events, _ = read_file(LOCAL, csv, "movielens")
+    assert rows(events, "user", "item", "weight") == [("1", "31", 2.5), ("7", "1029", 3.0)]
+
+
+def test_memory_filesystem_input():
+    fs = fsspec.filesystem("memory")
+    root = f"/readers-{uuid.uuid4().hex}"
+    with fs.open(f"{root}/log.csv", "w") as handle:
+        handle.write("user_id,item_id,timestamp\nu1,i1,1\nu1,i2,2\n")
+    fs_, path = fsspec.core.url_to_fs(f"memory://{root}")
+    files = list_input(fs_, path)
+    events, _ = read_file(fs_, files[0], resolve_format(fs_, files, "auto"))
+    assert rows(events, "user", "item", "timestamp") == [("u1", "i1", 1), ("u1", "i2", 2)]
+    fs.rm(root, recursive=True)
+
+
+def test_listing_errors(tmp_path):
+    with pytest.raises(UserError, match="input not found"):
+        list_input(LOCAL, str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_SUCCESS").write_text("")
+    with pytest.raises(UserError, match="no input files"):
+        list_input(LOCAL, str(tmp_path / "empty"))
+    (tmp_path / "mix").mkdir()
+    write(tmp_path / "mix" / "a.csv", "user_id,item_id\n")
+    write(tmp_path / "mix" / "b.parquet", "not parquet")
+    with pytest.raises(UserError, match="different formats"):
+        resolve_format(LOCAL, list_input(LOCAL, str(tmp_path / "mix")), "auto")
+
+
+@pytest.mark.parametrize("name, users, items, interactions", [
+    ("Beauty.txt", 22363, 12101, 198502),
+    ("Sports_and_Outdoors.txt", 35598, 18357, 296337),
+    ("Toys_and_Games.txt", 19412, 11924, 167597),
+])
+def test_real_sequence_files(shared_data, name, users, items, interactions):
+    path = str(shared_data / name)
+    assert detect_format(LOCAL, path) == "seq-txt"
+    events, bad = read_file(LOCAL, path, "seq-txt")
+    assert bad.num_rows == 0
+    assert (events.num_rows, pc.count_distinct(events["user"]).as_py(),
+            pc.count_distinct(events["item"]).as_py()) == (interactions, users, items)
+
+
+def test_real_recbole_file(shared_data):
+    path = str(shared_data / "ml-100k" / "ml-100k.inter")
+    assert detect_format(LOCAL, path) == "recbole"
+    events, bad = read_file(LOCAL, path, "recbole", ColumnMap(weight="rating"))
+    assert (events.num_rows, bad.num_rows) == (100_000, 0)
+    assert pc.count_distinct(events["user"]).as_py() == 943
+    assert pc.min(events["timestamp"]).as_py() > 8e8
+
+
+def test_unusable_column_types_are_file_problems(tmp_path):
+    path = str(tmp_path / "log.parquet")
+    pq.write_table(pa.table({"user_id": [True], "item_id": [1], "timestamp": [1]}), path)
+    with pytest.raises(FileProblem, match=r"column 'user_id' has type bool"):
+        read_file(LOCAL, path, "parquet")
+
+
+def test_compressed_text_input(tmp_path):
+    import gzip
+
+    path = tmp_path / "seq.txt.gz"
+    path.write_bytes(gzip.compress(b"1 5 6 7\n2 8 9\n"))
+    assert detect_format(LOCAL, str(path)) == "seq-txt"
+    events, _ = read_file(LOCAL, str(path), "seq-txt")
+    assert rows(events, "user", "item") == [("1", "5"), ("1", "6"), ("1", "7"), ("2", "8"), ("2", "9")]
