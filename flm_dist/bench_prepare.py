@@ -21,6 +21,7 @@ On an idle machine the niceness changes nothing.
 
 from __future__ import annotations
 
+from flm_dist.logs import setup_logging
 import json
 import logging
 import os
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="Ray tasks in flight (default: all CPUs)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate runs, report the best of each")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     run_bench_prepare(args.rows, args.workdir, args.workers, args.repeats)
 
 

@@ -7,6 +7,7 @@ job. User mistakes print one line, no traceback, and exit with status 2.
 
 from __future__ import annotations
 
+from flm_dist.logs import setup_logging
 import argparse
 import json
 import logging
@@ -164,13 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     from flm_dist.submit import add_commands as add_job_commands
 
     add_job_commands(commands)
+
+    from flm_dist.finetune import add_commands as add_finetune_commands
+
+    add_finetune_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(args.verbose)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         args.run(args)

@@ -68,8 +68,8 @@ class EvaluateConfig:
     """Splits to evaluate."""
     output: str | None = None
     """Write the metrics as JSON here (default: print only)."""
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    """Ranking protocol settings."""
+    eval: EvalConfig | None = None
+    """Ranking protocol settings; by default the checkpoint's own (e.g. its `user_source`)."""
     scaling: ScalingConfig = dataclasses.field(default_factory=lambda: ScalingConfig(workers=0))
     """0 workers evaluates in this process; N > 0 on N Ray Train workers."""
 
@@ -85,10 +85,11 @@ def evaluate_with_session(config: EvaluateConfig, session) -> dict[str, float]:
     device = session.device()
     model, manifest, meta = load_model_for_data(config.checkpoint, config.data, device)
     max_len = meta["config"]["model"]["max_len"]
+    protocol = config.eval or from_dict(EvalConfig, meta["config"]["eval"])
     metrics: dict[str, float] = {}
     for split in config.splits:
         arrays = build_eval_arrays(session.read_split(split), max_len).to(device)
-        metrics.update(evaluate_split(model, arrays, split, config.eval, manifest["num_negatives"]))
+        metrics.update(evaluate_split(model, arrays, split, protocol, manifest["num_negatives"]))
     return metrics
 
 

@@ -66,6 +66,9 @@ STAGES: dict[str, Stage] = {
     "prepare": Stage("flm_dist.prepare", "PrepareConfig", "run_prepare", inputs=("input",)),
     "pretrain": Stage("flm_dist.pretrain", "PretrainConfig", "run_pretrain", inputs=("data",)),
     "evaluate": Stage("flm_dist.evaluate", "EvaluateConfig", "run_evaluate", inputs=("checkpoint", "data")),
+    "finetune": Stage("flm_dist.finetune", "FinetuneConfig", "run_finetune", inputs=("pretrained", "data")),
+    "export": Stage("flm_dist.export", "ExportConfig", "run_export", inputs=("checkpoint", "data")),
+    "ablate": Stage("flm_dist.ablate", "AblateConfig", "run_ablation", inputs=("data",)),
 }
 
 

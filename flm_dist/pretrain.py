@@ -7,6 +7,7 @@ evaluation of the best checkpoint and `metrics.json`.
 
 from __future__ import annotations
 
+from flm_dist.logs import setup_logging
 import contextlib
 import dataclasses
 import json
@@ -421,7 +422,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     """Ray Train entry point: rebuild the config from plain data and run the loop."""
     from flm_dist.ray_seam import RaySession
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging()
     train_loop(from_dict(PretrainConfig, payload["config"]), RaySession())
 
 

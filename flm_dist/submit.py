@@ -13,6 +13,7 @@ is never copied into the job's runtime environment, its metadata or any file.
 
 from __future__ import annotations
 
+from flm_dist.logs import setup_logging
 import argparse
 import asyncio
 import json
@@ -325,12 +326,11 @@ def add_commands(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flm_dist.submit run|submit|jobs ...`: the same commands without the `flm` script."""
-    import logging
 
     parser = argparse.ArgumentParser(prog="python -m flm_dist.submit", description="flm run / submit / jobs")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         args.run(args)

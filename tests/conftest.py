@@ -11,6 +11,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from pathlib import Path
 
 import pytest
+import torch
+
+# Two test processes (pytest and a Ray worker) share 2 cores: one thread each is several times
+# faster than both oversubscribing, and makes float reductions the same in every process.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,0 +1,236 @@
+"""`flm ablate`: what each part of Pretraining-FLM contributes, on one prepared dataset.
+
+Every variant runs the same two stages with the same budget (the `pretrain` and `finetune`
+overrides, e.g. train.epochs), the same seeds and, per seed and fraction, the same users:
+
+  stage 1, pretraining on every training user, one run per objective and seed:
+    sasrec  next-item loss of the sequence encoder only (cf=0 fused=0 flow=0), ranks with it
+    mf      MF loss only (seq=0 fused=0 flow=0), ranks with the MF user vector
+    noflow  the joint objective without the flow (flow=0)
+    flm     the full Pretraining-FLM objective, flow included
+  stage 2, fine-tuning (`flm finetune`, full mode, same head) at each data fraction:
+    (a) sasrec        from sasrec, source sequence, flow none
+    (b) mf            from mf, source cf, flow none
+    (c) joint_noflow  from noflow, source fused, flow none
+    (d) flm           from flm, source fused, flow latent (the full method)
+    (e) whiten        from flm, source fused, flow whiten (the flow's latent replaced by a fixed
+                      ZCA whitening of the fused representations)
+
+Each fine-tuned best checkpoint is scored on the test split (full ranking, history removed).
+Reported per variant and fraction: test NDCG@10 and HR@10, mean ± std over seeds. Significance:
+per test user, NDCG@10 averaged over seeds, (d) against each other variant with the Wilcoxon
+signed-rank test (two-sided, pairs by user; scipy's when installed, else its normal
+approximation with tie correction); the headline p-value is (d) against the best other variant.
+Outputs: OUT/ablation.md, OUT/ablation.json, and every run under OUT/runs/ (re-running resumes
+them: a finished run is only evaluated again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from flm_dist.config import _deep_merge, load_config, require, to_dict
+from flm_dist.data import build_eval_arrays
+from flm_dist.export import masked_scores
+from flm_dist.finetune import FinetuneConfig, run_finetune
+from flm_dist.metrics import target_ranks
+from flm_dist.pretrain import PretrainConfig, load_model_for_data, run_pretrain
+
+log = logging.getLogger("flm_dist")
+
+K = 10
+METRICS = (f"ndcg@{K}", f"hr@{K}")
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "sasrec": {"loss": {"cf": 0.0, "fused": 0.0, "flow": 0.0}, "eval": {"user_source": "sequence"}},
+    "mf": {"loss": {"seq": 0.0, "fused": 0.0, "flow": 0.0}, "eval": {"user_source": "cf"}},
+    "noflow": {"loss": {"flow": 0.0}, "eval": {"user_source": "fused"}},
+    "flm": {"eval": {"user_source": "fused"}},
+}
+# variant -> (pretraining objective, fine-tuning source, how the flow enters)
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "sasrec": ("sasrec", "sequence", "none"),
+    "mf": ("mf", "cf", "none"),
+    "joint_noflow": ("noflow", "fused", "none"),
+    "flm": ("flm", "fused", "latent"),
+    "whiten": ("flm", "fused", "whiten"),
+}
+REFERENCE = "flm"
+
+
+@dataclasses.dataclass
+class AblateConfig:
+    data: str = ""
+    """Prepared data directory; every variant trains and is tested on it."""
+    output: str = ""
+    """Directory for runs/, ablation.md and ablation.json."""
+    seeds: int = 3
+    """Seeds per variant (train.seed = 0, 1, ...; a seed also picks the fine-tuning users)."""
+    fractions: tuple[float, ...] = (1.0, 0.1)
+    """Fine-tuning data fractions (finetune.data_fraction)."""
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    """Variants to run; must include flm and one other."""
+    common: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides for both stages, e.g. {train: {batch_size: 128}, scaling: {workers: 0}}."""
+    pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides for pretraining only (the architecture lives here: model.hidden, ...)."""
+    finetune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides for fine-tuning only (e.g. train.epochs, finetune.head)."""
+
+    def __post_init__(self):
+        require(bool(self.data), "data", "is required")
+        require(bool(self.output), "output", "is required")
+        require(self.seeds > 0, "seeds", "must be positive")
+        require(len(self.fractions) > 0 and all(0 < f <= 1 for f in self.fractions), "fractions",
+                "must be in (0, 1]")
+        require(set(self.variants) <= set(VARIANTS), "variants", f"must be among {list(VARIANTS)}")
+        require(REFERENCE in self.variants and len(set(self.variants)) > 1, "variants",
+                f"must include {REFERENCE} and at least one other")
+
+
+def _pretrain_config(config: AblateConfig, objective: str, seed: int, output: Path) -> PretrainConfig:
+    data = _deep_merge(_deep_merge(config.common, config.pretrain), OBJECTIVES[objective])
+    data = _deep_merge(data, {"data": config.data, "output": str(output), "train": {"seed": seed}})
+    return load_config(PretrainConfig, base=data)
+
+
+def _finetune_config(config: AblateConfig, variant: str, fraction: float, seed: int, pretrained: Path,
+                     output: Path) -> FinetuneConfig:
+    _, source, flow = VARIANTS[variant]
+    data = _deep_merge(config.common, config.finetune)
+    return load_config(FinetuneConfig, base=_deep_merge(data, {
+        "pretrained": str(pretrained), "data": config.data, "output": str(output),
+        "finetune": {"source": source, "flow": flow, "data_fraction": fraction},
+        "eval": {"user_source": source}, "train": {"seed": seed}}))
+
+
+@torch.no_grad()
+def user_test_ranks(checkpoint: Path, data: str, batch_size: int = 1024) -> np.ndarray:
+    """0-based rank of each test user's target (users in index order) under the `full`
+    protocol, the one behind metrics.json's test/*/full."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, meta = load_model_for_data(str(checkpoint), data, device)
+    model.eval()
+    arrays = build_eval_arrays(pq.read_table(Path(data) / "test"), meta["config"]["model"]["max_len"]).to(device)
+    source = meta["config"]["eval"]["user_source"]
+    ranks = [target_ranks(masked_scores(model, arrays, start, min(start + batch_size, len(arrays)), source),
+                          arrays.target[start:start + batch_size])
+             for start in range(0, len(arrays), batch_size)]
+    return torch.cat(ranks).cpu().numpy()
+
+
+def ndcg_at(ranks: np.ndarray, k: int = K) -> np.ndarray:
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def wilcoxon_p_value(x: np.ndarray, y: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired samples; zero differences are dropped
+    (1.0 when every pair is tied)."""
+    differences = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    differences = differences[differences != 0]
+    if len(differences) == 0:
+        return 1.0
+    try:
+        from scipy.stats import wilcoxon
+    except ImportError:
+        return wilcoxon_normal_p_value(differences)
+    return float(wilcoxon(differences).pvalue)
+
+
+def wilcoxon_normal_p_value(differences: np.ndarray) -> float:
+    """The signed-rank test's normal approximation with tie correction (no continuity
+    correction), for nonzero `differences`; what scipy computes with method="approx"."""
+    magnitudes = np.abs(differences)
+    _, inverse, counts = np.unique(magnitudes, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # mean rank within each tie group
+    positive = average_rank[inverse][differences > 0].sum()
+    n = len(differences)
+    variance = n * (n + 1) * (2 * n + 1) / 24.0 - (counts ** 3 - counts).sum() / 48.0
+    z = (positive - n * (n + 1) / 4.0) / math.sqrt(variance)
+    return math.erfc(abs(z) / math.sqrt(2.0))
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
+def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[str, float]],
+              ranks: dict[tuple[str, float, int], np.ndarray]) -> dict[str, Any]:
+    """Mean ± std over seeds per (variant, fraction) and the paired tests of flm against the rest."""
+    seeds = range(config.seeds)
+    results, significance = [], {}
+    for fraction in config.fractions:
+        per_user = {v: np.mean([ndcg_at(ranks[v, fraction, s]) for s in seeds], axis=0) for v in config.variants}
+        rows = {v: {"variant": v, "fraction": fraction,
+                    **{m: _mean_std([finals[v, fraction, s][f"test/{m}/full"] for s in seeds]) for m in METRICS}}
+                for v in config.variants}
+        others = [v for v in config.variants if v != REFERENCE]
+        for v in others:
+            rows[v]["p_value_vs_flm"] = wilcoxon_p_value(per_user[REFERENCE], per_user[v])
+        best = max(others, key=lambda v: rows[v][METRICS[0]]["mean"])
+        rows[REFERENCE]["p_value_vs_flm"] = None
+        significance[str(fraction)] = {
+            "best_other": best, "p_value": rows[best]["p_value_vs_flm"], "users": len(per_user[REFERENCE]),
+            "mean_difference": float(np.mean(per_user[REFERENCE] - per_user[best])),
+            "test": f"two-sided Wilcoxon signed-rank on per-user test ndcg@{K}/full (mean over seeds)"}
+        results += [rows[v] for v in config.variants]
+    return {"results": results, "significance": significance, "seeds": list(seeds),
+            "fractions": list(config.fractions), "variants": {v: dict(zip(("objective", "source", "flow"),
+                                                                          VARIANTS[v])) for v in config.variants},
+            "config": to_dict(config)}
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    def cell(stats: dict[str, Any]) -> str:
+        return f"{stats['mean']:.4f} ± {stats['std']:.4f}"
+
+    lines = [f"# Ablation ({len(report['seeds'])} seeds)", "",
+             f"Test split, full ranking with the history removed; mean ± std over seeds. p: two-sided Wilcoxon "
+             f"signed-rank test of flm against the variant, paired by user on test NDCG@{K} (mean over seeds).", "",
+             f"| variant | fraction | NDCG@{K} | HR@{K} | p (flm vs variant) |", "| --- | --- | --- | --- | --- |"]
+    for row in report["results"]:
+        fraction = str(row["fraction"])
+        test = report["significance"][fraction]
+        p = (f"{test['p_value']:.3g} vs {test['best_other']} (best other)" if row["variant"] == REFERENCE
+             else f"{row['p_value_vs_flm']:.3g}")
+        lines.append(f"| {row['variant']} | {fraction} | {cell(row[METRICS[0]])} | {cell(row[METRICS[1]])} | {p} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_ablation(config: AblateConfig) -> dict[str, Any]:
+    """Run every stage (see the module docstring); writes and returns the report."""
+    output = Path(config.output)
+    finals: dict[tuple[str, float, int], dict[str, float]] = {}
+    ranks: dict[tuple[str, float, int], np.ndarray] = {}
+    objectives = sorted({VARIANTS[v][0] for v in config.variants})
+    # Every stage's config is built once up front, so a bad override fails before any training.
+    for objective in objectives:
+        _pretrain_config(config, objective, 0, output)
+    for variant in config.variants:
+        _finetune_config(config, variant, config.fractions[0], 0, output, output)
+    for seed in range(config.seeds):
+        root = output / "runs" / f"seed{seed}"
+        for objective in objectives:
+            log.info("ablation seed %d: pretraining %s", seed, objective)
+            run_pretrain(_pretrain_config(config, objective, seed, root / f"pretrain-{objective}"))
+        for fraction in config.fractions:
+            for variant in config.variants:
+                log.info("ablation seed %d fraction %g: fine-tuning %s", seed, fraction, variant)
+                run_dir = root / f"fraction{fraction:g}" / variant
+                pretrained = root / f"pretrain-{VARIANTS[variant][0]}"
+                summary = run_finetune(_finetune_config(config, variant, fraction, seed, pretrained, run_dir))
+                finals[variant, fraction, seed] = summary["final"]
+                ranks[variant, fraction, seed] = user_test_ranks(run_dir / "best", config.data)
+    report = summarize(config, finals, ranks)
+    (output / "ablation.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    (output / "ablation.md").write_text(markdown_table(report))
+    return report

@@ -1,0 +1,74 @@
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from flm_dist.ablate import (VARIANTS, AblateConfig, _pretrain_config, ndcg_at, run_ablation, user_test_ranks,
+                             wilcoxon_normal_p_value, wilcoxon_p_value)
+from flm_dist.config import ConfigKeyError
+from flm_dist.finetune import add_commands
+
+
+def _flm_cli(argv):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+def test_ablation_end_to_end(tiny_data, tmp_path, capsys):
+    output = tmp_path / "ablation"
+    _flm_cli(["ablate", "--data", tiny_data, "--output", str(output), "--seeds", "2", "--fractions", "1.0,0.5",
+              "common.scaling.workers=0", "common.train.epochs=1", "common.train.max_steps=2",
+              "common.train.batch_size=64", "common.train.warmup_steps=1", "common.eval.batch_size=128",
+              "pretrain.model.hidden=16", "pretrain.model.max_len=12", "pretrain.model.flow_hidden=16",
+              "pretrain.model.flow_layers=2"])
+    table = (output / "ablation.md").read_text()
+    assert table in capsys.readouterr().out
+    report = json.loads((output / "ablation.json").read_text())
+    assert len(report["results"]) == len(VARIANTS) * 2
+    for row in report["results"]:
+        assert f"| {row['variant']} | {row['fraction']} |" in table
+        for metric in ("ndcg@10", "hr@10"):
+            assert len(row[metric]["per_seed"]) == 2 and 0.0 <= row[metric]["mean"] <= 1.0
+        assert row["variant"] == "flm" or 0.0 <= row["p_value_vs_flm"] <= 1.0
+    for fraction in ("1.0", "0.5"):
+        test = report["significance"][fraction]
+        assert test["best_other"] in VARIANTS and test["best_other"] != "flm" and 0.0 <= test["p_value"] <= 1.0
+
+    # The per-user values behind the test are the ones behind metrics.json.
+    run = output / "runs" / "seed1" / "fraction0.5" / "whiten"
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    per_user = ndcg_at(user_test_ranks(run / "best", tiny_data))
+    assert per_user.mean() == pytest.approx(final["test/ndcg@10/full"], abs=1e-9)
+    row = next(r for r in report["results"] if r["variant"] == "whiten" and r["fraction"] == 0.5)
+    assert row["ndcg@10"]["per_seed"][1] == final["test/ndcg@10/full"]
+
+
+def test_variant_configs(tmp_path):
+    config = AblateConfig(data="d", output="o", common={"train": {"epochs": 2}}, pretrain={"loss": {"cf": 0.5}})
+    sasrec = _pretrain_config(config, "sasrec", 1, tmp_path / "p")
+    assert (sasrec.loss.cf, sasrec.loss.fused, sasrec.loss.flow, sasrec.eval.user_source) == (0, 0, 0, "sequence")
+    assert sasrec.train.epochs == 2 and sasrec.train.seed == 1
+    mf = _pretrain_config(config, "mf", 0, tmp_path / "p")
+    assert (mf.loss.seq, mf.loss.fused, mf.loss.flow, mf.eval.user_source) == (0, 0, 0, "cf")
+    joint = _pretrain_config(config, "flm", 0, tmp_path / "p")
+    assert joint.loss.cf == 0.5 and joint.loss.flow > 0
+    with pytest.raises(ConfigKeyError, match="finetune.hed"):  # before anything trains
+        run_ablation(AblateConfig(data="d", output=str(tmp_path / "o"), finetune={"finetune": {"hed": "mlp"}}))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigKeyError, match="variants"):
+        AblateConfig(data="d", output="o", variants=("sasrec", "mf"))
+
+
+def test_wilcoxon_fallback_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    x = np.round(rng.random(300), 1)  # many ties, some zero differences
+    y = np.round(rng.random(300) * 0.9, 1)
+    differences = (x - y)[x != y]
+    expected = scipy_stats.wilcoxon(differences, method="approx").pvalue
+    assert wilcoxon_normal_p_value(differences) == pytest.approx(expected, rel=1e-9)
+    assert wilcoxon_p_value(x, y) == pytest.approx(scipy_stats.wilcoxon(x, y).pvalue)
+    assert wilcoxon_p_value(x, x) == 1.0
