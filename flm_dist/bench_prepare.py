@@ -21,7 +21,6 @@ On an idle machine the niceness changes nothing.
 
 from __future__ import annotations
 
-from flm_dist.logs import setup_logging
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flm_dist import storage
+from flm_dist.logs import setup_logging
 from flm_dist.prepare import PrepareConfig, draw_negatives, prepare_timed
 from flm_dist.synth import SynthConfig, run_synth
 
@@ -47,8 +47,8 @@ class _PeakMemory:
     """Samples the memory of a process tree in a background thread; `peak` in bytes."""
 
     def __init__(self, children: bool = True, interval: float = 0.2, pid: int | None = None):
-        import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
         import psutil
+        import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
 
         self.psutil = psutil
         self.root = psutil.Process(pid or os.getpid())

@@ -7,7 +7,6 @@ job. User mistakes print one line, no traceback, and exit with status 2.
 
 from __future__ import annotations
 
-from flm_dist.logs import setup_logging
 import argparse
 import json
 import logging
@@ -16,6 +15,7 @@ import sys
 from typing import Any
 
 from flm_dist.errors import UserError
+from flm_dist.logs import setup_logging
 
 log = logging.getLogger("flm_dist")
 

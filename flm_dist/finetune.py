@@ -21,7 +21,6 @@ if its counts differ from the driver's.
 
 from __future__ import annotations
 
-from flm_dist.logs import setup_logging
 import argparse
 import dataclasses
 import functools
@@ -39,10 +38,19 @@ import pyarrow.parquet as pq
 import torch
 
 from flm_dist.checkpoint import META_FILE, load_checkpoint, read_meta
-from flm_dist.config import (EvalConfig, LossConfig, ModelConfig, ScalingConfig, TrainConfig, from_dict, require,
-                             to_dict)
+from flm_dist.config import (
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    ScalingConfig,
+    TrainConfig,
+    from_dict,
+    require,
+    to_dict,
+)
 from flm_dist.data import filter_users
 from flm_dist.errors import UserError
+from flm_dist.logs import setup_logging
 from flm_dist.models import FLMModel
 from flm_dist.models.recommender import Recommender
 from flm_dist.pretrain import build_model, read_manifest, train_loop

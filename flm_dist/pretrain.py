@@ -7,7 +7,6 @@ evaluation of the best checkpoint and `metrics.json`.
 
 from __future__ import annotations
 
-from flm_dist.logs import setup_logging
 import contextlib
 import dataclasses
 import json
@@ -24,13 +23,33 @@ import pyarrow.parquet as pq
 import torch
 
 from flm_dist import distributed
-from flm_dist.checkpoint import CheckpointError, load_checkpoint, publish_directory, save_checkpoint
-from flm_dist.config import (EvalConfig, LossConfig, ModelConfig, ScalingConfig, TrainConfig,
-                             from_dict, require, to_dict)
-from flm_dist.data import (TrainArrays, build_eval_arrays, build_train_arrays, item_log_frequencies,
-                           length_bucketed_batches, window_widths)
+from flm_dist.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    publish_directory,
+    save_checkpoint,
+)
+from flm_dist.config import (
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    ScalingConfig,
+    TrainConfig,
+    from_dict,
+    require,
+    to_dict,
+)
+from flm_dist.data import (
+    TrainArrays,
+    build_eval_arrays,
+    build_train_arrays,
+    item_log_frequencies,
+    length_bucketed_batches,
+    window_widths,
+)
 from flm_dist.errors import UserError
 from flm_dist.evaluate import evaluate_split
+from flm_dist.logs import setup_logging
 from flm_dist.models import FLMModel
 
 log = logging.getLogger("flm_dist")

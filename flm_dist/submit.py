@@ -13,7 +13,6 @@ is never copied into the job's runtime environment, its metadata or any file.
 
 from __future__ import annotations
 
-from flm_dist.logs import setup_logging
 import argparse
 import asyncio
 import json
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flm_dist.errors import UserError
+from flm_dist.logs import setup_logging
 
 DEFAULT_EXCLUDES = ["/runs/", "/.data/", "/.bench/", "/out/", ".git/", "__pycache__/", "*.pyc", "*.egg-info/",
                     ".pytest_cache/", ".hypothesis/", ".venv/", ".ruff_cache/", ".mypy_cache/"]
@@ -103,7 +103,7 @@ def build_submission(job: str, overrides: list[str] | tuple[str, ...] = (), *, p
     relative paths then resolve there, e.g. /opt/flm/project of cluster/Dockerfile, whose .data/
     and runs/ live on a shared volume.
     """
-    from flm_dist.jobs import RuntimeSpec, _SECRET_NAME, load_job
+    from flm_dist.jobs import _SECRET_NAME, RuntimeSpec, load_job
 
     spec = load_job(job, overrides, resolve_paths=False)
     runtime: RuntimeSpec = spec.runtime
