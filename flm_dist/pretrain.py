@@ -279,6 +279,9 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             state, meta = load_checkpoint(checkpoint_dir, map_location=device)
             if meta["vocab_hash"] != manifest["vocab_hash"]:
                 raise UserError(f"cannot resume: {checkpoint_dir} was trained on another vocabulary")
+            if meta["config"]["model"] != to_dict(config)["model"]:
+                raise UserError(f"{config.output} holds a run with another model config "
+                                f"({meta['config']['model']}); choose a new --output to start afresh")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])

@@ -145,3 +145,11 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_last_check
         train_loop(config, LocalSession(tiny_data, config.output))
     kept = sorted((tmp_path / "full" / "checkpoints").iterdir())
     assert kept and all(verify_checkpoint(c) is None for c in kept)
+
+
+def test_resuming_with_another_model_config_is_a_clear_error(tiny_data, local_run):
+    from flm_dist.errors import UserError
+
+    output, _ = local_run
+    with pytest.raises(UserError, match="holds a run with another model config"):
+        run_pretrain(_config(tiny_data, output, "scaling.workers=0", "train.epochs=3", "model.layers=1"))
