@@ -266,10 +266,15 @@ def _timestamps(arr: pa.Array, where: str) -> tuple[pa.Array, np.ndarray]:
     result = np.zeros(len(arr), dtype=np.int64)
     if is_int.any():
         result[is_int] = np.asarray(arr.filter(pa.array(is_int)).cast(pa.int64()))
+    unrepresentable = np.zeros(len(arr), dtype=bool)
     if is_float.any():
-        result[is_float] = np.trunc(np.asarray(arr.filter(pa.array(is_float)).cast(pa.float64())))
+        floats = np.asarray(arr.filter(pa.array(is_float)).cast(pa.float64()))
+        # nan, inf and values beyond int64 (e.g. 1e30) are bad timestamps, not wrapped integers
+        fits = np.isfinite(floats) & (np.abs(floats) < 2.0**63)
+        result[is_float] = np.trunc(np.where(fits, floats, 0.0))
+        unrepresentable[np.flatnonzero(is_float)[~fits]] = True
     rest = ~is_int & ~is_float & ~null
-    bad = null.copy()
+    bad = null | unrepresentable
     if rest.any():
         texts = arr.filter(pa.array(rest))
         try:  # the common naive ISO forms parse in one vectorised cast; others go one by one
