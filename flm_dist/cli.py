@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded synthetic log")
     demo.add_argument("--workdir", default="demo")
     demo.add_argument("--workers", type=int, default=1)
-    demo.add_argument("--epochs", type=int, default=20)
+    demo.add_argument("--epochs", type=int, default=12)
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="pretrain config overrides")
     demo.set_defaults(run=cmd_demo)
 

@@ -14,7 +14,7 @@ from flm_dist.config import load_config
 log = logging.getLogger("flm_dist")
 
 
-def run_demo(workdir: str = "demo", workers: int = 1, epochs: int = 20, overrides: list[str] | None = None) -> dict:
+def run_demo(workdir: str = "demo", workers: int = 1, epochs: int = 12, overrides: list[str] | None = None) -> dict:
     from flm_dist.evaluate import EvaluateConfig, run_evaluate
     from flm_dist.prepare import PrepareConfig, run_prepare
     from flm_dist.pretrain import PretrainConfig, final_metrics_table, run_pretrain

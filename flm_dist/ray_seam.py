@@ -15,7 +15,10 @@ from flm_dist.errors import UserError
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS), or start a local Ray instance if none is running."""
     import ray
+    import ray.data
 
+    # Ray Data's per-operator bars are unreadable in logs; flm_dist prints its own progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
