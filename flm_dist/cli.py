@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flm_dist.finetune import add_commands as add_finetune_commands
 
     add_finetune_commands(commands)
+
+    from flm_dist.tune import add_commands as add_tune_commands
+
+    add_tune_commands(commands)
     return parser
 
 

@@ -34,7 +34,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flm_dist.config import ConfigKeyError, apply_overrides, from_dict, read_yaml, to_dict
+from flm_dist.config import (
+    ConfigKeyError,
+    apply_overrides,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
 from flm_dist.errors import UserError
 from flm_dist.session import LocalSession
 
@@ -254,10 +260,10 @@ def _trial_rows(results, metric: str, keys: list[str]) -> list[dict[str, Any]]:
         curve = []
         if frame is not None and metric in frame.columns:
             curve = [(int(i), float(v)) for i, v in zip(frame["training_iteration"], frame[metric])
-                     if v == v]
+                     if not math.isnan(v)]
         best_value = max((v for _, v in curve), default=None)
         reports = frame.to_dict("records") if frame is not None and len(frame) else []
-        best_report = max((r for r in reports if r.get(metric) == r.get(metric) and metric in r),
+        best_report = max((r for r in reports if isinstance(r.get(metric), float) and not math.isnan(r[metric])),
                           key=lambda r: r[metric], default={})
         run_dir = (result.metrics or {}).get("run_dir") or best_report.get("run_dir")
         final = None
@@ -267,7 +273,7 @@ def _trial_rows(results, metric: str, keys: list[str]) -> list[dict[str, Any]]:
                      "params": {k: result.config.get(k) for k in keys}, "best": best_value, "curve": curve,
                      "iterations": len(curve), "error": repr(result.error)[:200] if result.error else None,
                      "run_dir": run_dir, "best_report": best_report, "metrics_json": final})
-    rows.sort(key=lambda r: (r["best"] is None, -(r["best"] or 0.0)))
+    rows.sort(key=lambda r: (r["best"] is None, -(r["best"] or 0.0), r["trial_id"]))
     return rows
 
 
@@ -304,7 +310,7 @@ def _fmt(value: Any) -> str:
 
 
 def _plain(value: Any) -> bool:
-    return isinstance(value, (str, int, float, bool)) and not (isinstance(value, float) and value != value)
+    return isinstance(value, (str, int, float, bool)) and not (isinstance(value, float) and math.isnan(value))
 
 
 def _plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
