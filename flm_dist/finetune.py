@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,14 +45,13 @@ from flm_dist.config import (
     TrainConfig,
     from_dict,
     require,
-    to_dict,
 )
 from flm_dist.data import filter_users
 from flm_dist.errors import UserError
 from flm_dist.logs import setup_logging
 from flm_dist.models import FLMModel
 from flm_dist.models.recommender import Recommender
-from flm_dist.pretrain import build_model, read_manifest, train_loop
+from flm_dist.pretrain import build_model, launch_training, read_manifest, train_loop
 
 log = logging.getLogger("flm_dist")
 
@@ -366,7 +364,6 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
 
 def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune on Ray Train (or in this process with `scaling.workers=0`); returns metrics.json."""
-    from flm_dist.session import LocalSession
 
     config = resolve(config)
     counts = config.vocabulary
@@ -376,25 +373,7 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     if counts.items_new and config.finetune.mode == "frozen":
         log.warning("%d new items keep random, frozen rows in frozen mode: they will rank at random",
                     counts.items_new)
-    manifest = read_manifest(config.data)
-    run_dir = Path(config.output)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(Path(config.data) / "vocab", run_dir / "vocab", dirs_exist_ok=True)
-    (run_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
-    log.info("finetune config:\n%s", json.dumps(to_dict(config), indent=2, sort_keys=True))
-    if config.scaling.workers == 0:
-        return _train(config, LocalSession(config.data, str(run_dir)))
-    from flm_dist import ray_seam
-
-    ray_seam.ensure_ray(config.scaling.address)
-    ray_seam.run_trainer(finetune_worker, {"config": to_dict(config)},
-                         ray_seam.read_parquet_datasets(config.data, ["train", "valid", "test"]),
-                         run_dir=str(run_dir), name="ray_train", workers=config.scaling.workers,
-                         gpus_per_worker=config.scaling.gpus_per_worker,
-                         cpus_per_worker=config.scaling.cpus_per_worker,
-                         max_failures=config.scaling.max_failures)
-    return json.loads((run_dir / "metrics.json").read_text())
+    return launch_training(config, "finetune", _train, finetune_worker)
 
 
 # ---------------------------------------------------------------------------------------------

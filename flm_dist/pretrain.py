@@ -451,11 +451,19 @@ def train_worker(payload: dict[str, Any]) -> None:
 def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain on Ray Train (or in this process with `scaling.workers=0`); returns metrics.json."""
     from flm_dist.ray_seam import absolute_storage_path
-    from flm_dist.session import LocalSession
 
     # Ray workers do not share the driver's working directory: hand them absolute paths.
     config = dataclasses.replace(config, data=absolute_storage_path(config.data),
                                  output=absolute_storage_path(config.output))
+
+    return launch_training(config, "pretrain", train_loop, train_worker)
+
+
+def launch_training(config, kind: str, local_loop, ray_worker) -> dict[str, Any]:
+    """The driver shared by pretrain and finetune: prepare RUN_DIR, then train in this process
+    (`scaling.workers=0`, `local_loop(config, session)`) or on Ray Train (`ray_worker(payload)`
+    on every worker). Returns the run's metrics.json."""
+    from flm_dist.session import LocalSession
 
     manifest = read_manifest(config.data)
     run_dir = Path(config.output)
@@ -464,13 +472,13 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     shutil.copytree(Path(config.data) / "vocab", run_dir / "vocab", dirs_exist_ok=True)
     (run_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
-    log.info("pretrain config:\n%s", json.dumps(to_dict(config), indent=2, sort_keys=True))
+    log.info("%s config:\n%s", kind, json.dumps(to_dict(config), indent=2, sort_keys=True))
     if config.scaling.workers == 0:
-        return train_loop(config, LocalSession(config.data, str(run_dir)))
+        return local_loop(config, LocalSession(config.data, str(run_dir)))
     from flm_dist import ray_seam
 
     ray_seam.ensure_ray(config.scaling.address)
-    ray_seam.run_trainer(train_worker, {"config": to_dict(config)},
+    ray_seam.run_trainer(ray_worker, {"config": to_dict(config)},
                          ray_seam.read_parquet_datasets(config.data, ["train", "valid", "test"]),
                          run_dir=str(run_dir), name="ray_train", workers=config.scaling.workers,
                          gpus_per_worker=config.scaling.gpus_per_worker,

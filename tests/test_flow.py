@@ -17,15 +17,6 @@ from flm_dist.models.flow import (
 KINDS = ["affine", "spline"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core runner OpenMP
-    oversubscription makes them 10-50x slower; restore the setting for other test files."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def perturbed(module: torch.nn.Module, scale: float, seed: int = 0) -> torch.nn.Module:
     """Move every parameter off its (identity) initialisation so transforms are non-trivial."""

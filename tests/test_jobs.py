@@ -20,7 +20,8 @@ from flm_dist.jobs import (OUTPUT_ROOTS_ENV, STAGES, JobError, PathEscapeError, 
                            resolve_input_path, resolve_output_path)
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_FILES = sorted((REPO / "jobs").glob("*.yaml"))
+# Search spaces for `flm tune` live beside the jobs; tests/test_tune.py validates them.
+JOB_FILES = sorted(p for p in (REPO / "jobs").glob("*.yaml") if not p.name.endswith("_space.yaml"))
 
 
 def _parser() -> argparse.ArgumentParser:

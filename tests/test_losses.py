@@ -19,15 +19,6 @@ NUM_ITEMS = 40
 HIDDEN = 8
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core runner OpenMP
-    oversubscription makes them 10-50x slower; restore the setting for other test files."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture
 def problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

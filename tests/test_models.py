@@ -16,15 +16,6 @@ ENCODERS = ["sasrec", "gru", "lstm"]
 ALL_WEIGHTS = {"seq": 1.0, "cf": 0.5, "fused": 0.25, "flow": 0.1}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core runner OpenMP
-    oversubscription makes them 10-50x slower; restore the setting for other test files."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def make_encoder(kind: str) -> SequenceEncoder:
     torch.manual_seed(0)
