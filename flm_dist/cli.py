@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    return run_parsed(args)
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a parsed command; a user mistake is one line on stderr and exit status 2."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         args.run(args)

@@ -331,13 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     setup_logging()
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    try:
-        args.run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from flm_dist.cli import run_parsed
+
+    return run_parsed(args)
 
 
 if __name__ == "__main__":
