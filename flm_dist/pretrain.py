@@ -48,7 +48,7 @@ from flm_dist.data import (
     window_widths,
 )
 from flm_dist.errors import UserError
-from flm_dist.evaluate import evaluate_split
+from flm_dist.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
 from flm_dist.logs import setup_logging
 from flm_dist.models import FLMModel
 
@@ -390,7 +390,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
 
     # ---- final: the best checkpoint on valid and test ----
     distributed.barrier()
-    final = _evaluate_best(config, session, manifest, run_dir, device)
+    final = evaluate_with_session(EvaluateConfig(checkpoint=str(run_dir / "best"), data=config.data,
+                                                 eval=config.eval), session)
     summary = {"best": {"epoch": progress.best_epoch, config.eval.monitor: progress.best_value},
                "final": final, "history": progress.history, "steps": progress.step,
                "config": to_dict(config), "data": {k: manifest[k] for k in ("users", "items", "interactions")}}
@@ -401,15 +402,6 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             writer.close()
     session.report({**final, "step": progress.step, "epoch": progress.epoch, "done": 1})
     return summary
-
-
-def _evaluate_best(config: PretrainConfig, session, manifest, run_dir: Path, device) -> dict[str, float]:
-    model, _, _ = load_model_for_data(str(run_dir / "best"), config.data, device)
-    metrics: dict[str, float] = {}
-    for split in ("valid", "test"):
-        arrays = build_eval_arrays(session.read_split(split), config.model.max_len).to(device)
-        metrics.update(evaluate_split(model, arrays, split, config.eval, manifest["num_negatives"]))
-    return metrics
 
 
 def _tensorboard(run_dir: Path):
