@@ -48,6 +48,7 @@ log = logging.getLogger("flm_dist")
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
 EXPERIMENT = "experiment"
+ATTEMPTS = "attempts.jsonl"
 PLACEHOLDERS = {"pretrained": "PRETRAINED", "data": "DATA", "output": "OUTPUT"}
 
 
@@ -155,6 +156,7 @@ def tune_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, m
     setup_logging()
     torch.set_num_threads(max(1, threads))
     run_dir = Path(runs_dir) / tune.get_context().get_trial_id()
+    _record_attempt(run_dir)
     data = apply_overrides(base, [_override(k, v) for k, v in params.items()]
                            + [_override("output", str(run_dir)), "scaling.workers=0"])
     config = resolve(from_dict(FinetuneConfig, data))
@@ -163,6 +165,22 @@ def tune_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, m
     (run_dir / "data_manifest.json").write_text(json.dumps(read_manifest(config.data), indent=2, sort_keys=True))
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
     _train(config, TuneSession(config.data, str(run_dir), metric))
+
+
+def _record_attempt(run_dir: Path) -> None:
+    """Append this start of the trial to run_dir/attempts.jsonl: Tune restarts a failed trial
+    (`--max-failures`), and the report says how many starts each trial needed."""
+    import os
+    import time
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ATTEMPTS, "a") as attempts:
+        attempts.write(json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
+
+
+def _attempts(run_dir: Path) -> int:
+    path = run_dir / ATTEMPTS
+    return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +202,9 @@ class TuneOptions:
     gpus_per_trial: float = 0.0
     grace_period: int = 1
     reduction_factor: int = 2
+    max_failures: int = 2
+    """Restarts of a failed trial (an error or a lost process) before it is reported as errored;
+    a restarted trial resumes from its own newest checkpoint, and the sweep goes on either way."""
     resume: bool = False
 
 
@@ -199,6 +220,8 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
 
     if options.samples < 1 or options.concurrent < 1:
         raise UserError("--samples and --concurrent must be >= 1")
+    if options.max_failures < 0:
+        raise UserError("--max-failures must be >= 0")
     if options.cpus_per_trial < 0.01 or options.gpus_per_trial < 0:
         raise UserError("--cpus-per-trial must be >= 0.01 and --gpus-per-trial >= 0")
     tune_dir = Path(ray_seam.absolute_storage_path(options.output))
@@ -232,10 +255,18 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
         tuner = tune.Tuner(
             trainable, param_space=tune_space(options.space),
             tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler,
-                                        num_samples=options.samples, max_concurrent_trials=options.concurrent),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tune_dir), verbose=0))
+                                        num_samples=options.samples, max_concurrent_trials=options.concurrent,
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tune_dir), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=options.max_failures)))
     results = tuner.fit()
     return write_reports(results, tune_dir, metric, list(options.space))
+
+
+def _trial_dirname(trial) -> str:
+    """The trial's Tune directory is named by its id, like its run directory in runs/: a trial
+    that errored before reporting anything is still matched to its run and its attempts."""
+    return trial.trial_id
 
 
 def _check_resources(options: TuneOptions) -> None:
@@ -253,7 +284,7 @@ def _check_resources(options: TuneOptions) -> None:
                         options.concurrent, need, name, have, int(have // need))
 
 
-def _trial_rows(results, metric: str, keys: list[str]) -> list[dict[str, Any]]:
+def _trial_rows(results, tune_dir: Path, metric: str, keys: list[str]) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         frame = result.metrics_dataframe
@@ -265,30 +296,36 @@ def _trial_rows(results, metric: str, keys: list[str]) -> list[dict[str, Any]]:
         reports = frame.to_dict("records") if frame is not None and len(frame) else []
         best_report = max((r for r in reports if isinstance(r.get(metric), float) and not math.isnan(r[metric])),
                           key=lambda r: r[metric], default={})
-        run_dir = (result.metrics or {}).get("run_dir") or best_report.get("run_dir")
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        run_dir = tune_dir / "runs" / trial_id
         final = None
-        if run_dir and (Path(run_dir) / "metrics.json").is_file():
-            final = json.loads((Path(run_dir) / "metrics.json").read_text())
-        rows.append({"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
-                     "params": {k: result.config.get(k) for k in keys}, "best": best_value, "curve": curve,
-                     "iterations": len(curve), "error": repr(result.error)[:200] if result.error else None,
-                     "run_dir": run_dir, "best_report": best_report, "metrics_json": final})
+        if (run_dir / "metrics.json").is_file():
+            final = json.loads((run_dir / "metrics.json").read_text())
+        rows.append({"trial_id": trial_id, "params": {k: result.config.get(k) for k in keys}, "best": best_value,
+                     "curve": curve, "iterations": len(curve), "attempts": _attempts(run_dir),
+                     "error": _one_line(result.error) if result.error else None,
+                     "run_dir": str(run_dir), "best_report": best_report, "metrics_json": final})
     rows.sort(key=lambda r: (r["best"] is None, -(r["best"] or 0.0), r["trial_id"]))
     return rows
 
 
 def write_reports(results, tune_dir: Path, metric: str, keys: list[str]) -> dict[str, Any]:
-    rows = _trial_rows(results, metric, keys)
+    rows = _trial_rows(results, tune_dir, metric, keys)
     if not rows or rows[0]["best"] is None:
         errors = "; ".join(r["error"] for r in rows if r["error"]) or "no trial reported"
         raise UserError(f"no trial reported {metric}: {errors}")
-    header = ["rank", "trial", f"best {metric}", "iterations", "status", *keys]
+    header = ["rank", "trial", f"best {metric}", "iterations", "attempts", "status", *keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, row in enumerate(rows, 1):
         status = "error" if row["error"] else ("completed" if row["metrics_json"] else "stopped (ASHA)")
         best = "-" if row["best"] is None else f"{row['best']:.4f}"
         params = [_fmt(row["params"][k]) for k in keys]
-        lines.append("| " + " | ".join([str(rank), row["trial_id"], best, str(row["iterations"]), status, *params]) + " |")
+        lines.append("| " + " | ".join([str(rank), row["trial_id"], best, str(row["iterations"]),
+                                        str(row["attempts"]), status, *params]) + " |")
+    errors = [f"- {row['trial_id']} (after {row['attempts']} attempts): {row['error']}" for row in rows if row["error"]]
+    if errors:
+        log.warning("%d of %d trials failed after their retries:\n%s", len(errors), len(rows), "\n".join(errors))
+        lines += ["", "Failed trials (Tune restarted each up to --max-failures times):", *errors]
     (tune_dir / "results.md").write_text(f"# flm tune: {len(rows)} trials, sorted by best {metric}\n\n"
                                          + "\n".join(lines) + "\n")
     top = rows[0]
@@ -303,6 +340,11 @@ def write_reports(results, tune_dir: Path, metric: str, keys: list[str]) -> dict
 
 def _reported(key: str) -> bool:
     return key.startswith(("valid/", "loss/")) or key in ("epoch", "step", "training_iteration", "lr")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"[:300]
 
 
 def _fmt(value: Any) -> str:
@@ -348,7 +390,8 @@ def _cmd_tune(args) -> None:
                            + args.overrides)
     options = TuneOptions(output=args.output, space=load_space(args.space, data), base=data,
                           samples=args.samples, concurrent=args.concurrent, cpus_per_trial=args.cpus_per_trial,
-                          gpus_per_trial=args.gpus_per_trial, grace_period=args.grace_period, resume=args.resume)
+                          gpus_per_trial=args.gpus_per_trial, grace_period=args.grace_period,
+                          max_failures=args.max_failures, resume=args.resume)
     best = run_tune(options)
     print((Path(args.output) / "results.md").read_text())
     print(f"best: {json.dumps(best['params'], sort_keys=True)} {best['metric']}={best['best_value']:.4f}")
@@ -374,6 +417,8 @@ def add_commands(commands) -> None:
     parser.add_argument("--cpus-per-trial", type=_positive_float, default=1.0, help="CPUs per trial (>= 0.01)")
     parser.add_argument("--gpus-per-trial", type=_positive_float, default=0.0, help="GPUs per trial (fractions allowed)")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="restarts of a failed trial before it is reported as errored")
     parser.add_argument("--resume", action="store_true", help="resume the experiment in TUNE_DIR")
     parser.add_argument("--config", help="YAML preset of the base fine-tuning config")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="base fine-tuning config overrides")

@@ -1,4 +1,8 @@
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,61 @@ def test_tune_two_trials_with_asha(tiny_data, tmp_path):
     # Re-running on the same TUNE_DIR restores the finished experiment instead of starting anew.
     again = run_tune(TuneOptions(output=str(output), space=space, base=base, samples=2, resume=True))
     assert again["trial_id"] == best["trial_id"]
+
+
+def _kill_trial_starts(runs: Path, plan: list[int], killed: list[tuple[str, int]], stop: threading.Event) -> None:
+    """SIGKILL trial processes as they start: the n-th trial to appear is killed on its first
+    `plan[n]` starts (-1: every start). Reads each start's pid from runs/<trial>/attempts.jsonl."""
+    order: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    while not stop.is_set():
+        for attempts in sorted(runs.glob("*/attempts.jsonl"), key=lambda p: p.stat().st_mtime):
+            trial = attempts.parent.name
+            if trial not in order:
+                order.append(trial)
+            budget = plan[order.index(trial)] if order.index(trial) < len(plan) else 0
+            for number, line in enumerate(attempts.read_text().splitlines(), 1):
+                pid = json.loads(line)["pid"]
+                if (trial, pid) in seen:
+                    continue
+                seen.add((trial, pid))
+                if budget == -1 or number <= budget:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append((trial, pid))
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_failed_trials_are_retried_then_reported_and_the_sweep_completes(tiny_data, tmp_path):
+    pretrained = tmp_path / "pretrained"
+    run_pretrain(load_config(PretrainConfig, None, [f"data={tiny_data}", f"output={pretrained}", *SMALL,
+                                                    "scaling.workers=0", "train.epochs=1", "train.max_steps=3"]))
+    base = {"pretrained": str(pretrained), "data": tiny_data,
+            "train": {"epochs": 1, "batch_size": 64, "warmup_steps": 1, "windows": "last"},
+            "eval": {"batch_size": 128}}
+    space = parse_space({"train.lr": {"grid": [1e-3, 2e-3, 3e-3]}}, base)
+    output = tmp_path / "tune"
+    # Trial 1 loses its process once (transient), trial 2 on every start (permanent), trial 3 none.
+    killed: list[tuple[str, int]] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_trial_starts, args=(output / "runs", [1, -1, 0], killed, stop))
+    killer.start()
+    try:
+        best = run_tune(TuneOptions(output=str(output), space=space, base=base, samples=1, concurrent=1,
+                                    cpus_per_trial=1, max_failures=1))
+    finally:
+        stop.set()
+        killer.join()
+
+    rows = {line.split(" | ")[1]: line for line in (output / "results.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| rank")}
+    trials = sorted(rows, key=lambda t: (output / "runs" / t / "attempts.jsonl").stat().st_ctime)
+    assert len(trials) == 3 and len(killed) == 3
+    transient, permanent, clean = trials
+    attempts, status = zip(*(rows[t].split(" | ")[4:6] for t in (transient, permanent, clean)))
+    assert attempts == ("2", "2", "1")
+    # ASHA may stop a reporting trial at its rung; only the permanently failing one is an error.
+    assert status[1] == "error" and {status[0], status[2]} <= {"completed", "stopped (ASHA)"}
+    assert not (output / "runs" / permanent / "metrics.json").exists()
+    assert f"- {permanent} (after 2 attempts)" in (output / "results.md").read_text()
+    assert best["trial_id"] in (transient, clean)
