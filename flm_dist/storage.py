@@ -8,9 +8,12 @@ marker sees a complete directory.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import posixpath
 import secrets
+import shutil
 from typing import Any
 
 import fsspec
@@ -73,23 +76,46 @@ def check_replaceable(fs: fsspec.AbstractFileSystem, final: str, marker: str) ->
 def publish(fs: fsspec.AbstractFileSystem, tmp: str, final: str, marker: str = "manifest.json") -> None:
     """Move the finished directory `tmp` to `final`, replacing any old `final`, marker file last.
 
-    Locally the directory rename is atomic. On object stores rename is a copy, so the files move
-    one by one with the marker last: a crash leaves `final` without its marker, which readers treat
-    as absent. An old `final` is moved aside first and deleted at the end, so `final` never holds a
-    mix of two runs.
+    Locally this is two renames (old `final` aside, `tmp` into place) and concurrent publishers to
+    one `final` cannot interleave: see `_publish_local`. On object stores rename is a copy, so the
+    files move one by one with the marker last: a crash leaves `final` without its marker, which
+    readers treat as absent. An old `final` is moved aside first and deleted at the end, so `final`
+    never holds a mix of two runs (concurrent runs to one object-store output are not serialised).
     """
     final = final.rstrip("/")
+    if is_local(fs):
+        _publish_local(tmp, final)
+        return
     aside = None
     if fs.exists(final):
         aside = f"{final}.old-{secrets.token_hex(4)}"
         fs.mv(final, aside, recursive=True)
-    if is_local(fs):
-        fs.mv(tmp, final, recursive=True)
-    else:
-        files = sorted(p for p in fs.find(tmp) if posixpath.basename(p) != marker)
-        for src in files:
-            fs.mv(src, join(final, posixpath.relpath(src, tmp)))
-        fs.mv(join(tmp, marker), join(final, marker))
-        remove(fs, tmp)
+    files = sorted(p for p in fs.find(tmp) if posixpath.basename(p) != marker)
+    for src in files:
+        fs.mv(src, join(final, posixpath.relpath(src, tmp)))
+    fs.mv(join(tmp, marker), join(final, marker))
+    remove(fs, tmp)
     if aside is not None:
         remove(fs, aside)
+
+
+def _publish_local(tmp: str, final: str) -> None:
+    """rename(2) of a directory onto a non-empty one fails instead of merging, so when another run
+    publishes between our two renames we move its output aside too and try again: the last
+    publisher wins and `final` is always one run's complete output, never a mix or a nesting."""
+    while True:
+        aside = f"{final}.old-{secrets.token_hex(4)}"
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:
+            aside = None
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue
+        finally:
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+        return

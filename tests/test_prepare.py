@@ -325,6 +325,63 @@ def test_failed_run_leaves_no_manifest_and_keeps_old_output(ray_session, small_l
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_concurrent_runs_to_one_output_publish_one_whole_output(ray_session, small_log, tmp_path):
+    """Two prepares with different layouts race to one output: it ends as exactly one of them."""
+    import threading
+
+    out = tmp_path / "out"
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def prepare(buckets: int) -> None:
+        try:
+            results[buckets] = run_prepare(config(input=small_log, output=str(out), buckets=buckets))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the assertion below
+            errors.append(exc)
+
+    runs = [threading.Thread(target=prepare, args=(b,)) for b in (1, 3)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert not errors
+    published = json.loads((out / "manifest.json").read_text())
+    assert published in (results[1], results[3])
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert on_disk == sorted(published["files"] + ["manifest.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old copies left
+
+
+def test_publish_between_our_renames_is_not_merged(tmp_path, monkeypatch):
+    """The race itself, made deterministic: another run publishes between moving the old output
+    aside and renaming ours into place. Ours then replaces it whole; nothing is nested or mixed."""
+    import os
+
+    from flm_dist import storage
+
+    fs = fsspec.filesystem("file")
+    final = tmp_path / "out"
+    for name in ("old", "theirs", "ours"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.txt").write_text(name)
+        (tmp_path / name / "manifest.json").write_text(name)
+    os.rename(tmp_path / "old", final)
+    rename = os.rename
+    interleaved = []
+
+    def rename_with_a_rival(src, dst):
+        if str(src) == str(tmp_path / "ours") and not interleaved:
+            interleaved.append(True)
+            rename(tmp_path / "theirs", final)  # the rival lands after our old output moved aside
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_with_a_rival)
+    storage.publish(fs, str(tmp_path / "ours"), str(final))
+    assert interleaved
+    assert sorted(p.name for p in final.iterdir()) == ["manifest.json", "ours.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_memory_output_replaced_without_mixing(mem):
     log = put(mem, "log.csv", csv([(u, i, t) for u in range(6) for t, i in enumerate("abcd")]))
     run_prepare(config(input=log, output=f"memory://{mem}/out", buckets=3, num_negatives=0))
