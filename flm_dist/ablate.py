@@ -38,12 +38,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from flm_dist.config import _deep_merge, load_config, require, to_dict
+from flm_dist.config import (
+    EvalConfig,
+    _deep_merge,
+    from_dict,
+    load_config,
+    require,
+    to_dict,
+)
 from flm_dist.data import build_eval_arrays
-from flm_dist.export import masked_scores
 from flm_dist.finetune import FinetuneConfig, run_finetune
-from flm_dist.metrics import target_ranks
 from flm_dist.pretrain import PretrainConfig, load_model_for_data, run_pretrain
+from flm_dist.ranking import item_chunk_size, rank_targets
 
 log = logging.getLogger("flm_dist")
 
@@ -120,10 +126,16 @@ def user_test_ranks(checkpoint: Path, data: str, batch_size: int = 1024) -> np.n
     model, _, meta = load_model_for_data(str(checkpoint), data, device)
     model.eval()
     arrays = build_eval_arrays(pq.read_table(Path(data) / "test"), meta["config"]["model"]["max_len"]).to(device)
-    source = meta["config"]["eval"]["user_source"]
-    ranks = [target_ranks(masked_scores(model, arrays, start, min(start + batch_size, len(arrays)), source),
-                          arrays.target[start:start + batch_size])
-             for start in range(0, len(arrays), batch_size)]
+    protocol = from_dict(EvalConfig, meta["config"]["eval"])
+    item_table = model.item_table()
+    ranks = []
+    for start in range(0, len(arrays), batch_size):
+        stop = min(start + batch_size, len(arrays))
+        vectors = model.user_representation(arrays.user[start:stop], arrays.input[start:stop],
+                                            source=protocol.user_source)
+        chunk_size = item_chunk_size(stop - start, item_table.shape[0] - 1, protocol.max_score_elements)
+        ranks.append(rank_targets(vectors, item_table, arrays.target[start:stop],
+                                  arrays.history_pairs(start, stop), chunk_size).masked)
     return torch.cat(ranks).cpu().numpy()
 
 

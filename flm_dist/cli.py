@@ -82,9 +82,11 @@ def cmd_evaluate(args):
 
 
 def cmd_demo(args):
-    from flm_dist.demo import run_demo
+    from flm_dist.demo import DemoOptions, run_demo
 
-    run_demo(workdir=args.workdir, workers=args.workers, epochs=args.epochs, overrides=args.overrides)
+    run_demo(DemoOptions(workdir=args.workdir, workers=args.workers, epochs=args.epochs,
+                         finetune_epochs=args.finetune_epochs, tune_samples=args.tune_samples,
+                         overrides=args.overrides))
 
 
 def cmd_bench_prepare(args):
@@ -99,6 +101,22 @@ def cmd_bench_train(args):
 
     config = _job_config(PretrainConfig, args, {"data": args.data, "output": args.output})
     run_bench_train(config, steps=args.steps, warmup=args.warmup)
+
+
+def cmd_bench_topk(args):
+    from flm_dist.bench_topk import run_bench_topk
+
+    run_bench_topk(items=args.items, users=args.users, dim=args.dim, k=args.k, device=args.device,
+                   batch_size=args.batch_size, max_score_elements=args.max_score_elements,
+                   history=args.history)
+
+
+def cmd_bench_comm(args):
+    from flm_dist.bench_comm import run_bench_comm
+
+    run_bench_comm(items=args.items, dim=args.dim, workers=args.workers, batch_size=args.batch_size,
+                   max_len=args.max_len, num_negatives=args.num_negatives, steps=args.steps,
+                   warmup=args.warmup, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded synthetic log")
     demo.add_argument("--workdir", default="demo")
-    demo.add_argument("--workers", type=int, default=1)
-    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--workers", type=int, default=1, help="Ray Train workers (0: in this process)")
+    demo.add_argument("--epochs", type=int, default=12, help="pretraining epochs")
+    demo.add_argument("--finetune-epochs", type=int, default=3, help="epochs of fine-tuning and of each trial")
+    demo.add_argument("--tune-samples", type=int, default=4, help="trials of the sweep (2 at a time)")
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="pretrain config overrides")
     demo.set_defaults(run=cmd_demo)
 
@@ -161,6 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--warmup", type=int, default=10)
     _add_common(bench_train)
     bench_train.set_defaults(run=cmd_bench_train)
+    bench_topk = benches.add_parser("topk", help="chunked full ranking over random embeddings (JSON line)")
+    bench_topk.add_argument("--items", type=int, default=1_000_000)
+    bench_topk.add_argument("--users", type=int, default=4096)
+    bench_topk.add_argument("--dim", type=int, default=64)
+    bench_topk.add_argument("--k", type=int, default=50)
+    bench_topk.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bench_topk.add_argument("--batch-size", type=int, default=1024, help="users scored at once")
+    bench_topk.add_argument("--max-score-elements", type=int, default=2 ** 26,
+                            help="scores alive at once (users x chunk of items)")
+    bench_topk.add_argument("--history", type=int, default=50, help="history items masked per user")
+    bench_topk.set_defaults(run=cmd_bench_topk)
+    bench_comm = benches.add_parser("comm", help="DDP item-table gradient exchange, dense vs rows (JSON line)")
+    bench_comm.add_argument("--items", type=int, default=1_000_000)
+    bench_comm.add_argument("--dim", type=int, default=64)
+    bench_comm.add_argument("--workers", type=int, default=2, help="DDP processes (one GPU each on cuda)")
+    bench_comm.add_argument("--batch-size", type=int, default=64, help="windows per rank and step")
+    bench_comm.add_argument("--max-len", type=int, default=50)
+    bench_comm.add_argument("--num-negatives", type=int, default=256)
+    bench_comm.add_argument("--steps", type=int, default=10)
+    bench_comm.add_argument("--warmup", type=int, default=2)
+    bench_comm.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bench_comm.set_defaults(run=cmd_bench_comm)
 
     from flm_dist.submit import add_commands as add_job_commands
 
@@ -173,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flm_dist.tune import add_commands as add_tune_commands
 
     add_tune_commands(commands)
+
+    from flm_dist.report import add_commands as add_report_commands
+
+    add_report_commands(commands)
     return parser
 
 

@@ -302,6 +302,11 @@ class TrainConfig:
     """Stop after this many validations without improvement of `eval.monitor`."""
     max_steps: int = 0
     """Stop after this many optimiser steps in total (0: no limit); for smoke tests and benches."""
+    item_grad_exchange: Literal["dense", "rows"] = "dense"
+    """How DDP ranks combine the item table's gradient: `dense` all-reduces the whole table with
+    the other parameters; `rows` leaves it out of the all-reduce and all-gathers only the rows a
+    step touched (needs `loss.softmax=sampled`; pays off when world x touched rows is well
+    below the catalog, see the README's performance section)."""
 
     def __post_init__(self):
         require(self.epochs > 0, "epochs", "must be positive")
@@ -330,11 +335,17 @@ class EvalConfig:
     user_source: Literal["fused", "sequence", "cf"] = "fused"
     """Which user representation ranks items at evaluation."""
     batch_size: int = 1024
-    """Users scored at once (scores are users x items)."""
+    """Users scored at once."""
+    max_score_elements: int = 2 ** 26
+    """Memory budget of full ranking: at most this many user x item scores exist at once. 2**26
+    fp32 scores are 256 MB; comparison masks and allocator slack add up to as much again. Items
+    are scored in chunks of `max_score_elements // batch_size`; catalogs that fit take one chunk."""
 
     def __post_init__(self):
         require(len(self.ks) > 0 and all(k > 0 for k in self.ks), "ks", "must be positive integers")
         require(self.batch_size > 0, "batch_size", "must be positive")
+        require(self.max_score_elements >= self.batch_size, "max_score_elements",
+                f"must be at least batch_size={self.batch_size} (one item per chunk)")
 
     @property
     def monitor(self) -> str:
@@ -352,6 +363,9 @@ class ScalingConfig:
     """CPUs reserved per worker; keep some free for Ray Data (fractions allowed)."""
     max_failures: int = 2
     """Times Ray Train restarts the worker group after a crash, resuming from the last checkpoint."""
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """How workers are placed on nodes: PACK fills a node first (fastest all-reduce); SPREAD puts
+    them on different nodes where it can, so losing one node costs one rank, not the whole group."""
     address: str | None = None
     """Ray cluster address (default: $RAY_ADDRESS, else a local instance)."""
 

@@ -23,6 +23,7 @@ from flm_dist.config import EvalConfig, ScalingConfig, from_dict, require, to_di
 from flm_dist.data import EvalArrays, build_eval_arrays
 from flm_dist.errors import UserError
 from flm_dist.metrics import RankingAccumulator, target_ranks
+from flm_dist.ranking import candidate_scores, item_chunk_size, rank_targets
 
 log = logging.getLogger("flm_dist")
 
@@ -30,7 +31,11 @@ log = logging.getLogger("flm_dist")
 @torch.no_grad()
 def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: EvalConfig,
                    num_negatives: int) -> dict[str, float]:
-    """All protocols' metrics for `split`; every rank must call it (it all-reduces)."""
+    """All protocols' metrics for `split`; every rank must call it (it all-reduces).
+
+    Full ranking scores the items in chunks (`config.max_score_elements`), so the catalog size
+    is bounded by the item table, not by users x items scores.
+    """
     model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
@@ -40,20 +45,21 @@ def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: Eva
     nothing = torch.zeros(0, dtype=torch.long, device=device)
     for protocol in ("full", "full_nomask", sampled):
         accumulator.add(protocol, nothing, 1)
+    item_table = model.item_table()
+    num_items = item_table.shape[0] - 1
     for start in range(0, len(arrays), config.batch_size):
         stop = min(start + config.batch_size, len(arrays))
-        scores = model.score_all(arrays.user[start:stop], arrays.input[start:stop],
-                                 source=config.user_source).float()
+        vectors = model.user_representation(arrays.user[start:stop], arrays.input[start:stop],
+                                            source=config.user_source)
         target = arrays.target[start:stop]
-        num_items = scores.shape[1] - 1
-        accumulator.add("full_nomask", target_ranks(scores, target), num_items)
+        chunk_size = item_chunk_size(stop - start, num_items, config.max_score_elements)
+        ranks = rank_targets(vectors, item_table, target, arrays.history_pairs(start, stop), chunk_size)
+        accumulator.add("full_nomask", ranks.unmasked, num_items)
+        accumulator.add("full", ranks.masked, ranks.candidates)
         candidates = torch.cat([target.view(-1, 1), arrays.negatives[start:stop]], dim=1)
-        accumulator.add(sampled, target_ranks(scores.gather(1, candidates), torch.zeros_like(target)),
+        accumulator.add(sampled, target_ranks(candidate_scores(vectors, item_table, candidates),
+                                              torch.zeros_like(target)),
                         1 + (candidates[:, 1:] != 0).sum(dim=1))
-        rows, items = arrays.history_pairs(start, stop)
-        scores[rows, items] = float("-inf")
-        unmasked = num_items - torch.isneginf(scores[:, 1:]).sum(dim=1)
-        accumulator.add("full", target_ranks(scores, target), unmasked)
     model.train(was_training)
     return accumulator.compute(distributed.all_reduce_sum)
 

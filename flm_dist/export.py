@@ -32,7 +32,8 @@ import torch
 
 from flm_dist import storage
 from flm_dist.config import require
-from flm_dist.data import EvalArrays, build_eval_arrays
+from flm_dist.data import build_eval_arrays
+from flm_dist.ranking import item_chunk_size, top_k
 
 log = logging.getLogger("flm_dist")
 
@@ -52,7 +53,10 @@ class ExportConfig:
     split: Literal["test", "valid"] = "test"
     """Whose histories the users are scored after."""
     batch_size: int = 1024
-    """Users scored at once by an actor (scores are users x items)."""
+    """Users scored at once by an actor."""
+    max_score_elements: int = 2 ** 26
+    """At most this many user x item scores exist at once in an actor (fp32; 2**26 is 256 MB):
+    items are scored in chunks of `max_score_elements // batch_size` with a running top-K."""
     workers: int = 1
     """Scoring actors (each holds one copy of the model)."""
     gpus_per_worker: float = 0.0
@@ -68,17 +72,11 @@ class ExportConfig:
         require(bool(self.output), "output", "is required")
         require(self.k > 0, "k", "must be positive")
         require(self.batch_size > 0, "batch_size", "must be positive")
+        require(self.max_score_elements >= self.batch_size, "max_score_elements",
+                f"must be at least batch_size={self.batch_size} (one item per chunk)")
         require(self.workers > 0, "workers", "must be positive")
         require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
-
-
-def masked_scores(model: torch.nn.Module, arrays: EvalArrays, start: int, stop: int, source: str) -> torch.Tensor:
-    """[rows, N + 1] scores of rows start..stop with each row's whole history set to -inf."""
-    scores = model.score_all(arrays.user[start:stop], arrays.input[start:stop], source=source).float()
-    rows, items = arrays.history_pairs(start, stop)
-    scores[rows, items] = float("-inf")
-    return scores
 
 
 def _vectors(values: torch.Tensor) -> pa.FixedSizeListArray:
@@ -96,7 +94,7 @@ def _vocabulary(data_dir: str, name: str, id_column: str) -> pa.Array:
 class UserScorer:
     """Ray Data actor: holds the model; a batch of split rows -> one output row per user."""
 
-    def __init__(self, checkpoint: str, data: str, k: int, device: str):
+    def __init__(self, checkpoint: str, data: str, k: int, device: str, max_score_elements: int):
         from flm_dist.pretrain import load_model_for_data
 
         self.device = torch.device(device)
@@ -105,6 +103,7 @@ class UserScorer:
         self.max_len = meta["config"]["model"]["max_len"]
         self.source = meta["config"]["eval"]["user_source"]
         self.k = min(k, manifest["items"])
+        self.max_score_elements = max_score_elements
         self.item_ids = _vocabulary(data, "items", "item_id")
         self.user_ids = _vocabulary(data, "users", "user_id")
 
@@ -112,14 +111,17 @@ class UserScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         arrays = build_eval_arrays(batch, self.max_len).to(self.device)
         user, input = arrays.user, arrays.input
-        top_scores, top_items = masked_scores(self.model, arrays, 0, len(arrays), self.source).topk(self.k, dim=1)
+        vectors = self.model.user_representation(user, input, source=self.source)
+        item_table = self.model.item_table()
+        chunk_size = item_chunk_size(len(arrays), item_table.shape[0] - 1, self.max_score_elements)
+        top_scores, top_items = top_k(vectors, item_table, self.k, chunk_size, arrays.history_pairs(0, len(arrays)))
         # -inf = history or padding: users who have seen almost every item get fewer than k.
         keep = torch.isfinite(top_scores).cpu()
         offsets = np.concatenate([[0], keep.sum(dim=1).cumsum(0).numpy()]).astype(np.int32)
         recommended = self.item_ids.take(pa.array(top_items.cpu()[keep].numpy()))
         return pa.table({
             "user_id": self.user_ids.take(pa.array(user.cpu().numpy())),
-            "embedding": _vectors(self.model.user_representation(user, input, source=self.source)),
+            "embedding": _vectors(vectors),
             "flow_latent": _vectors(self.model.flow_latent(user, input)),
             "log_density": pa.array(self.model.flow_log_density(user, input).double().cpu().numpy()),
             "items": pa.ListArray.from_arrays(pa.array(offsets), recommended),
@@ -153,7 +155,8 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
         (ray.data.read_parquet(f"{config.data.rstrip('/')}/{config.split}")
          .map_batches(UserScorer, batch_size=config.batch_size, batch_format="pyarrow",
                       fn_constructor_kwargs={"checkpoint": config.checkpoint, "data": config.data,
-                                             "k": config.k, "device": device},
+                                             "k": config.k, "device": device,
+                                             "max_score_elements": config.max_score_elements},
                       concurrency=config.workers, num_cpus=config.cpus_per_worker,
                       num_gpus=config.gpus_per_worker)
          .write_parquet(users_uri))

@@ -158,6 +158,9 @@ class FinetuneConfig:
                 "frozen mode fixes the MF user vectors; set loss.cf=0")
         require(self.eval.user_source == self.finetune.source, "eval.user_source",
                 f"must be finetune.source ({self.finetune.source}): the head is trained on that representation")
+        require(self.train.item_grad_exchange == "dense" or self.loss.softmax == "sampled",
+                "train.item_grad_exchange", "rows needs loss.softmax=sampled: under full softmax "
+                "every item row gets a gradient every step, and dense is cheaper")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +349,8 @@ def finetune_worker(payload: dict[str, Any]) -> None:
     from flm_dist.ray_seam import RaySession
 
     setup_logging()
-    _train(from_dict(FinetuneConfig, payload["config"]), RaySession())
+    config = from_dict(FinetuneConfig, payload["config"])
+    _train(config, RaySession(config.output))
 
 
 def resolve(config: FinetuneConfig) -> FinetuneConfig:

@@ -69,6 +69,8 @@ STAGES: dict[str, Stage] = {
     "finetune": Stage("flm_dist.finetune", "FinetuneConfig", "run_finetune", inputs=("pretrained", "data")),
     "export": Stage("flm_dist.export", "ExportConfig", "run_export", inputs=("checkpoint", "data")),
     "ablate": Stage("flm_dist.ablate", "AblateConfig", "run_ablation", inputs=("data",)),
+    # Without `output` the page is written into `directory`, so both are outputs.
+    "report": Stage("flm_dist.report", "ReportConfig", "run_report", outputs=("directory", "output")),
 }
 
 

@@ -75,6 +75,9 @@ class PretrainConfig:
     def __post_init__(self):
         require(bool(self.data), "data", "is required (a directory written by `flm prepare`)")
         require(bool(self.output), "output", "is required (the run directory)")
+        require(self.train.item_grad_exchange == "dense" or self.loss.softmax == "sampled",
+                "train.item_grad_exchange", "rows needs loss.softmax=sampled: under full softmax "
+                "every item row gets a gradient every step, and dense is cheaper")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +178,8 @@ class Progress:
     best_epoch: int = -1
     evals_without_improvement: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    resumed_at_steps: list[int] = dataclasses.field(default_factory=list)
+    """The step of each checkpoint this run was resumed from (crash, restart or re-run)."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -226,8 +231,9 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     """This worker's training windows (read once, kept on `device`), the model and optimiser.
 
     Fine-tuning reuses this with `model_factory(manifest) -> nn.Module` (a model with the same
-    `forward(batch, weights, **options)` / `score_all` / `initialize_flow` interface) and
-    `train_filter(table) -> table` (e.g. keep a fraction of the users).
+    `forward(batch, weights, **options)` / `user_representation` / `item_table` /
+    `initialize_flow` interface) and `train_filter(table) -> table` (e.g. keep a fraction of the
+    users).
     """
     manifest = read_manifest(config.data)
     torch.manual_seed(config.train.seed)
@@ -287,6 +293,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             progress = Progress(**state["progress"])
+            progress.resumed_at_steps.append(progress.step)
             log.info("resumed from %s at epoch %d step %d", checkpoint_dir, progress.epoch, progress.step)
 
     if progress.step == 0:
@@ -294,7 +301,11 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         model.initialize_flow(train.take(torch.arange(min(len(train), config.train.batch_size), device=device)))
     weights = config.loss.weights()
     find_unused = any(w == 0 for w in weights.values()) or config.model.flow_layers == 0
-    ddp_model = distributed.wrap_model(model, device, find_unused_parameters=find_unused)
+    # Sampled softmax touches a few item rows per step: all-gather those, not the whole table.
+    row_exchanged = [model.item_table()] if (config.train.item_grad_exchange == "rows"
+                                             and model.item_table().requires_grad) else []
+    ddp_model = distributed.wrap_model(model, device, find_unused_parameters=find_unused,
+                                       row_sparse=row_exchanged)
     step_model = torch.compile(ddp_model) if config.train.compile else ddp_model
     run_dir = Path(config.output)
     writer = _tensorboard(run_dir) if distributed.is_main() else None
@@ -341,6 +352,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             windows_seen += batch["user"].shape[0]
             progress.micro_step_in_epoch += 1
             if is_update:
+                for parameter in row_exchanged:
+                    distributed.average_row_gradients_(parameter)
                 if config.train.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
                 optimizer.step()
@@ -394,7 +407,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                                                  eval=config.eval), session)
     summary = {"best": {"epoch": progress.best_epoch, config.eval.monitor: progress.best_value},
                "final": final, "history": progress.history, "steps": progress.step,
-               "config": to_dict(config), "data": {k: manifest[k] for k in ("users", "items", "interactions")}}
+               "resumed_at_steps": progress.resumed_at_steps, "config": to_dict(config), "data": {k: manifest[k] for k in ("users", "items", "interactions")}}
     if distributed.is_main():
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         _write_scalars(writer, {f"final/{k}": v for k, v in final.items()})
@@ -437,7 +450,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     from flm_dist.ray_seam import RaySession
 
     setup_logging()
-    train_loop(from_dict(PretrainConfig, payload["config"]), RaySession())
+    config = from_dict(PretrainConfig, payload["config"])
+    train_loop(config, RaySession(config.output))
 
 
 def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
@@ -472,10 +486,11 @@ def launch_training(config, kind: str, local_loop, ray_worker) -> dict[str, Any]
     ray_seam.ensure_ray(config.scaling.address)
     ray_seam.run_trainer(ray_worker, {"config": to_dict(config)},
                          ray_seam.read_parquet_datasets(config.data, ["train", "valid", "test"]),
-                         run_dir=str(run_dir), name="ray_train", workers=config.scaling.workers,
+                         run_dir=str(run_dir), name=ray_seam.RUN_NAME, workers=config.scaling.workers,
                          gpus_per_worker=config.scaling.gpus_per_worker,
                          cpus_per_worker=config.scaling.cpus_per_worker,
-                         max_failures=config.scaling.max_failures)
+                         max_failures=config.scaling.max_failures,
+                         placement_strategy=config.scaling.placement_strategy)
     return json.loads((run_dir / "metrics.json").read_text())
 
 

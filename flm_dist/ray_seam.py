@@ -29,8 +29,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)
 
 
+RUN_NAME = "ray_train"
+"""Ray Train's run name under RUN_DIR: its checkpoints are RUN_DIR/ray_train/checkpoint_*."""
+
+
 class RaySession:
-    """The training-loop session inside a Ray Train worker (see `flm_dist.session.Session`)."""
+    """The training-loop session inside a Ray Train worker (see `flm_dist.session.Session`).
+
+    `run_dir` (the run's storage path) is where `latest_checkpoint` looks for checkpoints.
+    """
+
+    def __init__(self, run_dir: str | None = None):
+        self.run_dir = run_dir
 
     def read_split(self, name: str):
         from flm_dist.data import concat_tables
@@ -49,7 +59,7 @@ class RaySession:
         return ray.train.torch.get_device()
 
     def latest_checkpoint(self):
-        return _latest_ray_checkpoint()
+        return _latest_ray_checkpoint(self.run_dir)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir=None) -> None:
         import ray.train
@@ -58,8 +68,13 @@ class RaySession:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _latest_ray_checkpoint():
-    """Download the newest intact checkpoint of this run; a torn newest one falls back to older ones."""
+def _latest_ray_checkpoint(run_dir: str | None):
+    """Download the newest intact checkpoint of this run; a torn newest one falls back to older ones.
+
+    The run's storage is listed instead of asking `ray.train.get_checkpoint()`: Ray only knows the
+    checkpoints its controller registered, and a driver killed right after a worker uploaded one
+    leaves it unregistered. Our own manifest and checksums (`newest_valid`) say which are intact.
+    """
     import contextlib
     import tempfile
     from pathlib import Path
@@ -71,13 +86,11 @@ def _latest_ray_checkpoint():
 
     @contextlib.contextmanager
     def context():
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if run_dir is None:
             yield None
             return
-        filesystem, path = checkpoint.filesystem, checkpoint.path
-        parent = path.rstrip("/").rsplit("/", 1)[0]
-        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+        filesystem, parent = pyarrow.fs.FileSystem.from_uri(f"{run_dir.rstrip('/')}/{RUN_NAME}")
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
         names = sorted(i.base_name for i in infos
                        if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
         with tempfile.TemporaryDirectory() as scratch:
@@ -93,7 +106,7 @@ def _latest_ray_checkpoint():
 
 def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any], run_dir: str,
                 name: str, workers: int, gpus_per_worker: float, cpus_per_worker: float,
-                max_failures: int) -> None:
+                max_failures: int, placement_strategy: str = "PACK") -> None:
     """Fit `train_function(payload)` on `workers` Ray Train workers; resumes a run of the same name.
 
     Evaluation splits are handed out with `streaming_split(equal=False)`: disjoint and complete,
@@ -123,7 +136,8 @@ def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any
         train_function,
         train_loop_config=payload,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=placement_strategy),
         datasets=datasets,
         dataset_config=DisjointSplits(),
         run_config=ray.train.RunConfig(

@@ -104,11 +104,13 @@ def test_dataset_jobs_use_the_agreed_settings(dataset):
 
 def test_demo_chains_its_steps():
     spec = load_job(str(REPO / "jobs" / "demo.yaml"), root=REPO)
-    synth, prepare, pretrain, evaluate = (s.config for s in spec.steps)
-    assert [s.stage for s in spec.steps] == ["synth", "prepare", "pretrain", "evaluate"]
+    synth, prepare, pretrain, finetune, evaluate, report = (s.config for s in spec.steps)
+    assert [s.stage for s in spec.steps] == ["synth", "prepare", "pretrain", "finetune", "evaluate", "report"]
     assert prepare.input == synth.output and pretrain.data == prepare.output
-    assert evaluate.data == prepare.output and evaluate.checkpoint.startswith(pretrain.output)
-    assert pretrain.train.epochs <= 5
+    assert finetune.pretrained == pretrain.output and finetune.data == prepare.output
+    assert evaluate.data == prepare.output and evaluate.checkpoint.startswith(finetune.output + "/")
+    assert report.directory == pretrain.output
+    assert pretrain.train.epochs <= 5 and finetune.train.epochs <= 3
 
 
 # ---------------------------------------------------------------------------------------------

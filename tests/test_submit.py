@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flm_dist.errors import UserError
 from flm_dist.submit import add_commands, build_submission
+from local_cluster import started_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,113 +127,10 @@ steps:
 """
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
-class LocalCluster:
-    """`ray start --block` head + worker node, each in its own process group, on loopback.
-
-    Each node gets its own temp dir: on one machine, nodes sharing one would share the runtime-env
-    cache, and one node's clean-up of the job's working_dir deletes the other's (the job's cwd).
-    """
-
-    def __init__(self):
-        self.temp_dir = tempfile.mkdtemp(prefix="flmrc", dir="/tmp")  # short: Ray's socket paths are long
-        self.procs: list[subprocess.Popen] = []
-        self.gcs_address = self.address = ""
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 would refuse the second node ("multi-node clusters are
-        # not supported"); loopback comes from --node-ip-address=127.0.0.1 on both nodes instead.
-        env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
-                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
-                    "RAY_DEDUP_LOGS": "0", "TQDM_DISABLE": "1",
-                    "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")})
-        self.env = env
-
-    def start(self) -> None:
-        gcs, dashboard, client, agent_head, agent_worker = _free_ports(5)
-        self.gcs_address = f"127.0.0.1:{gcs}"
-        self.address = f"http://127.0.0.1:{dashboard}"
-        ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
-               "--min-worker-port=0", "--max-worker-port=0", "--node-ip-address=127.0.0.1",
-               "--include-log-monitor=false",  # job logs are the driver's output; saves a process per node
-               f"--object-store-memory={100 * 1024**2}"]
-        self._start(ray + ["--head", f"--temp-dir={self.temp_dir}/h", f"--port={gcs}", "--num-cpus=2",
-                           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_head}"],
-                    "head")
-        self._wait(lambda: socket.create_connection(("127.0.0.1", gcs), timeout=1).close() or True, "the GCS", 90)
-        self._start(ray + [f"--address={self.gcs_address}", f"--temp-dir={self.temp_dir}/w", "--num-cpus=1",
-                           f"--dashboard-agent-listen-port={agent_worker}"], "worker")
-        self._wait(lambda: _get_json(f"{self.address}/api/version"), "the Jobs API", 90)
-        self._wait(lambda: self.alive_nodes() >= 2 or None, "the second node", 90)
-
-    def _start(self, command: list[str], name: str) -> None:
-        log = open(Path(self.temp_dir) / f"{name}.out", "wb")
-        self.procs.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True, cwd=self.temp_dir))
-
-    def _wait(self, probe, what: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError(f"ray start exited while waiting for {what}: {self.logs()}")
-            try:
-                if probe():
-                    return
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{what} not up after {timeout_s} s: {self.logs()}")
-
-    def alive_nodes(self) -> int:
-        data = _get_json(f"{self.address}/api/v0/nodes?limit=100")
-        rows = data["data"]["result"]["result"]
-        return sum(1 for n in rows if n.get("state") == "ALIVE")
-
-    def logs(self) -> str:
-        return " | ".join((Path(self.temp_dir) / f"{n}.out").read_text(errors="replace")[-1500:]
-                          for n in ("head", "worker") if (Path(self.temp_dir) / f"{n}.out").exists())
-
-    def stop(self) -> None:
-        """SIGTERM each `ray start --block` (it stops its own children), then SIGKILL whatever is left
-        in the process groups started here. Never `ray stop`: it kills every Ray on the machine."""
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
 @pytest.fixture
 def local_cluster():
-    if shutil.which("ray") is None and not (Path(sys.executable).parent / "ray").exists():
-        pytest.skip("ray CLI not installed")
-    cluster = LocalCluster()
+    cluster = started_cluster()
     try:
-        cluster.start()
         yield cluster
     finally:
         cluster.stop()
