@@ -20,6 +20,19 @@ torch.set_num_threads(1)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _flm_logger_reaches_caplog():
+    """Tests that go through the CLI call `setup_logging`, which gives the flm_dist logger its own
+    handler and stops propagation; restore it so later tests' `caplog` sees its records."""
+    yield
+    import logging
+
+    logger = logging.getLogger("flm_dist")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Start Ray once for the whole session (4-7 s on 2 cores); tests that need it ask for it."""

@@ -33,6 +33,12 @@ def test_space_errors_are_one_line(space, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*_space.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_space_parses(path):
+    assert load_space(str(path))
+
+
 def test_shipped_space_is_valid():
     space = load_space(str(Path(__file__).resolve().parents[1] / "jobs" / "tune_space.yaml"))
     assert {"train.lr", "train.weight_decay", "finetune.dropout", "finetune.flow", "finetune.mode",
