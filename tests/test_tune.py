@@ -58,14 +58,24 @@ def test_cli_registers_tune():
     assert args.cpus_per_trial == 0.5 and args.overrides == ["train.epochs=2"] and not args.resume
 
 
-@pytest.mark.slow
-def test_tune_two_trials_with_asha(tiny_data, tmp_path):
-    pretrained = tmp_path / "pretrained"
-    run_pretrain(load_config(PretrainConfig, None, [f"data={tiny_data}", f"output={pretrained}", *SMALL,
+@pytest.fixture(scope="module")
+def pretrained(tiny_data, tmp_path_factory) -> str:
+    """A 3-step pretraining run every sweep below fine-tunes from."""
+    output = tmp_path_factory.mktemp("tune") / "pretrained"
+    run_pretrain(load_config(PretrainConfig, None, [f"data={tiny_data}", f"output={output}", *SMALL,
                                                     "scaling.workers=0", "train.epochs=1", "train.max_steps=3"]))
-    base = {"pretrained": str(pretrained), "data": tiny_data,
-            "train": {"epochs": 2, "batch_size": 64, "warmup_steps": 1, "windows": "last"},
+    return str(output)
+
+
+def _base(pretrained: str, data: str, epochs: int) -> dict:
+    return {"pretrained": pretrained, "data": data,
+            "train": {"epochs": epochs, "batch_size": 64, "warmup_steps": 1, "windows": "last"},
             "eval": {"batch_size": 128}}
+
+
+@pytest.mark.slow
+def test_tune_two_trials_with_asha(tiny_data, pretrained, tmp_path):
+    base = _base(pretrained, tiny_data, epochs=2)
     space = parse_space({"train.lr": {"loguniform": [1e-3, 1e-2]}, "finetune.head": {"choice": ["linear", "mlp"]}},
                         base)
     output = tmp_path / "tune"
@@ -111,13 +121,8 @@ def _kill_trial_starts(runs: Path, plan: list[int], killed: list[tuple[str, int]
 
 
 @pytest.mark.slow
-def test_failed_trials_are_retried_then_reported_and_the_sweep_completes(tiny_data, tmp_path):
-    pretrained = tmp_path / "pretrained"
-    run_pretrain(load_config(PretrainConfig, None, [f"data={tiny_data}", f"output={pretrained}", *SMALL,
-                                                    "scaling.workers=0", "train.epochs=1", "train.max_steps=3"]))
-    base = {"pretrained": str(pretrained), "data": tiny_data,
-            "train": {"epochs": 1, "batch_size": 64, "warmup_steps": 1, "windows": "last"},
-            "eval": {"batch_size": 128}}
+def test_failed_trials_are_retried_then_reported_and_the_sweep_completes(tiny_data, pretrained, tmp_path):
+    base = _base(pretrained, tiny_data, epochs=1)
     space = parse_space({"train.lr": {"grid": [1e-3, 2e-3, 3e-3]}}, base)
     output = tmp_path / "tune"
     # Trial 1 loses its process once (transient), trial 2 on every start (permanent), trial 3 none.
