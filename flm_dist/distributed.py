@@ -107,7 +107,8 @@ def wrap_model(model: nn.Module, device: torch.device, find_unused_parameters: b
         return model
     ignored = {id(parameter) for parameter in row_sparse}
     # DDP matches ignored parameters by qualified name; a shared table has one name per owner.
-    names = [f"{module_name}.{name}" for module_name, module in model.named_modules(remove_duplicate=False)
+    names = [f"{module_name}.{name}" if module_name else name
+             for module_name, module in model.named_modules(remove_duplicate=False)
              for name, parameter in module.named_parameters(recurse=False) if id(parameter) in ignored]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     for parameter in row_sparse:
