@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flm_dist.data import length_bucketed_batches
+from flm_dist.optim import clip_grad_norm_
 from flm_dist.pretrain import PretrainConfig, forward_backward, setup_training
 from flm_dist.session import LocalSession
 
@@ -94,7 +95,7 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -
         built = time.perf_counter()
         forward_backward(step_model, batch, setup.step_options, grad_accum=1)
         if config.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+            clip_grad_norm_(list(model.parameters()), config.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize()

@@ -119,6 +119,13 @@ def cmd_bench_comm(args):
                    warmup=args.warmup, device=args.device)
 
 
+def cmd_bench_optim(args):
+    from flm_dist.bench_optim import run_bench_optim
+
+    run_bench_optim(rows=args.rows, dim=args.dim, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                    device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flm", description="Distributed Pretraining-FLM on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -203,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_comm.add_argument("--warmup", type=int, default=2)
     bench_comm.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench_comm.set_defaults(run=cmd_bench_comm)
+    bench_optim = benches.add_parser("optim", help="user-table step, dense AdamW vs lazy rows (JSON line)")
+    bench_optim.add_argument("--rows", type=int, default=10_000_000, help="users in the table")
+    bench_optim.add_argument("--dim", type=int, default=64)
+    bench_optim.add_argument("--batch", type=int, default=4096, help="rows looked up per step")
+    bench_optim.add_argument("--steps", type=int, default=10)
+    bench_optim.add_argument("--warmup", type=int, default=2)
+    bench_optim.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bench_optim.set_defaults(run=cmd_bench_optim)
 
     from flm_dist.submit import add_commands as add_job_commands
 

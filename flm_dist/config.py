@@ -213,6 +213,12 @@ class ModelConfig:
     """Dropout in the sequence encoder (embeddings, attention output, feed-forward)."""
     encoder: Literal["sasrec", "gru", "lstm"] = "sasrec"
     """Sequence encoder: causal transformer (SASRec) or a recurrent net."""
+    positions: Literal["first", "last"] = "last"
+    """SASRec position ids counted from the first item of the window (a training prefix then
+    looks exactly as it does when ranked) or back from the most recent item (original SASRec)."""
+    norm: Literal["pre", "post"] = "pre"
+    """SASRec LayerNorm placement: `pre` (x + f(LN(x)), a final LN, embeddings scaled by
+    sqrt(hidden)) or `post` (LN(x + f(x)), a LayerNorm on the embedding sum: RecBole's SASRec)."""
     fusion: Literal["concat", "sum", "gate"] = "concat"
     """How the CF user vector and the sequence state become one user representation."""
     flow_layers: int = 4
@@ -280,6 +286,15 @@ class TrainConfig:
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
     """AdamW weight decay on matrices (never on embeddings, norms or biases)."""
+    user_lr_scale: float = 1.0
+    """Learning-rate multiplier for the CF user table. A user's row only gets a gradient in the
+    batches that hold that user (about once per epoch), while item rows and encoder weights get
+    one nearly every step, so at the shared `lr` the MF user vectors hardly train."""
+    sparse_user_table: bool = False
+    """Give the CF user table sparse gradients and lazy Adam updates (`LazyRowAdamW`): a step
+    reads, writes and (in DDP) exchanges only the rows of its batch's users, so its cost follows
+    the batch, not the number of users. A row's moments then only move when it is touched, so
+    this is not the same optimiser as dense AdamW; see the README's performance section."""
     warmup_steps: int = 100
     """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = 0.1
@@ -314,6 +329,7 @@ class TrainConfig:
         require(self.grad_accum > 0, "grad_accum", "must be positive")
         require(self.lr > 0, "lr", "must be positive")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.user_lr_scale > 0, "user_lr_scale", "must be positive")
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")

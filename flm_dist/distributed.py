@@ -74,20 +74,31 @@ def all_gather(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(gathered)
 
 
-def average_row_gradients_(parameter: nn.Parameter) -> int:
+def average_row_gradients_(parameter: nn.Parameter, sparse: bool = False) -> int:
     """Average a row-sparse gradient over ranks, as DDP would, sending only its nonzero rows.
 
     For a table whose rows get gradients only where the batch touched it (the item table under
     sampled softmax: inputs, targets, negatives). Every rank all-gathers (row ids, row gradients)
     and adds them into its zeroed gradient: world x touched x (H x 4 + 8) bytes arrive per rank
     instead of an all-reduce of the whole table. Finding the rows still reads the whole local
-    gradient. Returns the rows this rank sent (0 in a single process, where nothing is sent).
+    gradient, unless the table is `sparse` (`nn.Embedding(sparse=True)`): then the gradient
+    lists its rows, nothing is scanned, and the averaged gradient stays sparse. Returns the rows
+    this rank sent (0 in a single process, where nothing is sent).
     """
     if not is_distributed():
         return 0
-    if parameter.grad is None:
-        parameter.grad = torch.zeros_like(parameter)
+    if parameter.grad is None:  # no lookup on this rank: it still joins the exchange, with no rows
+        parameter.grad = (torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long, device=parameter.device),
+                                                  parameter.new_empty(0, *parameter.shape[1:]), parameter.shape)
+                          if sparse else torch.zeros_like(parameter))
     gradient = parameter.grad
+    if sparse:
+        gradient = gradient.coalesce()
+        rows = gradient.indices()[0]
+        ids, values = all_gather(rows, gradient.values() / world_size())
+        parameter.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, gradient.shape,
+                                                 check_invariants=False).coalesce()
+        return rows.numel()
     rows = gradient.ne(0).any(dim=1).nonzero().squeeze(1)
     ids, values = all_gather(rows, gradient[rows] / world_size())
     gradient.index_fill_(0, rows, 0.0)

@@ -51,6 +51,7 @@ from flm_dist.errors import UserError
 from flm_dist.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
 from flm_dist.logs import setup_logging
 from flm_dist.models import FLMModel
+from flm_dist.optim import LazyRowAdamW, clip_grad_norm_
 
 log = logging.getLogger("flm_dist")
 
@@ -99,7 +100,8 @@ def build_model(config: ModelConfig, num_users: int, num_items: int) -> FLMModel
                     max_len=config.max_len, layers=config.layers, heads=config.heads,
                     dropout=config.dropout, encoder=config.encoder, fusion=config.fusion,
                     flow_layers=config.flow_layers, flow_hidden=config.flow_hidden,
-                    flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient)
+                    flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient,
+                    positions=config.positions, norm=config.norm)
 
 
 def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):
@@ -142,15 +144,30 @@ def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt
     return losses
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def _user_table(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    """The CF user table (pretraining or fine-tuning model), if the model has one."""
+    for name, module in model.named_modules():
+        if name == "cf.user_embedding" or name.endswith(".cf.user_embedding"):
+            return module
+    return None
+
+
+def _param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
+    user_table = _user_table(model)
+    decay, no_decay, users = [], [], []
     for parameter in model.parameters():
-        if parameter.ndim >= 2 and id(parameter) not in embeddings:
+        if user_table is not None and parameter is user_table.weight:
+            users.append(parameter)
+        elif parameter.ndim >= 2 and id(parameter) not in embeddings:
             decay.append(parameter)
         else:
             no_decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if users:
+        groups.append({"params": users, "weight_decay": 0.0, "lr": train.lr * train.user_lr_scale})
+    return groups
 
 
 def _lr_lambda(warmup: int, total: int, floor: float):
@@ -256,7 +273,10 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
 
     model = (model_factory(manifest) if model_factory else
              build_model(config.model, manifest["users"], manifest["items"])).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.train.weight_decay), lr=config.train.lr,
+    user_table = _user_table(model)
+    if config.train.sparse_user_table and user_table is not None:
+        user_table.sparse = True  # sparse gradients: LazyRowAdamW updates only the batch's users
+    optimizer = LazyRowAdamW(_param_groups(model, config.train), lr=config.train.lr,
                                   fused=device.type == "cuda")
     total_steps = math.ceil(micro_steps_per_epoch / config.train.grad_accum) * config.train.epochs
     if config.train.max_steps:
@@ -301,11 +321,15 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         model.initialize_flow(train.take(torch.arange(min(len(train), config.train.batch_size), device=device)))
     weights = config.loss.weights()
     find_unused = any(w == 0 for w in weights.values()) or config.model.flow_layers == 0
-    # Sampled softmax touches a few item rows per step: all-gather those, not the whole table.
-    row_exchanged = [model.item_table()] if (config.train.item_grad_exchange == "rows"
-                                             and model.item_table().requires_grad) else []
+    # Sampled softmax touches a few item rows per step, a batch a few users: all-gather those rows,
+    # not the whole table. (parameter, has sparse gradients)
+    row_exchanged = [(model.item_table(), False)] if (config.train.item_grad_exchange == "rows"
+                                                      and model.item_table().requires_grad) else []
+    user_table = _user_table(model)
+    if user_table is not None and user_table.sparse and user_table.weight.requires_grad:
+        row_exchanged.append((user_table.weight, True))
     ddp_model = distributed.wrap_model(model, device, find_unused_parameters=find_unused,
-                                       row_sparse=row_exchanged)
+                                       row_sparse=[parameter for parameter, _ in row_exchanged])
     step_model = torch.compile(ddp_model) if config.train.compile else ddp_model
     run_dir = Path(config.output)
     writer = _tensorboard(run_dir) if distributed.is_main() else None
@@ -352,10 +376,10 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             windows_seen += batch["user"].shape[0]
             progress.micro_step_in_epoch += 1
             if is_update:
-                for parameter in row_exchanged:
-                    distributed.average_row_gradients_(parameter)
+                for parameter, sparse in row_exchanged:
+                    distributed.average_row_gradients_(parameter, sparse)
                 if config.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+                    clip_grad_norm_(list(model.parameters()), config.train.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -13,14 +13,20 @@ NUM_ITEMS = 30
 HIDDEN = 16
 MAX_LEN = 10
 ENCODERS = ["sasrec", "gru", "lstm"]
+# Encoder kinds and SASRec's options (`kind[:positions][:norm]`) for the structural checks.
+ENCODER_VARIANTS = ["sasrec", "sasrec:first", "sasrec:last:post", "sasrec:first:post", "gru", "lstm"]
 ALL_WEIGHTS = {"seq": 1.0, "cf": 0.5, "fused": 0.25, "flow": 0.1}
 
 
 
-def make_encoder(kind: str) -> SequenceEncoder:
+def make_encoder(variant: str, positions: str = "last", norm: str = "pre") -> SequenceEncoder:
+    """`variant`: an encoder kind, optionally with SASRec's options, as in "sasrec:first:post"."""
+    kind, *options = variant.split(":")
+    positions = options[0] if options else positions
+    norm = options[1] if len(options) > 1 else norm
     torch.manual_seed(0)
     return SequenceEncoder(NUM_ITEMS, HIDDEN, MAX_LEN, layers=2, heads=2, dropout=0.1,
-                           kind=kind).eval()
+                           kind=kind, positions=positions, norm=norm).eval()
 
 
 def make_model(**overrides) -> FLMModel:
@@ -55,7 +61,7 @@ def make_batch(batch: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
 
 # --- Sequence encoders ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ENCODERS)
+@pytest.mark.parametrize("kind", ENCODER_VARIANTS)
 def test_encoder_shapes_and_fully_padded_row_is_finite(kind):
     encoder = make_encoder(kind)
     states = encoder(left_padded_input())
@@ -66,7 +72,7 @@ def test_encoder_shapes_and_fully_padded_row_is_finite(kind):
     assert torch.isfinite(encoder(torch.zeros(3, MAX_LEN, dtype=torch.long))).all()
 
 
-@pytest.mark.parametrize("kind", ENCODERS)
+@pytest.mark.parametrize("kind", ENCODER_VARIANTS)
 def test_no_future_leakage(kind):
     encoder = make_encoder(kind)
     input = left_padded_input()
@@ -82,7 +88,7 @@ def test_no_future_leakage(kind):
             assert (states[1:, position] - original[1:, position]).abs().amax() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ENCODERS)
+@pytest.mark.parametrize("kind", ENCODER_VARIANTS)
 def test_padding_row_contents_never_reach_real_positions(kind):
     encoder = make_encoder(kind)
     input = left_padded_input()
@@ -94,12 +100,25 @@ def test_padding_row_contents_never_reach_real_positions(kind):
     torch.testing.assert_close(changed[real], original[real], atol=1e-5, rtol=0)
 
 
-def test_sasrec_positions_are_right_aligned_so_padding_does_not_matter():
-    encoder = make_encoder("sasrec")
+@pytest.mark.parametrize("positions", ["first", "last"])
+def test_sasrec_position_ids_do_not_depend_on_padding(positions):
+    encoder = make_encoder("sasrec", positions)
     history = torch.randint(1, NUM_ITEMS + 1, (2, 4), generator=torch.Generator().manual_seed(1))
     padded = torch.cat([torch.zeros(2, MAX_LEN - 4, dtype=torch.long), history], dim=1)
     with torch.no_grad():
         torch.testing.assert_close(encoder(padded)[:, -4:], encoder(history), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("positions", ["first", "last"])
+def test_a_trained_inner_position_is_the_ranked_prefix_only_when_counted_from_the_first_item(positions):
+    # Position t of a training row predicts item t+1; at ranking time the same prefix is a row of
+    # its own whose last position is scored.
+    encoder = make_encoder("sasrec", positions)
+    row = torch.randint(1, NUM_ITEMS + 1, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        inner = encoder(row)[0, 3]
+        ranked = encoder(torch.cat([torch.zeros(1, 3, dtype=torch.long), row[:, :4]], dim=1))[0, -1]
+    assert torch.allclose(inner, ranked, atol=1e-5) == (positions == "first")
 
 
 def test_encoder_rejects_bad_configuration():

@@ -24,7 +24,13 @@ from flm_dist.losses import (
 )
 from flm_dist.models.cf import MatrixFactorization
 from flm_dist.models.flow import FlowKind, NormalizingFlow
-from flm_dist.models.sequence import EncoderKind, SequenceEncoder, item_embedding_table
+from flm_dist.models.sequence import (
+    EncoderKind,
+    NormPlacement,
+    PositionOrigin,
+    SequenceEncoder,
+    item_embedding_table,
+)
 
 FusionKind = Literal["concat", "sum", "gate"]
 RepresentationSource = Literal["fused", "sequence", "cf"]
@@ -69,7 +75,8 @@ class FLMModel(nn.Module):
     def __init__(self, num_users: int, num_items: int, hidden: int, max_len: int, layers: int,
                  heads: int, dropout: float, encoder: EncoderKind = "sasrec",
                  fusion: FusionKind = "concat", flow_layers: int = 4, flow_hidden: int = 128,
-                 flow_kind: FlowKind = "affine", flow_stop_gradient: bool = True):
+                 flow_kind: FlowKind = "affine", flow_stop_gradient: bool = True,
+                 positions: PositionOrigin = "last", norm: NormPlacement = "pre"):
         super().__init__()
         self.num_items = num_items
         self.hidden = hidden
@@ -77,7 +84,8 @@ class FLMModel(nn.Module):
         self.item_embedding = item_embedding_table(num_items, hidden)
         self.cf = MatrixFactorization(num_users, hidden, self.item_embedding)
         self.sequence = SequenceEncoder(num_items, hidden, max_len, layers, heads, dropout,
-                                        kind=encoder, item_embedding=self.item_embedding)
+                                        kind=encoder, item_embedding=self.item_embedding,
+                                        positions=positions, norm=norm)
         self.fusion = Fusion(fusion, hidden)
         self.flow = NormalizingFlow(hidden, flow_layers, flow_hidden, flow_kind)
 

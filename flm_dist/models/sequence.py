@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 EncoderKind = Literal["sasrec", "gru", "lstm"]
+PositionOrigin = Literal["first", "last"]
+NormPlacement = Literal["pre", "post"]
 
 FEEDFORWARD_MULTIPLIER = 4
 
@@ -40,10 +42,12 @@ def check_item_embedding(item_embedding: nn.Embedding, num_items: int, hidden: i
 
 
 class CausalSelfAttentionBlock(nn.Module):
-    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + FFN(LN(x))."""
+    """Transformer block. Pre-LN: x + Attn(LN(x)), then x + FFN(LN(x)). Post-LN (the original
+    transformer, BERT, RecBole's SASRec): LN(x + Attn(x)), then LN(x + FFN(x))."""
 
-    def __init__(self, hidden: int, heads: int, dropout: float):
+    def __init__(self, hidden: int, heads: int, dropout: float, norm: NormPlacement = "pre"):
         super().__init__()
+        self.post_norm = norm == "post"
         self.heads = heads
         self.attention_dropout = dropout
         self.attention_norm = nn.LayerNorm(hidden)
@@ -58,25 +62,34 @@ class CausalSelfAttentionBlock(nn.Module):
         self.residual_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            x = self.attention_norm(x + self.residual_dropout(self._attention(x, attention_mask)))
+            return self.feedforward_norm(x + self.residual_dropout(self.feedforward(x)))
+        x = x + self.residual_dropout(self._attention(self.attention_norm(x), attention_mask))
+        return x + self.residual_dropout(self.feedforward(self.feedforward_norm(x)))
+
+    def _attention(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
-        qkv = self.qkv(self.attention_norm(x))
-        qkv = qkv.view(batch, length, 3, self.heads, hidden // self.heads)
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask,
             dropout_p=self.attention_dropout if self.training else 0.0)
-        attended = attended.transpose(1, 2).reshape(batch, length, hidden)
-        x = x + self.residual_dropout(self.attention_output(attended))
-        return x + self.residual_dropout(self.feedforward(self.feedforward_norm(x)))
+        return self.attention_output(attended.transpose(1, 2).reshape(batch, length, hidden))
 
 
 class SequenceEncoder(nn.Module):
     """Hidden state per position of a left-padded item sequence: Long[B, L] -> Float[B, L, H].
 
     SASRec: item embeddings scaled by sqrt(H) plus learned position embeddings, pre-LN causal
-    transformer blocks, final LayerNorm. Position ids are right-aligned (the most recent item is
-    always position max_len-1, also when L < max_len), so a position id means "k steps before the
-    latest item" independently of how much padding the row has. Attention combines the causal
+    transformer blocks, final LayerNorm; with `norm="post"`, unscaled embeddings plus positions
+    through a LayerNorm, then post-LN blocks (RecBole's layout). `positions="first"` counts position ids from the row's
+    first real item, so the state at position t is the same function of items 0..t whether it is
+    trained as an inner position of a longer row or ranked as the last one (RecBole's SASRec
+    trains on every prefix for that reason). `positions="last"` counts back from the most recent
+    item (the original SASRec): a training position t < L-1 then sees other position ids than
+    the same prefix does at ranking time. Either way the ids do not depend on how much left
+    padding a batch has. Attention combines the causal
     mask with a key-padding mask; every query may also attend to itself, so fully padded rows (and
     padded queries) never see an all-masked row and never produce NaN.
 
@@ -88,24 +101,33 @@ class SequenceEncoder(nn.Module):
 
     def __init__(self, num_items: int, hidden: int, max_len: int, layers: int, heads: int,
                  dropout: float, kind: EncoderKind = "sasrec",
-                 item_embedding: nn.Embedding | None = None):
+                 item_embedding: nn.Embedding | None = None, positions: PositionOrigin = "last",
+                 norm: NormPlacement = "pre"):
         super().__init__()
         if item_embedding is None:
             item_embedding = item_embedding_table(num_items, hidden)
         check_item_embedding(item_embedding, num_items, hidden)
+        if positions not in ("first", "last"):
+            raise ValueError(f"unknown positions {positions!r}; expected 'first' or 'last'")
         self.kind = kind
         self.max_len = max_len
+        self.positions = positions
         self.item_embedding = item_embedding
         self.embedding_dropout = nn.Dropout(dropout)
-        self.output_norm = nn.LayerNorm(hidden)
+        # Post-LN blocks end in a LayerNorm already.
+        self.output_norm = nn.Identity() if kind == "sasrec" and norm == "post" else nn.LayerNorm(hidden)
         if kind == "sasrec":
             if hidden % heads != 0:
                 raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-            self.embedding_scale = math.sqrt(hidden)
+            if norm not in ("pre", "post"):
+                raise ValueError(f"unknown norm {norm!r}; expected 'pre' or 'post'")
+            # Post-LN normalises the embedding sum itself (as RecBole does), so nothing is scaled.
+            self.embedding_scale = math.sqrt(hidden) if norm == "pre" else 1.0
+            self.input_norm = nn.LayerNorm(hidden) if norm == "post" else nn.Identity()
             self.position_embedding = nn.Embedding(max_len, hidden)
             nn.init.normal_(self.position_embedding.weight, std=hidden ** -0.5)
             self.blocks = nn.ModuleList(
-                CausalSelfAttentionBlock(hidden, heads, dropout) for _ in range(layers))
+                CausalSelfAttentionBlock(hidden, heads, dropout, norm) for _ in range(layers))
         elif kind in ("gru", "lstm"):
             recurrent = nn.GRU if kind == "gru" else nn.LSTM
             self.recurrent = recurrent(hidden, hidden, num_layers=layers, batch_first=True,
@@ -126,9 +148,13 @@ class SequenceEncoder(nn.Module):
 
     def _transformer(self, input: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
         length = input.shape[1]
-        positions = torch.arange(self.max_len - length, self.max_len, device=input.device)
+        if self.positions == "first":
+            # Padding rows get id 0 too; they are masked as keys and never ranked.
+            positions = (is_item.cumsum(1) - 1).clamp(min=0)
+        else:
+            positions = torch.arange(self.max_len - length, self.max_len, device=input.device)
         x = self.item_embedding(input) * self.embedding_scale + self.position_embedding(positions)
-        x = self.embedding_dropout(x)
+        x = self.embedding_dropout(self.input_norm(x))
 
         causal = torch.ones(length, length, dtype=torch.bool, device=input.device).tril()
         itself = torch.eye(length, dtype=torch.bool, device=input.device)

@@ -1,0 +1,83 @@
+"""AdamW with lazy row updates for tables that have sparse gradients.
+
+A table built as `nn.Embedding(sparse=True)` gets a sparse gradient holding only the rows a step
+looked up. `LazyRowAdamW` updates those rows' moments and values and leaves every other row alone
+(the update rule of `torch.optim.SparseAdam`), so the cost of a step on such a table follows the
+batch, not the table. Every dense parameter gets plain (or fused) AdamW. One optimiser, so one
+state dict and one LR schedule cover both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LazyRowAdamW(torch.optim.AdamW):
+    """AdamW; a parameter whose gradient is sparse gets a lazy Adam step on its touched rows.
+
+    A row's moments only advance on the steps that touch it, while the bias correction follows the
+    parameter's step count, as in `torch.optim.SparseAdam` (eps is added after the bias
+    correction, as AdamW does for the dense parameters). This is not the same trajectory as
+    dense AdamW, whose momentum keeps moving a row for steps after its last gradient. Weight decay
+    is not applied to sparse rows (embedding tables are never decayed here).
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sparse = []
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None and parameter.grad.is_sparse:
+                    self._lazy_step(parameter, group)
+                    sparse.append((parameter, parameter.grad))
+                    parameter.grad = None  # AdamW below only sees the dense parameters
+        super().step()
+        for parameter, gradient in sparse:
+            parameter.grad = gradient
+        return loss
+
+    def _lazy_step(self, parameter: torch.Tensor, group: dict) -> None:
+        if group["weight_decay"]:
+            raise ValueError("LazyRowAdamW: weight decay on a sparse-gradient table is not supported")
+        gradient = parameter.grad.coalesce()
+        rows, values = gradient.indices()[0], gradient.values()
+        state = self.state[parameter]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(parameter)
+            state["exp_avg_sq"] = torch.zeros_like(parameter)
+        state["step"] += 1
+        step = state["step"].item()
+        beta1, beta2 = group["betas"]
+        exp_avg = state["exp_avg"][rows].lerp_(values, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        denominator = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+        lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
+        parameter.index_add_(0, rows, exp_avg / denominator, alpha=-lr / (1 - beta1 ** step))
+
+
+def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` that also counts and scales sparse gradients (which the
+    torch version rejects). Returns the total norm before clipping."""
+    with_grad = [p for p in parameters if p.grad is not None]
+    sparse = [p for p in with_grad if p.grad.is_sparse]
+    if not sparse:
+        return torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+    dense = [p for p in with_grad if not p.grad.is_sparse]
+    for parameter in sparse:
+        parameter.grad = parameter.grad.coalesce()  # repeated rows sum before their norm is taken
+    norms = [parameter.grad.values().norm() for parameter in sparse]
+    if dense:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in dense]))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for parameter in sparse:
+        parameter.grad.values().mul_(scale)
+    return total
