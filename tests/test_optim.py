@@ -144,3 +144,21 @@ def test_bench_optim_prints_both_step_times(capsys):
     assert result["rows"] == 5000 and result["table_bytes"] == 5000 * 8 * 4
     assert result["dense_step_ms"] > 0 and result["lazy_step_ms"] > 0
     assert result["dense_over_lazy"] == pytest.approx(result["dense_step_ms"] / result["lazy_step_ms"])
+
+
+@pytest.mark.gpu
+def test_lazy_rows_on_cuda_match_cpu():
+    results = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)  # initialised on the CPU, then moved: the same start on both devices
+        table, head = nn.Embedding(1000, 16, sparse=True).to(device), nn.Linear(16, 4).to(device)
+        optimizer = LazyRowAdamW([{"params": [table.weight], "weight_decay": 0.0},
+                                  {"params": list(head.parameters())}], lr=0.01, fused=device == "cuda")
+        for step in range(4):
+            rows = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(step)).to(device)
+            optimizer.zero_grad()
+            _lookup_loss(table, head, rows).backward()
+            clip_grad_norm_([table.weight, *head.parameters()], 0.1)
+            optimizer.step()
+        results[device] = table.weight.detach().cpu()
+    torch.testing.assert_close(results["cuda"], results["cpu"], rtol=1e-4, atol=1e-5)
