@@ -277,7 +277,7 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     if config.train.sparse_user_table and user_table is not None:
         user_table.sparse = True  # sparse gradients: LazyRowAdamW updates only the batch's users
     optimizer = LazyRowAdamW(_param_groups(model, config.train), lr=config.train.lr,
-                                  fused=device.type == "cuda")
+                             fused=device.type == "cuda")
     total_steps = math.ceil(micro_steps_per_epoch / config.train.grad_accum) * config.train.epochs
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
