@@ -83,15 +83,18 @@ class SequenceEncoder(nn.Module):
 
     SASRec: item embeddings scaled by sqrt(H) plus learned position embeddings, pre-LN causal
     transformer blocks, final LayerNorm; with `norm="post"`, unscaled embeddings plus positions
-    through a LayerNorm, then post-LN blocks (RecBole's layout). `positions="first"` counts position ids from the row's
-    first real item, so the state at position t is the same function of items 0..t whether it is
-    trained as an inner position of a longer row or ranked as the last one (RecBole's SASRec
-    trains on every prefix for that reason). `positions="last"` counts back from the most recent
-    item (the original SASRec): a training position t < L-1 then sees other position ids than
-    the same prefix does at ranking time. Either way the ids do not depend on how much left
-    padding a batch has. Attention combines the causal
-    mask with a key-padding mask; every query may also attend to itself, so fully padded rows (and
-    padded queries) never see an all-masked row and never produce NaN.
+    through a LayerNorm, then post-LN blocks (RecBole's layout).
+
+    `positions="first"` counts position ids from the row's first real item, so the state at
+    position t is the same function of items 0..t whether it is trained as an inner position of
+    a longer row or ranked as the last one (RecBole's SASRec trains on every prefix for that
+    reason). `positions="last"` counts back from the most recent item (the original SASRec): a
+    training position t < L-1 then sees other position ids than the same prefix does at ranking
+    time. Either way the ids do not depend on how much left padding a batch has.
+
+    Attention combines the causal mask with a key-padding mask; every query may also attend to
+    itself, so fully padded rows (and padded queries) never see an all-masked row and never
+    produce NaN.
 
     GRU/LSTM: a causal RNN over the embeddings, then the same final LayerNorm. Padded steps come
     first and feed a zero input, so real positions never depend on padding-row contents.
