@@ -79,7 +79,12 @@ class AblateConfig:
     output: str = ""
     """Directory for runs/, ablation.md and ablation.json."""
     seeds: int = 3
-    """Seeds per variant (train.seed = 0, 1, ...; a seed also picks the fine-tuning users)."""
+    """Seeds per variant (train.seed = first_seed, first_seed + 1, ...; a seed also picks the
+    fine-tuning users)."""
+    first_seed: int = 0
+    """The first seed. Disjoint seed ranges can run as separate commands (on separate machines or
+    cores) into one output; a last command over all the seeds then only evaluates the finished
+    runs and writes the combined table."""
     fractions: tuple[float, ...] = (1.0, 0.1)
     """Fine-tuning data fractions (finetune.data_fraction)."""
     variants: tuple[str, ...] = tuple(VARIANTS)
@@ -95,11 +100,16 @@ class AblateConfig:
         require(bool(self.data), "data", "is required")
         require(bool(self.output), "output", "is required")
         require(self.seeds > 0, "seeds", "must be positive")
+        require(self.first_seed >= 0, "first_seed", "must be >= 0")
         require(len(self.fractions) > 0 and all(0 < f <= 1 for f in self.fractions), "fractions",
                 "must be in (0, 1]")
         require(set(self.variants) <= set(VARIANTS), "variants", f"must be among {list(VARIANTS)}")
         require(REFERENCE in self.variants and len(set(self.variants)) > 1, "variants",
                 f"must include {REFERENCE} and at least one other")
+
+
+def seed_range(config: AblateConfig) -> range:
+    return range(config.first_seed, config.first_seed + config.seeds)
 
 
 def _pretrain_config(config: AblateConfig, objective: str, seed: int, output: Path) -> PretrainConfig:
@@ -178,7 +188,7 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
 def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[str, float]],
               ranks: dict[tuple[str, float, int], np.ndarray]) -> dict[str, Any]:
     """Mean ± std over seeds per (variant, fraction) and the paired tests of flm against the rest."""
-    seeds = range(config.seeds)
+    seeds = seed_range(config)
     results, significance = [], {}
     for fraction in config.fractions:
         per_user = {v: np.mean([ndcg_at(ranks[v, fraction, s]) for s in seeds], axis=0) for v in config.variants}
@@ -229,7 +239,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
         _pretrain_config(config, objective, 0, output)
     for variant in config.variants:
         _finetune_config(config, variant, config.fractions[0], 0, output, output)
-    for seed in range(config.seeds):
+    for seed in seed_range(config):
         root = output / "runs" / f"seed{seed}"
         for objective in objectives:
             log.info("ablation seed %d: pretraining %s", seed, objective)

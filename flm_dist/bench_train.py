@@ -42,10 +42,11 @@ def step_flops(batch: dict[str, torch.Tensor], config: PretrainConfig, num_items
     else:
         gates = 3 if config.model.encoder == "gru" else 4
         macs += layers * tokens * gates * 2 * hidden * hidden
-    columns = num_items if config.loss.softmax == "full" else tokens + config.loss.num_negatives
+    scored = rows if config.train.windows == "prefixes" else tokens  # positions with a seq target
+    columns = num_items if config.loss.softmax == "full" else scored + config.loss.num_negatives
     weights = config.loss.weights()
     if weights["seq"]:
-        macs += tokens * columns * hidden
+        macs += scored * columns * hidden
     for term in ("cf", "fused"):
         if weights[term]:
             macs += rows * (num_items if config.loss.softmax == "full" else rows + config.loss.num_negatives) * hidden

@@ -301,8 +301,10 @@ class TrainConfig:
     """Cosine decay floor, as a fraction of `lr`."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
-    windows: Literal["all", "last"] = "all"
-    """Train on every `max_len` window of long sequences, or only the most recent one."""
+    windows: Literal["all", "last", "prefixes"] = "all"
+    """Train on every `max_len` window of long sequences (`all`), only the most recent one
+    (`last`), or one window per target, the up to `max_len` items before it (`prefixes`,
+    RecBole's augmentation; about average-length times more transformer work per epoch)."""
     seed: int = 42
     """Seeds parameters, shuffling, dropout and negative sampling."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

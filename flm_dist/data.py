@@ -67,11 +67,16 @@ def build_train_arrays(table: pa.Table, max_len: int, windows: str = "all") -> T
     `windows="last"` keeps only the most recent window per user (SASRec's choice); `"all"` cuts
     longer sequences into consecutive windows ending at the last item, so no interaction is
     unused. Windows overlap by one item: the last input of one is the first target of the next.
+    `"prefixes"` gives one window per target, the up to `max_len` items before it, with only
+    the last position carrying a target (RecBole's augmentation: every prefix is a sample with
+    its own dropout; the transformer runs once per target instead of once per window).
     Users with fewer than two items have no next-item target and give no window.
     """
     offsets, values = _list_parts(table.column("items"))
     users = table.column("user").to_numpy().astype(np.int64)
     lengths = np.diff(offsets)
+    if windows == "prefixes":
+        return _prefix_windows(users, offsets, values, lengths, max_len)
     if windows == "last":
         count = (lengths >= 2).astype(np.int64)
     else:
@@ -85,6 +90,23 @@ def build_train_arrays(table: pa.Table, max_len: int, windows: str = "all") -> T
         user=torch.from_numpy(users[row_of_window]),
         input=torch.from_numpy(_place_right_aligned(values, starts, input_lengths, max_len)),
         target=torch.from_numpy(_place_right_aligned(values, starts, input_lengths, max_len, shift=1)),
+    )
+
+
+def _prefix_windows(users: np.ndarray, offsets: np.ndarray, values: np.ndarray, lengths: np.ndarray,
+                    max_len: int) -> TrainArrays:
+    targets_per_user = np.maximum(lengths - 1, 0)
+    row_of_window = np.repeat(np.arange(len(lengths)), targets_per_user)
+    target_index = np.arange(int(targets_per_user.sum())) - np.repeat(
+        np.cumsum(targets_per_user) - targets_per_user, targets_per_user) + 1
+    target_position = offsets[row_of_window] + target_index
+    input_lengths = np.minimum(target_index, max_len)
+    target = np.zeros((len(row_of_window), max_len), dtype=np.int64)
+    target[:, -1] = values[target_position]
+    return TrainArrays(
+        user=torch.from_numpy(users[row_of_window]),
+        input=torch.from_numpy(_place_right_aligned(values, target_position - input_lengths, input_lengths, max_len)),
+        target=torch.from_numpy(target),
     )
 
 

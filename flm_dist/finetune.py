@@ -419,7 +419,8 @@ def _cmd_ablate(args) -> None:
     from flm_dist.ablate import AblateConfig, run_ablation
 
     config = from_dict(AblateConfig, _config_data(args, {
-        "data": args.data, "output": args.output, "seeds": args.seeds, "fractions": args.fractions}))
+        "data": args.data, "output": args.output, "seeds": args.seeds, "first_seed": args.first_seed,
+        "fractions": args.fractions}))
     run_ablation(config)
     print((Path(config.output) / "ablation.md").read_text())
 
@@ -462,6 +463,7 @@ def add_commands(commands) -> None:
     ablate.add_argument("--data", required=True, help="prepared data directory")
     ablate.add_argument("--output", required=True, help="directory for runs, ablation.md, ablation.json")
     ablate.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
+    ablate.add_argument("--first-seed", type=int, help="the first seed (default 0)")
     ablate.add_argument("--fractions", type=_fractions,
                         help="fine-tuning user fractions, comma separated (default 1.0,0.1)")
     _add_config_arguments(ablate)

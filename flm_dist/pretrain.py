@@ -130,7 +130,8 @@ def loss_options(config: PretrainConfig, device: torch.device) -> dict[str, Any]
     use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
     return {"weights": config.loss.weights(), "cf_loss": config.loss.cf_loss, "softmax": config.loss.softmax,
             "num_negatives": config.loss.num_negatives, "item_log_prob": item_log_prob,
-            "chunk_size": config.loss.chunk_size or None, "bf16": use_bf16}
+            "chunk_size": config.loss.chunk_size or None, "bf16": use_bf16,
+            "seq_positions": "last" if config.train.windows == "prefixes" else "all"}
 
 
 def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], options: dict[str, Any],

@@ -19,11 +19,17 @@ def _flm_cli(argv):
 
 def test_ablation_end_to_end(tiny_data, tmp_path, capsys):
     output = tmp_path / "ablation"
-    _flm_cli(["ablate", "--data", tiny_data, "--output", str(output), "--seeds", "2", "--fractions", "1.0,0.5",
-              "common.scaling.workers=0", "common.train.epochs=1", "common.train.max_steps=2",
-              "common.train.batch_size=64", "common.train.warmup_steps=1", "common.eval.batch_size=128",
-              "pretrain.model.hidden=16", "pretrain.model.max_len=12", "pretrain.model.flow_hidden=16",
-              "pretrain.model.flow_layers=2"])
+    overrides = ["common.scaling.workers=0", "common.train.epochs=1", "common.train.max_steps=2",
+                 "common.train.batch_size=64", "common.train.warmup_steps=1", "common.eval.batch_size=128",
+                 "pretrain.model.hidden=16", "pretrain.model.max_len=12", "pretrain.model.flow_hidden=16",
+                 "pretrain.model.flow_layers=2"]
+    common = ["ablate", "--data", tiny_data, "--output", str(output), "--fractions", "1.0,0.5"]
+    # Seed 1 on its own first (as another machine would), then the command over both seeds.
+    _flm_cli(common + ["--first-seed", "1", "--seeds", "1"] + overrides)
+    seed1_alone = json.loads((output / "ablation.json").read_text())
+    assert seed1_alone["seeds"] == [1] and not (output / "runs" / "seed0").exists()
+    capsys.readouterr()
+    _flm_cli(common + ["--seeds", "2"] + overrides)
     table = (output / "ablation.md").read_text()
     assert table in capsys.readouterr().out
     report = json.loads((output / "ablation.json").read_text())
@@ -33,6 +39,12 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys):
         for metric in ("ndcg@10", "hr@10"):
             assert len(row[metric]["per_seed"]) == 2 and 0.0 <= row[metric]["mean"] <= 1.0
         assert row["variant"] == "flm" or 0.0 <= row["p_value_vs_flm"] <= 1.0
+        alone = next(r for r in seed1_alone["results"]
+                     if (r["variant"], r["fraction"]) == (row["variant"], row["fraction"]))
+        assert row["ndcg@10"]["per_seed"][1] == alone["ndcg@10"]["per_seed"][0]
+    # Seed 1's runs were resumed at their end (nothing left to train), not trained again.
+    for run in ("pretrain-flm", "fraction0.5/whiten"):
+        assert json.loads((output / "runs" / "seed1" / run / "metrics.json").read_text())["resumed_at_steps"] == [2]
     for fraction in ("1.0", "0.5"):
         test = report["significance"][fraction]
         assert test["best_other"] in VARIANTS and test["best_other"] != "flm" and 0.0 <= test["p_value"] <= 1.0

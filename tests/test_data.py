@@ -23,6 +23,13 @@ def test_last_window_only():
     assert arrays.input.tolist() == [[4, 5, 6]] and arrays.target.tolist() == [[5, 6, 7]]
 
 
+def test_prefix_windows_give_one_window_per_target_with_the_target_last():
+    arrays = build_train_arrays(_train_table([[1, 2, 3, 4, 5], [8], [9, 10]]), max_len=3, windows="prefixes")
+    assert arrays.user.tolist() == [0, 0, 0, 0, 2]
+    assert arrays.input.tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [0, 0, 9]]
+    assert arrays.target.tolist() == [[0, 0, 2], [0, 0, 3], [0, 0, 4], [0, 0, 5], [0, 0, 10]]
+
+
 def test_eval_arrays_keep_full_history_for_masking():
     table = pa.table({"user": pa.array([1, 0], pa.int32()), "history": [[1, 2, 3, 4], [5]],
                       "target": [9, 8], "negatives": [[1, 2], [3, 4]]})

@@ -13,7 +13,7 @@ import torch
 
 from flm_dist.checkpoint import load_checkpoint
 from flm_dist.config import ConfigKeyError, load_config
-from flm_dist.data import build_eval_arrays
+from flm_dist.data import build_eval_arrays, build_train_arrays
 from flm_dist.errors import UserError
 from flm_dist.finetune import (FinetuneConfig, add_commands, build_recommender, fraction_of_users, resolve,
                                run_finetune)
@@ -118,6 +118,18 @@ def test_finetuning_starts_at_the_pretrained_ranking(pretrained, tiny_data, tmp_
         with torch.no_grad():
             expected = pretrained_model.score_all(arrays.user, arrays.input, source="fused")
             torch.testing.assert_close(model.score_all(arrays.user, arrays.input, source="fused"), expected)
+
+
+def test_prefix_windows_score_only_the_last_position_with_the_same_loss(pretrained, tiny_data, tmp_path):
+    model, _ = _initial_recommender(_finetune(pretrained, tiny_data, tmp_path / "ft", "finetune.head=mlp"))
+    prefixes = build_train_arrays(pq.read_table(Path(tiny_data) / "train"), 12, windows="prefixes")
+    batch = prefixes.take(torch.arange(min(len(prefixes), 64)))
+    model.initialize_flow(batch)
+    model.eval()
+    weights = {"seq": 1.0, "fused": 0.5}
+    every_position, last_only = model(batch, weights), model(batch, weights, seq_positions="last")
+    for term in ("seq", "fused", "total"):
+        torch.testing.assert_close(last_only[term], every_position[term])
 
 
 def _perturb_flow(model):

@@ -166,6 +166,30 @@ def test_losses_returns_every_term_and_weighted_total(encoder, fusion):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_prefix_windows_train_the_same_next_item_loss_as_whole_windows():
+    """With positions counted from the first item, the state after item t of a whole window is
+    the last state of the prefix ending at t, so (without dropout) scoring only the last
+    position of every prefix window gives exactly the whole windows' next-item loss."""
+    import pyarrow as pa
+
+    from flm_dist.data import build_train_arrays
+
+    generator = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(1, NUM_ITEMS + 1, (n,), generator=generator).tolist() for n in (2, 5, MAX_LEN + 1)]
+    table = pa.table({"user": pa.array(range(len(sequences)), pa.int32()),
+                      "items": pa.array(sequences, pa.list_(pa.int32()))})
+    whole = build_train_arrays(table, MAX_LEN, windows="all")
+    prefixes = build_train_arrays(table, MAX_LEN, windows="prefixes")
+    assert len(whole) == 3 and len(prefixes) == sum(len(s) - 1 for s in sequences)
+    model = make_model(positions="first").eval()
+    weights = {"seq": 1.0}
+    expected = model.losses(whole.take(torch.arange(len(whole))), weights)["seq"]
+    last_only = model.losses(prefixes.take(torch.arange(len(prefixes))), weights, seq_positions="last")["seq"]
+    torch.testing.assert_close(last_only, expected)
+    every_position = model.losses(prefixes.take(torch.arange(len(prefixes))), weights)["seq"]
+    torch.testing.assert_close(every_position, expected)  # the other positions carry no target
+
+
 @pytest.mark.parametrize("cf_loss", ["ce", "bpr"])
 @pytest.mark.parametrize("softmax", ["full", "sampled"])
 def test_loss_options_give_finite_losses_with_gradients(cf_loss, softmax):

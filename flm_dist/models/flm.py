@@ -142,10 +142,12 @@ class FLMModel(nn.Module):
                cf_loss: Literal["ce", "bpr"] = "ce",
                softmax: Literal["full", "sampled"] = "full", num_negatives: int = 100,
                item_log_prob: torch.Tensor | None = None,
-               chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+               chunk_size: int | None = None,
+               seq_positions: Literal["all", "last"] = "all") -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
-        seq: next-item CE at every position with a target. cf: CF loss of the MF user vector
+        seq: next-item CE at every position with a target (`seq_positions="last"`: at the last
+        position only, for windows whose only target is there; the others are not scored). cf: CF loss of the MF user vector
         against all of the user's targets ("ce": softmax CE, "bpr": BPR with `num_negatives`
         uniform negatives per user). fused: CE of the fused vector for the last target. flow: NLL
         per dimension of the fused vector under the flow. `softmax` picks full or sampled softmax
@@ -176,7 +178,10 @@ class FLMModel(nn.Module):
         cf_vectors = self.cf.user_vectors(user) if active & {"cf", "fused", "flow"} else None
 
         if "seq" in active:
-            terms["seq"] = softmax_ce(states.reshape(-1, self.hidden), target.reshape(-1))
+            if seq_positions == "last":
+                terms["seq"] = softmax_ce(states[:, -1], target[:, -1])
+            else:
+                terms["seq"] = softmax_ce(states.reshape(-1, self.hidden), target.reshape(-1))
         if "cf" in active:
             terms["cf"] = self._cf_loss(cf_vectors, target, cf_loss, softmax, num_negatives,
                                         item_log_prob)

@@ -226,10 +226,12 @@ class Recommender(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
                 cf_loss: Literal["ce", "bpr"] = "ce", softmax: Literal["full", "sampled"] = "full",
                 num_negatives: int = 100, item_log_prob: torch.Tensor | None = None,
-                chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+                chunk_size: int | None = None,
+                seq_positions: Literal["all", "last"] = "all") -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
-        seq: next-item CE of the user vector after every position with a target. fused: CE of
+        seq: next-item CE of the user vector after every position with a target (after the last
+        position only with `seq_positions="last"`). fused: CE of
         the user vector after the last position (the one `score_all` ranks with). cf: the
         backbone's MF loss (an auxiliary term). flow: the flow's NLL per dimension of the fused
         representation, which keeps the flow a density model while it is fine-tuned.
@@ -252,12 +254,14 @@ class Recommender(nn.Module):
 
         terms: dict[str, torch.Tensor] = {}
         representations = self._representations(user, input)
-        if "seq" in active:
+        if "seq" in active and seq_positions == "all":
             vectors = self._user_vectors(representations)
             terms["seq"] = softmax_ce(vectors.reshape(-1, self.hidden), target.reshape(-1))
             last = vectors[:, -1]
         else:
             last = self._user_vectors(representations[:, -1])
+        if "seq" in active and seq_positions == "last":
+            terms["seq"] = softmax_ce(last, target[:, -1])
         if "fused" in active:
             terms["fused"] = softmax_ce(last, target[:, -1])
         if "cf" in active:
