@@ -295,6 +295,10 @@ class TrainConfig:
     reads, writes and (in DDP) exchanges only the rows of its batch's users, so its cost follows
     the batch, not the number of users. A row's moments then only move when it is touched, so
     this is not the same optimiser as dense AdamW; see the README's performance section."""
+    sparse_item_table: bool = False
+    """The same for the shared item table (needs `loss.softmax=sampled`, under which a step looks
+    up only its batch's items and the sampled negatives): the optimiser step and the DDP
+    exchange follow those rows, not the catalog."""
     warmup_steps: int = 100
     """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = 0.1
@@ -392,3 +396,12 @@ class ScalingConfig:
         require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         require(self.max_failures >= 0, "max_failures", "must be >= 0")
+
+
+def require_sampled_softmax_for_item_rows(train: TrainConfig, loss: LossConfig) -> None:
+    """The item-row options only make sense when a step touches few item rows."""
+    reason = "under full softmax every item row gets a gradient every step, and dense is cheaper"
+    require(train.item_grad_exchange == "dense" or loss.softmax == "sampled", "train.item_grad_exchange",
+            f"rows needs loss.softmax=sampled: {reason}")
+    require(not train.sparse_item_table or loss.softmax == "sampled", "train.sparse_item_table",
+            f"needs loss.softmax=sampled: {reason}")

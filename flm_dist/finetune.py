@@ -45,6 +45,7 @@ from flm_dist.config import (
     TrainConfig,
     from_dict,
     require,
+    require_sampled_softmax_for_item_rows,
 )
 from flm_dist.data import filter_users
 from flm_dist.errors import UserError
@@ -158,9 +159,7 @@ class FinetuneConfig:
                 "frozen mode fixes the MF user vectors; set loss.cf=0")
         require(self.eval.user_source == self.finetune.source, "eval.user_source",
                 f"must be finetune.source ({self.finetune.source}): the head is trained on that representation")
-        require(self.train.item_grad_exchange == "dense" or self.loss.softmax == "sampled",
-                "train.item_grad_exchange", "rows needs loss.softmax=sampled: under full softmax "
-                "every item row gets a gradient every step, and dense is cheaper")
+        require_sampled_softmax_for_item_rows(self.train, self.loss)
 
 
 # ---------------------------------------------------------------------------------------------

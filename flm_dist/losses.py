@@ -56,6 +56,12 @@ def normalized_item_log_prob(item_log_prob: torch.Tensor) -> torch.Tensor:
     return torch.cat([real.new_full((1,), -math.inf), real])
 
 
+def item_rows(item_table: torch.Tensor, ids: torch.Tensor, sparse_gradient: bool = False) -> torch.Tensor:
+    """Rows `ids` of `item_table`; with `sparse_gradient` their gradient is a sparse tensor of
+    just those rows (as `nn.Embedding(sparse=True)` gives) instead of a dense table."""
+    return F.embedding(ids, item_table, sparse=sparse_gradient)
+
+
 def sample_items(num_samples: int, num_items: int, item_log_prob: torch.Tensor | None = None,
                  device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -73,7 +79,8 @@ def sample_items(num_samples: int, num_items: int, item_log_prob: torch.Tensor |
 
 def sampled_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
                        num_negatives: int, item_log_prob: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None,
+                       sparse_gradient: bool = False) -> torch.Tensor:
     """Sampled-softmax cross-entropy with in-batch plus sampled negatives and logQ correction.
 
     Negatives for row i are the other rows' targets (in-batch) and `num_negatives` items shared by
@@ -87,15 +94,16 @@ def sampled_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: 
     partition function over the non-target items and the loss tends to the full-softmax loss as
     C grows. Accidental hits (a negative equal to the row's target, including the row's own
     in-batch copy) and padding targets of ignored rows are masked out of the denominator.
-    Cost is O(M * (M + num_negatives)) for M rows, so it pays off when M << num_items.
+    Cost is O(M * (M + num_negatives)) for M rows, so it pays off when M << num_items; with
+    `sparse_gradient` the item table's gradient holds only the rows looked up (see `item_rows`).
     """
     num_items = item_table.shape[0] - 1
     valid = targets != 0
     negatives = sample_items(num_negatives, num_items, item_log_prob, hidden.device, generator)
     candidates = torch.cat([targets, negatives])
 
-    positive_logits = (hidden * item_table[targets]).sum(-1).float()
-    candidate_logits = (hidden @ item_table[candidates].T).float()
+    positive_logits = (hidden * item_rows(item_table, targets, sparse_gradient)).sum(-1).float()
+    candidate_logits = (hidden @ item_rows(item_table, candidates, sparse_gradient).T).float()
 
     if item_log_prob is None:
         candidate_log_q = candidate_logits.new_full(candidates.shape, -math.log(num_items))

@@ -37,6 +37,7 @@ from flm_dist.config import (
     TrainConfig,
     from_dict,
     require,
+    require_sampled_softmax_for_item_rows,
     to_dict,
 )
 from flm_dist.data import (
@@ -76,9 +77,7 @@ class PretrainConfig:
     def __post_init__(self):
         require(bool(self.data), "data", "is required (a directory written by `flm prepare`)")
         require(bool(self.output), "output", "is required (the run directory)")
-        require(self.train.item_grad_exchange == "dense" or self.loss.softmax == "sampled",
-                "train.item_grad_exchange", "rows needs loss.softmax=sampled: under full softmax "
-                "every item row gets a gradient every step, and dense is cheaper")
+        require_sampled_softmax_for_item_rows(self.train, self.loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +150,12 @@ def _user_table(model: torch.nn.Module) -> torch.nn.Embedding | None:
         if name == "cf.user_embedding" or name.endswith(".cf.user_embedding"):
             return module
     return None
+
+
+def _item_embedding(model: torch.nn.Module) -> torch.nn.Embedding:
+    """The module of the shared item table (pretraining or fine-tuning model)."""
+    return next(module for name, module in model.named_modules()
+                if name == "item_embedding" or name.endswith(".item_embedding"))
 
 
 def _param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
@@ -277,6 +282,8 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     user_table = _user_table(model)
     if config.train.sparse_user_table and user_table is not None:
         user_table.sparse = True  # sparse gradients: LazyRowAdamW updates only the batch's users
+    if config.train.sparse_item_table:
+        _item_embedding(model).sparse = True  # only the batch's and the sampled negatives' items
     optimizer = LazyRowAdamW(_param_groups(model, config.train), lr=config.train.lr,
                              fused=device.type == "cuda")
     total_steps = math.ceil(micro_steps_per_epoch / config.train.grad_accum) * config.train.epochs
@@ -324,8 +331,9 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     find_unused = any(w == 0 for w in weights.values()) or config.model.flow_layers == 0
     # Sampled softmax touches a few item rows per step, a batch a few users: all-gather those rows,
     # not the whole table. (parameter, has sparse gradients)
-    row_exchanged = [(model.item_table(), False)] if (config.train.item_grad_exchange == "rows"
-                                                      and model.item_table().requires_grad) else []
+    sparse_items = _item_embedding(model).sparse
+    row_exchanged = [(model.item_table(), sparse_items)] if (
+        (config.train.item_grad_exchange == "rows" or sparse_items) and model.item_table().requires_grad) else []
     user_table = _user_table(model)
     if user_table is not None and user_table.sparse and user_table.weight.requires_grad:
         row_exchanged.append((user_table.weight, True))

@@ -201,6 +201,20 @@ def test_loss_options_give_finite_losses_with_gradients(cf_loss, softmax):
     assert model.cf.user_embedding.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("cf_loss", ["ce", "bpr"])
+def test_sparse_item_table_gradient_is_the_dense_gradient_of_the_rows_looked_up(cf_loss):
+    gradients = []
+    for sparse in (False, True):
+        model = make_model()
+        model.item_embedding.sparse = sparse
+        torch.manual_seed(1)  # the same sampled negatives for both
+        model.losses(make_batch(), ALL_WEIGHTS, cf_loss=cf_loss, softmax="sampled", num_negatives=7)["total"].backward()
+        gradients.append(model.item_table().grad)
+    dense, sparse = gradients
+    assert not dense.is_sparse and sparse.is_sparse
+    torch.testing.assert_close(sparse.to_dense(), dense)
+
+
 def test_model_without_flow_layers_scores_representations_under_a_standard_normal():
     model = make_model(flow_layers=0)
     batch = make_batch()

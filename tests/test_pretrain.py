@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from flm_dist.checkpoint import load_checkpoint
-from flm_dist.config import load_config
+from flm_dist.config import ConfigKeyError, load_config
 from flm_dist.evaluate import EvaluateConfig, run_evaluate
+from flm_dist.optim import clip_grad_norm_
 from flm_dist.pretrain import PretrainConfig, forward_backward, run_pretrain, setup_training, train_loop
 from flm_dist.session import LocalSession
 
@@ -69,11 +70,16 @@ class _CrashAfter(LocalSession):
             raise _Crash()
 
 
-@pytest.mark.parametrize("optimizer", ["dense", "sparse_user_table"])
+SPARSE_TABLES = ["train.sparse_user_table=true", "train.sparse_item_table=true", "loss.softmax=sampled",
+                 "loss.num_negatives=16"]
+
+
+@pytest.mark.parametrize("optimizer", ["dense", "sparse_user_table", "sparse_tables"])
 def test_resume_after_crash_matches_uninterrupted_run(tiny_data, tmp_path, optimizer):
-    # The sparse user table's lazy moments live in the optimiser state and must survive the crash.
-    overrides = ["scaling.workers=0", "train.epochs=2", "train.checkpoint_every_steps=3",
-                 f"train.sparse_user_table={optimizer == 'sparse_user_table'}", "train.user_lr_scale=5"]
+    # The sparse tables' lazy moments live in the optimiser state and must survive the crash.
+    overrides = ["scaling.workers=0", "train.epochs=2", "train.checkpoint_every_steps=3", "train.user_lr_scale=5"]
+    overrides += {"dense": [], "sparse_user_table": ["train.sparse_user_table=true"],
+                  "sparse_tables": SPARSE_TABLES}[optimizer]
     straight = _config(tiny_data, tmp_path / "straight", *overrides)
     train_loop(straight, LocalSession(tiny_data, straight.output))
 
@@ -105,6 +111,27 @@ def test_sparse_user_table_gets_sparse_gradients_and_its_own_learning_rate(tiny_
     assert set(table.weight.grad.coalesce().indices()[0].tolist()) == set(batch["user"].tolist())
     (group,) = [g for g in setup.optimizer.param_groups if any(p is table.weight for p in g["params"])]
     assert group["lr"] == pytest.approx(10 * setup.scheduler.get_last_lr()[0])
+
+
+def test_sparse_item_table_gets_only_the_rows_a_step_looks_up(tiny_data, tmp_path):
+    config = _config(tiny_data, tmp_path / "r", "scaling.workers=0", *SPARSE_TABLES)
+    setup = setup_training(config, LocalSession(tiny_data, config.output), torch.device("cpu"))
+    batch = setup.train.take(torch.arange(8), setup.widths.max())
+    before = setup.model.item_table().detach().clone()
+    forward_backward(setup.model, batch, setup.step_options, grad_accum=1)
+    gradient = setup.model.item_table().grad
+    assert gradient.is_sparse
+    rows = set(gradient.coalesce().indices()[0].tolist())
+    looked_up = set(batch["input"].unique().tolist()) | set(batch["target"].unique().tolist())
+    sampled_terms = 3  # seq, cf and fused each draw their own negatives
+    assert looked_up <= rows and len(rows) <= len(looked_up) + sampled_terms * config.loss.num_negatives
+    clip_grad_norm_(list(setup.model.parameters()), 1.0)
+    setup.optimizer.step()
+    moved = (setup.model.item_table().detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert set(moved) <= rows and set(moved) - {0}  # untouched rows stay exactly where they were
+
+    with pytest.raises(ConfigKeyError, match="train.sparse_item_table.*loss.softmax=sampled"):
+        _config(tiny_data, tmp_path / "full", "train.sparse_item_table=true")
 
 
 def test_rerunning_a_finished_run_does_not_train_again(tiny_data, local_run):

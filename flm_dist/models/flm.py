@@ -18,6 +18,7 @@ from torch import nn
 from flm_dist.losses import (
     bpr_loss,
     full_softmax_ce,
+    item_rows,
     masked_mean,
     sample_items,
     sampled_softmax_ce,
@@ -171,7 +172,8 @@ class FLMModel(nn.Module):
         def softmax_ce(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             if softmax == "full":
                 return full_softmax_ce(hidden, table, targets, chunk_size)
-            return sampled_softmax_ce(hidden, table, targets, num_negatives, item_log_prob)
+            return sampled_softmax_ce(hidden, table, targets, num_negatives, item_log_prob,
+                                      sparse_gradient=self.item_embedding.sparse)
 
         terms: dict[str, torch.Tensor] = {}
         states = self.sequence_states(input) if active & {"seq", "fused", "flow"} else None
@@ -201,12 +203,13 @@ class FLMModel(nn.Module):
                  num_negatives: int, item_log_prob: torch.Tensor | None) -> torch.Tensor:
         has_target = target != 0
         table = self.item_table()
+        sparse = self.item_embedding.sparse
         if kind == "bpr":
             # One uniform negative set per user, shared by all of that user's positives.
             negatives = sample_items(cf_vectors.shape[0] * num_negatives, self.num_items,
                                      device=target.device).view(-1, num_negatives)
-            positive_scores = torch.einsum("bh,blh->bl", cf_vectors, table[target])
-            negative_scores = torch.einsum("bh,bkh->bk", cf_vectors, table[negatives])
+            positive_scores = torch.einsum("bh,blh->bl", cf_vectors, item_rows(table, target, sparse))
+            negative_scores = torch.einsum("bh,bkh->bk", cf_vectors, item_rows(table, negatives, sparse))
             return bpr_loss(positive_scores,
                             negative_scores[:, None, :].expand(-1, target.shape[1], -1), has_target)
         if kind != "ce":
@@ -214,7 +217,7 @@ class FLMModel(nn.Module):
         if softmax == "sampled":
             per_position = cf_vectors[:, None, :].expand(-1, target.shape[1], -1)
             return sampled_softmax_ce(per_position.reshape(-1, self.hidden), table,
-                                      target.reshape(-1), num_negatives, item_log_prob)
+                                      target.reshape(-1), num_negatives, item_log_prob, sparse_gradient=sparse)
         # The MF vector is the same at every position, so the log-partition is computed once per
         # user ([B, N]) and reused for all of that user's targets instead of a [B*L, N] softmax.
         logits = (cf_vectors @ table[1:].T).float()

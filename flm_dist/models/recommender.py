@@ -250,7 +250,8 @@ class Recommender(nn.Module):
         def softmax_ce(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             if softmax == "full":
                 return full_softmax_ce(hidden, table, targets, chunk_size)
-            return sampled_softmax_ce(hidden, table, targets, num_negatives, item_log_prob)
+            return sampled_softmax_ce(hidden, table, targets, num_negatives, item_log_prob,
+                                      sparse_gradient=self.backbone.item_embedding.sparse)
 
         terms: dict[str, torch.Tensor] = {}
         representations = self._representations(user, input)
