@@ -43,13 +43,18 @@ def step_flops(batch: dict[str, torch.Tensor], config: PretrainConfig, num_items
         gates = 3 if config.model.encoder == "gru" else 4
         macs += layers * tokens * gates * 2 * hidden * hidden
     scored = rows if config.train.windows == "prefixes" else tokens  # positions with a seq target
-    columns = num_items if config.loss.softmax == "full" else scored + config.loss.num_negatives
+    cap = config.loss.max_in_batch_negatives
+
+    def sampled_columns(in_batch: int) -> int:
+        return (min(in_batch, cap) if cap else in_batch) + config.loss.num_negatives
+
+    columns = num_items if config.loss.softmax == "full" else sampled_columns(scored)
     weights = config.loss.weights()
     if weights["seq"]:
         macs += scored * columns * hidden
     for term in ("cf", "fused"):
         if weights[term]:
-            macs += rows * (num_items if config.loss.softmax == "full" else rows + config.loss.num_negatives) * hidden
+            macs += rows * (num_items if config.loss.softmax == "full" else sampled_columns(rows)) * hidden
     if weights["flow"] or weights["fused"]:
         macs += rows * 2 * hidden * hidden  # fusion projection
     if weights["flow"]:

@@ -257,6 +257,11 @@ class LossConfig:
     """Full softmax over all items, or sampled softmax with logQ correction for huge catalogs."""
     num_negatives: int = 256
     """Extra negatives per batch for sampled softmax and BPR (in-batch negatives come free)."""
+    max_in_batch_negatives: int = 0
+    """Sampled softmax: at most this many of the batch's targets, a random subset, serve as
+    in-batch negatives (0: all of them). The logit block is [rows x (in-batch + num_negatives)]
+    with rows = batch x max_len, so this bounds it at large batches (1024 x 200 rows would
+    otherwise give a 204,800-column block)."""
     negative_sampling: Literal["uniform", "popularity"] = "uniform"
     """Distribution of the extra negatives; logQ correction uses its log-probabilities."""
     chunk_size: int = 0
@@ -268,6 +273,7 @@ class LossConfig:
             require(getattr(self, name) >= 0.0, name, "loss weights must be >= 0")
         require(self.seq + self.cf + self.fused > 0, "seq", "at least one of seq, cf, fused must be > 0")
         require(self.num_negatives > 0, "num_negatives", "must be positive")
+        require(self.max_in_batch_negatives >= 0, "max_in_batch_negatives", "must be >= 0")
         require(self.chunk_size >= 0, "chunk_size", "must be >= 0")
 
     def weights(self) -> dict[str, float]:
@@ -343,6 +349,9 @@ class TrainConfig:
         require(self.eval_every_epochs > 0, "eval_every_epochs", "must be positive")
         require(self.patience > 0, "patience", "must be positive")
         require(self.max_steps >= 0, "max_steps", "must be >= 0")
+        require(not (self.compile and (self.sparse_user_table or self.sparse_item_table)), "compile",
+                "torch.compile cannot compile the backward of sparse embedding gradients; use "
+                "train.compile=false with sparse_user_table / sparse_item_table, or dense tables")
 
 
 @dataclasses.dataclass

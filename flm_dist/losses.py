@@ -80,7 +80,7 @@ def sample_items(num_samples: int, num_items: int, item_log_prob: torch.Tensor |
 def sampled_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
                        num_negatives: int, item_log_prob: torch.Tensor | None = None,
                        generator: torch.Generator | None = None,
-                       sparse_gradient: bool = False) -> torch.Tensor:
+                       sparse_gradient: bool = False, max_in_batch: int = 0) -> torch.Tensor:
     """Sampled-softmax cross-entropy with in-batch plus sampled negatives and logQ correction.
 
     Negatives for row i are the other rows' targets (in-batch) and `num_negatives` items shared by
@@ -94,13 +94,20 @@ def sampled_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: 
     partition function over the non-target items and the loss tends to the full-softmax loss as
     C grows. Accidental hits (a negative equal to the row's target, including the row's own
     in-batch copy) and padding targets of ignored rows are masked out of the denominator.
-    Cost is O(M * (M + num_negatives)) for M rows, so it pays off when M << num_items; with
+    With `max_in_batch` > 0, only a random subset of that many targets serves as in-batch
+    negatives, so the cost is O(M * (max_in_batch + num_negatives)) instead of O(M * (M +
+    num_negatives)) for M rows; the subset's targets are still draws from the same
+    distribution, so the correction is unchanged. It pays off when M << num_items; with
     `sparse_gradient` the item table's gradient holds only the rows looked up (see `item_rows`).
     """
     num_items = item_table.shape[0] - 1
     valid = targets != 0
     negatives = sample_items(num_negatives, num_items, item_log_prob, hidden.device, generator)
-    candidates = torch.cat([targets, negatives])
+    in_batch, own_copy = targets, 1  # every row's own target is among the in-batch candidates
+    if 0 < max_in_batch < targets.shape[0]:
+        chosen = torch.randperm(targets.shape[0], device=targets.device, generator=generator)[:max_in_batch]
+        in_batch, own_copy = targets[chosen], 0
+    candidates = torch.cat([in_batch, negatives])
 
     positive_logits = (hidden * item_rows(item_table, targets, sparse_gradient)).sum(-1).float()
     candidate_logits = (hidden @ item_rows(item_table, candidates, sparse_gradient).T).float()
@@ -109,7 +116,7 @@ def sampled_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: 
         candidate_log_q = candidate_logits.new_full(candidates.shape, -math.log(num_items))
     else:
         candidate_log_q = normalized_item_log_prob(item_log_prob)[candidates]
-    draws_per_row = (valid.sum() - 1 + num_negatives).clamp_min(1)
+    draws_per_row = ((in_batch != 0).sum() - own_copy + num_negatives).clamp_min(1)
     candidate_logits = candidate_logits - (candidate_log_q + draws_per_row.float().log())
 
     excluded = (candidates[None, :] == targets[:, None]) | (candidates[None, :] == 0)

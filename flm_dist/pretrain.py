@@ -130,7 +130,8 @@ def loss_options(config: PretrainConfig, device: torch.device) -> dict[str, Any]
     return {"weights": config.loss.weights(), "cf_loss": config.loss.cf_loss, "softmax": config.loss.softmax,
             "num_negatives": config.loss.num_negatives, "item_log_prob": item_log_prob,
             "chunk_size": config.loss.chunk_size or None, "bf16": use_bf16,
-            "seq_positions": "last" if config.train.windows == "prefixes" else "all"}
+            "seq_positions": "last" if config.train.windows == "prefixes" else "all",
+            "max_in_batch_negatives": config.loss.max_in_batch_negatives}
 
 
 def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], options: dict[str, Any],

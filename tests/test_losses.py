@@ -93,6 +93,30 @@ def test_sampled_softmax_in_batch_only_matches_hand_computation(problem):
     torch.testing.assert_close(loss, torch.stack(per_row).mean())
 
 
+def test_capped_in_batch_negatives_are_a_random_subset_with_their_own_draw_count(problem):
+    hidden, table, targets = problem
+    uncapped = sampled_softmax_ce(hidden, table, targets, num_negatives=5, generator=torch.Generator().manual_seed(4))
+    at_batch_size = sampled_softmax_ce(hidden, table, targets, num_negatives=5, max_in_batch=len(targets),
+                                       generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(at_batch_size, uncapped)
+
+    capped = sampled_softmax_ce(hidden, table, targets, num_negatives=5, max_in_batch=4,
+                                generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)  # replay the function's draws, in its order
+    negatives = sample_items(5, NUM_ITEMS, generator=generator)
+    in_batch = targets[torch.randperm(len(targets), generator=generator)[:4]]
+    candidates = torch.cat([in_batch, negatives])
+    correction = math.log((in_batch != 0).sum().item() + 5) - math.log(NUM_ITEMS)
+    per_row = []
+    for i in range(len(targets)):
+        if targets[i] == 0:
+            continue
+        positive = hidden[i] @ table[targets[i]]
+        others = [hidden[i] @ table[c] - correction for c in candidates if c != 0 and c != targets[i]]
+        per_row.append(torch.logsumexp(torch.stack([positive, *others]), 0) - positive)
+    torch.testing.assert_close(capped, torch.stack(per_row).mean())
+
+
 def test_sampled_softmax_masks_accidental_hits():
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(6, HIDDEN, generator=generator)

@@ -71,7 +71,7 @@ class _CrashAfter(LocalSession):
 
 
 SPARSE_TABLES = ["train.sparse_user_table=true", "train.sparse_item_table=true", "loss.softmax=sampled",
-                 "loss.num_negatives=16"]
+                 "loss.num_negatives=16", "loss.max_in_batch_negatives=8"]
 
 
 @pytest.mark.parametrize("optimizer", ["dense", "sparse_user_table", "sparse_tables"])
@@ -132,6 +132,8 @@ def test_sparse_item_table_gets_only_the_rows_a_step_looks_up(tiny_data, tmp_pat
 
     with pytest.raises(ConfigKeyError, match="train.sparse_item_table.*loss.softmax=sampled"):
         _config(tiny_data, tmp_path / "full", "train.sparse_item_table=true")
+    with pytest.raises(ConfigKeyError, match="train.compile.*sparse"):
+        _config(tiny_data, tmp_path / "compiled", *SPARSE_TABLES, "train.compile=true")
 
 
 def test_rerunning_a_finished_run_does_not_train_again(tiny_data, local_run):

@@ -144,7 +144,8 @@ class FLMModel(nn.Module):
                softmax: Literal["full", "sampled"] = "full", num_negatives: int = 100,
                item_log_prob: torch.Tensor | None = None,
                chunk_size: int | None = None,
-               seq_positions: Literal["all", "last"] = "all") -> dict[str, torch.Tensor]:
+               seq_positions: Literal["all", "last"] = "all",
+               max_in_batch_negatives: int = 0) -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE at every position with a target (`seq_positions="last"`: at the last
@@ -153,7 +154,8 @@ class FLMModel(nn.Module):
         uniform negatives per user). fused: CE of the fused vector for the last target. flow: NLL
         per dimension of the fused vector under the flow. `softmax` picks full or sampled softmax
         (in-batch + `num_negatives` sampled from `item_log_prob` or uniform, logQ-corrected) for
-        the CE terms; `chunk_size` bounds the full-softmax logit block (see full_softmax_ce).
+        the CE terms; `chunk_size` bounds the full-softmax logit block (see full_softmax_ce),
+        `max_in_batch_negatives` the sampled one (see sampled_softmax_ce).
         Terms with weight 0 are not computed.
         """
         unknown = set(weights) - set(LOSS_TERMS)
@@ -173,7 +175,8 @@ class FLMModel(nn.Module):
             if softmax == "full":
                 return full_softmax_ce(hidden, table, targets, chunk_size)
             return sampled_softmax_ce(hidden, table, targets, num_negatives, item_log_prob,
-                                      sparse_gradient=self.item_embedding.sparse)
+                                      sparse_gradient=self.item_embedding.sparse,
+                                      max_in_batch=max_in_batch_negatives)
 
         terms: dict[str, torch.Tensor] = {}
         states = self.sequence_states(input) if active & {"seq", "fused", "flow"} else None
@@ -186,7 +189,7 @@ class FLMModel(nn.Module):
                 terms["seq"] = softmax_ce(states.reshape(-1, self.hidden), target.reshape(-1))
         if "cf" in active:
             terms["cf"] = self._cf_loss(cf_vectors, target, cf_loss, softmax, num_negatives,
-                                        item_log_prob)
+                                        item_log_prob, max_in_batch_negatives)
         if active & {"fused", "flow"}:
             fused = self.fusion(cf_vectors, states[:, -1])
             if "fused" in active:
@@ -200,7 +203,8 @@ class FLMModel(nn.Module):
 
     def _cf_loss(self, cf_vectors: torch.Tensor, target: torch.Tensor,
                  kind: Literal["ce", "bpr"], softmax: Literal["full", "sampled"],
-                 num_negatives: int, item_log_prob: torch.Tensor | None) -> torch.Tensor:
+                 num_negatives: int, item_log_prob: torch.Tensor | None,
+                 max_in_batch_negatives: int = 0) -> torch.Tensor:
         has_target = target != 0
         table = self.item_table()
         sparse = self.item_embedding.sparse
@@ -217,7 +221,8 @@ class FLMModel(nn.Module):
         if softmax == "sampled":
             per_position = cf_vectors[:, None, :].expand(-1, target.shape[1], -1)
             return sampled_softmax_ce(per_position.reshape(-1, self.hidden), table,
-                                      target.reshape(-1), num_negatives, item_log_prob, sparse_gradient=sparse)
+                                      target.reshape(-1), num_negatives, item_log_prob, sparse_gradient=sparse,
+                                      max_in_batch=max_in_batch_negatives)
         # The MF vector is the same at every position, so the log-partition is computed once per
         # user ([B, N]) and reused for all of that user's targets instead of a [B*L, N] softmax.
         logits = (cf_vectors @ table[1:].T).float()

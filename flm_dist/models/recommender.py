@@ -227,7 +227,8 @@ class Recommender(nn.Module):
                 cf_loss: Literal["ce", "bpr"] = "ce", softmax: Literal["full", "sampled"] = "full",
                 num_negatives: int = 100, item_log_prob: torch.Tensor | None = None,
                 chunk_size: int | None = None,
-                seq_positions: Literal["all", "last"] = "all") -> dict[str, torch.Tensor]:
+                seq_positions: Literal["all", "last"] = "all",
+                max_in_batch_negatives: int = 0) -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE of the user vector after every position with a target (after the last
@@ -251,7 +252,8 @@ class Recommender(nn.Module):
             if softmax == "full":
                 return full_softmax_ce(hidden, table, targets, chunk_size)
             return sampled_softmax_ce(hidden, table, targets, num_negatives, item_log_prob,
-                                      sparse_gradient=self.backbone.item_embedding.sparse)
+                                      sparse_gradient=self.backbone.item_embedding.sparse,
+                                      max_in_batch=max_in_batch_negatives)
 
         terms: dict[str, torch.Tensor] = {}
         representations = self._representations(user, input)
@@ -268,7 +270,8 @@ class Recommender(nn.Module):
         if "cf" in active:
             terms["cf"] = self.backbone.losses(batch, {"cf": 1.0}, cf_loss=cf_loss, softmax=softmax,
                                                num_negatives=num_negatives, item_log_prob=item_log_prob,
-                                               chunk_size=chunk_size)["cf"]
+                                               chunk_size=chunk_size,
+                                               max_in_batch_negatives=max_in_batch_negatives)["cf"]
         if "flow" in active:
             fused = (representations[:, -1] if self.source == "fused"
                      else self.backbone.user_representation(user, input, "fused"))

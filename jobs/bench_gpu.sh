@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU measurements of the performance section, stage by stage, for a lent H100/H200.
+# Each stage fits one device call (10 minutes); results go to $OUT/<stage>.jsonl, logs to
+# $OUT/<stage>.log. The machine has torch but no Ray: build the wheels here first
+# (../shared/tools/device-wheels.sh writes .whl/), prepare Beauty (.data/beauty), and carry both:
+#   run(command="bash jobs/bench_gpu.sh train quality", carry=[".whl", ".data/beauty"])
+# Stages:
+#   train    flm bench train on Beauty (batch 256): SASRec and joint, windows all and prefixes,
+#            eager and torch.compile
+#   quality  Beauty SASRec pretraining, bf16 then fp32 (same seed): epoch time, validation time,
+#            time to validation NDCG@10 0.0517 (history not masked), test metrics
+#   topk     flm bench topk on the GPU at 1M and 10M items
+#   large    a 1M-item synthetic log (needs Ray from .whl), then the large configuration
+#            (hidden 512, 4 layers, max_len 200, batch 1024, sampled softmax) for MFU
+# With BENCH_SMOKE=1 every stage runs a few steps on whatever device there is (used on CPU to
+# check this script).
+set -euo pipefail
+OUT=${OUT:-/tmp/bench_gpu}
+mkdir -p "$OUT"
+if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+flm() { python3 -m flm_dist.cli "$@"; }
+smoke=${BENCH_SMOKE:-0}
+steps=100; warmup=20; epochs=30; topk_items=(1000000 10000000); large_rows=20000000
+large_model=(model.hidden=512 model.layers=4 model.heads=8 model.max_len=200 train.batch_size=1024)
+if [ "$smoke" = 1 ]; then
+  steps=3; warmup=1; epochs=2; topk_items=(20000); large_rows=20000
+  large_model=(model.hidden=32 model.layers=1 model.heads=2 model.max_len=20 train.batch_size=16)
+fi
+data=${BEAUTY:-.data/beauty}
+sasrec=(loss.cf=0 loss.fused=0 loss.flow=0)
+json_lines() { grep '^{' "$1" >>"$2" || true; }
+
+stage_train() {
+  local log=$OUT/train.log result=$OUT/train.jsonl
+  for model in sasrec joint; do
+    for windows in all prefixes; do
+      for compile in false true; do
+        local extra=()
+        [ "$model" = sasrec ] && extra=("${sasrec[@]}")
+        echo "== $model windows=$windows compile=$compile" >>"$log"
+        flm bench train --data "$data" --output /tmp/bench_train --steps "$steps" --warmup "$warmup" \
+          train.batch_size=256 train.windows="$windows" train.compile="$compile" model.positions=first \
+          "${extra[@]}" >>"$log" 2>&1
+        tail -n 1 "$log" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); \
+r.update(model='$model', windows='$windows'); print(json.dumps(r))" >>"$result"
+      done
+    done
+  done
+}
+
+stage_quality() {
+  local result=$OUT/quality.jsonl
+  for precision in bf16 fp32; do
+    local run=/tmp/runs/beauty_$precision
+    flm pretrain --data "$data" --output "$run" --workers 0 "${sasrec[@]}" \
+      eval.user_source=sequence eval.mask_history=false model.positions=first \
+      train.windows=prefixes train.batch_size=256 train.lr=0.001 train.patience=10 \
+      train.epochs="$epochs" train.precision="$precision" >>"$OUT/quality.log" 2>&1
+    python3 - "$run" "$precision" >>"$result" <<'EOF'
+import json, sys
+run, precision = sys.argv[1], sys.argv[2]
+metrics = json.load(open(f"{run}/metrics.json"))
+history = metrics["history"]
+trained = 0.0
+reached = None
+for row in history:
+    trained += row["epoch_seconds"]
+    if reached is None and row["valid/ndcg@10/full_nomask"] >= 0.0517:
+        reached = {"epoch": row["epoch"], "train_seconds": trained,
+                   "with_validation_seconds": trained + sum(r["eval_seconds"] for r in history if r["epoch"] <= row["epoch"])}
+final = metrics["final"]
+print(json.dumps({
+    "precision": precision, "epochs": len(history),
+    "epoch_seconds_median": sorted(r["epoch_seconds"] for r in history)[len(history) // 2],
+    "sequences_per_second_median": sorted(r["sequences_per_second"] for r in history)[len(history) // 2],
+    "validation_seconds_median": sorted(r["eval_seconds"] for r in history)[len(history) // 2],
+    "best_valid_ndcg@10/full_nomask": max(r["valid/ndcg@10/full_nomask"] for r in history),
+    "reached_valid_0.0517": reached,
+    **{k: final[k] for k in final if k.startswith("test/") and ("@10/" in k)}}))
+EOF
+  done
+}
+
+stage_topk() {
+  for items in "${topk_items[@]}"; do
+    flm bench topk --items "$items" --users 22363 --dim 64 --device "$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')" \
+      2>>"$OUT/topk.log" | tee -a "$OUT/topk.log" | grep '^{' >>"$OUT/topk.jsonl" || true
+  done
+}
+
+stage_large() {
+  local synth=/tmp/large/synth prepared=/tmp/large/prepared log=$OUT/large.log
+  local items=$((large_rows / 20))
+  flm synth --users $((large_rows / 100)) --items "$items" --interactions "$large_rows" --output "$synth" \
+    zipf=0.3 workers=8 >>"$log" 2>&1
+  flm prepare --input "$synth" --format parquet --output "$prepared" min_user_interactions=0 \
+    min_item_interactions=0 >>"$log" 2>&1
+  # torch.compile cannot take sparse table gradients: eager with sparse tables, compiled with dense.
+  for compile in false true; do
+    local sparse=true
+    [ "$compile" = true ] && sparse=false
+    flm bench train --data "$prepared" --output /tmp/bench_large --steps "$steps" --warmup "$warmup" \
+      "${large_model[@]}" loss.softmax=sampled loss.negative_sampling=popularity loss.num_negatives=8192 \
+      loss.max_in_batch_negatives=8192 train.sparse_item_table="$sparse" train.compile="$compile" \
+      "${sasrec[@]}" >>"$log" 2>&1
+    json_lines <(tail -n 1 "$log") "$OUT/large.jsonl"
+  done
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 train|quality|topk|large ..." >&2; exit 2; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/device.txt" 2>/dev/null || echo cpu >"$OUT/device.txt"
+for stage in "$@"; do
+  start=$(date +%s)
+  "stage_$stage"
+  echo "$stage: $(($(date +%s) - start)) s" >>"$OUT/stages.txt"
+done
