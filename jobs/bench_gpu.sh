@@ -17,6 +17,7 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/bench_gpu}
 mkdir -p "$OUT"
+scratch=$(mktemp -d)  # runs and synthetic data; only the JSON lines and logs go to $OUT
 if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -42,7 +43,7 @@ stage_train() {
         local extra=()
         [ "$model" = sasrec ] && extra=("${sasrec[@]}")
         echo "== $model windows=$windows compile=$compile" >>"$log"
-        flm bench train --data "$data" --output /tmp/bench_train --steps "$steps" --warmup "$warmup" \
+        flm bench train --data "$data" --output "$scratch/bench_train" --steps "$steps" --warmup "$warmup" \
           train.batch_size=256 train.windows="$windows" train.compile="$compile" model.positions=first \
           "${extra[@]}" >>"$log" 2>&1
         tail -n 1 "$log" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); \
@@ -55,7 +56,7 @@ r.update(model='$model', windows='$windows'); print(json.dumps(r))" >>"$result"
 stage_quality() {
   local result=$OUT/quality.jsonl
   for precision in bf16 fp32; do
-    local run=/tmp/runs/beauty_$precision
+    local run=$scratch/runs/beauty_$precision
     flm pretrain --data "$data" --output "$run" --workers 0 "${sasrec[@]}" \
       eval.user_source=sequence eval.mask_history=false model.positions=first \
       train.windows=prefixes train.batch_size=256 train.lr=0.001 train.patience=10 \
@@ -93,7 +94,7 @@ stage_topk() {
 }
 
 stage_large() {
-  local synth=/tmp/large/synth prepared=/tmp/large/prepared log=$OUT/large.log
+  local synth=$scratch/large/synth prepared=$scratch/large/prepared log=$OUT/large.log
   local items=$((large_rows / 20))
   flm synth --users $((large_rows / 100)) --items "$items" --interactions "$large_rows" --output "$synth" \
     zipf=0.3 workers=8 >>"$log" 2>&1
@@ -103,7 +104,7 @@ stage_large() {
   for compile in false true; do
     local sparse=true
     [ "$compile" = true ] && sparse=false
-    flm bench train --data "$prepared" --output /tmp/bench_large --steps "$steps" --warmup "$warmup" \
+    flm bench train --data "$prepared" --output "$scratch/bench_large" --steps "$steps" --warmup "$warmup" \
       "${large_model[@]}" loss.softmax=sampled loss.negative_sampling=popularity loss.num_negatives=8192 \
       loss.max_in_batch_negatives=8192 train.sparse_item_table="$sparse" train.compile="$compile" \
       "${sasrec[@]}" >>"$log" 2>&1

@@ -34,3 +34,26 @@ def test_step_flops_counts_the_softmax():
     tokens, hidden = 20, 8
     expected = 6 * (tokens * (12 * hidden * hidden + 2 * 5 * hidden) + tokens * 100 * hidden)
     assert step_flops(batch, config, num_items=100) == expected
+
+
+def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tmp_path):
+    """jobs/bench_gpu.sh is what a lent GPU runs; BENCH_SMOKE=1 runs its quality and topk stages
+    for a few steps here so the script cannot rot between GPU sessions."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "BENCH_SMOKE": "1", "BEAUTY": tiny_data, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", "jobs/bench_gpu.sh", "quality", "topk"], cwd=root, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    quality = [json.loads(line) for line in (out / "quality.jsonl").read_text().splitlines()]
+    assert [row["precision"] for row in quality] == ["bf16", "fp32"]
+    for row in quality:
+        assert row["epochs"] == 2 and row["epoch_seconds_median"] > 0
+        assert 0.0 <= row["test/ndcg@10/full_nomask"] <= row["test/hr@10/full_nomask"] <= 1.0
+    (topk,) = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
+    assert topk["items"] == 20000 and topk["topk_users_per_s"] > 0
+    assert set((out / "stages.txt").read_text().split()[::3]) == {"quality:", "topk:"}
