@@ -149,9 +149,9 @@ class FLMModel(nn.Module):
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE at every position with a target (`seq_positions="last"`: at the last
-        position only, for windows whose only target is there; the others are not scored). cf: CF loss of the MF user vector
-        against all of the user's targets ("ce": softmax CE, "bpr": BPR with `num_negatives`
-        uniform negatives per user). fused: CE of the fused vector for the last target. flow: NLL
+        position only, for windows whose only target is there). cf: CF loss of the MF user
+        vector against all of the user's targets ("ce": softmax CE, "bpr": BPR with
+        `num_negatives` uniform negatives per user). fused: CE of the fused vector for the last target. flow: NLL
         per dimension of the fused vector under the flow. `softmax` picks full or sampled softmax
         (in-batch + `num_negatives` sampled from `item_log_prob` or uniform, logQ-corrected) for
         the CE terms; `chunk_size` bounds the full-softmax logit block (see full_softmax_ce),
