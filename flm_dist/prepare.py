@@ -85,6 +85,7 @@ USERS_SCHEMA = pa.schema([("index", pa.int32()), ("user_id", pa.string())])
 _SPLIT_IDS = {"valid": 1, "test": 2}
 _ROWS_PER_BUCKET = 500_000      # auto buckets: a bucket's sort and sequences stay ~100 MB
 _FLUSH_ROWS = 1_000_000         # parse tasks buffer this many rows before writing bucket pieces
+_TASK_RETRIES = 2               # a task lost twice more (a dead worker, a memory kill) fails the run
 # Intermediate files are written once and read a few times: measured on 500k events, snappy
 # without dictionaries wrote 3-7x faster than lz4/zstd with them, for ~15% more bytes.
 _WORK_OPTIONS = {"compression": "snappy", "use_dictionary": False}
@@ -221,7 +222,10 @@ class _Runner:
         dataset = self.ray.data.from_items([{"index": i} for i in range(len(calls))],
                                            override_num_blocks=max(1, len(calls)))
         concurrency = max(1, min(self.workers, len(calls)))
-        for row in dataset.map(run_call, num_cpus=1, concurrency=concurrency).iter_rows():
+        # Ray Data retries map tasks without limit, and a task killed for memory would then be
+        # rerun (and killed) forever; a few retries cover a lost worker, then the run fails.
+        mapped = dataset.map(run_call, num_cpus=1, concurrency=concurrency, max_retries=_TASK_RETRIES)
+        for row in mapped.iter_rows():
             status, value = pickle.loads(row["outcome"])
             if status == "user_error":
                 raise value

@@ -408,3 +408,23 @@ def test_refuses_to_replace_an_unrelated_directory(mem):
     with pytest.raises(UserError, match="not a previous output"):
         run_prepare(config(input=put(mem, "log.csv", csv([("u", "a", 1)])), output=f"memory://{mem}/precious"))
     assert MEMORY.cat(f"{mem}/precious/notes.txt") == b"keep me"
+
+
+def test_a_task_that_keeps_killing_its_worker_fails_the_run_instead_of_retrying_forever(ray_session):
+    """Ray Data retries map tasks without limit by default, so a task killed on every attempt (as
+    Ray's memory monitor kills a task that outgrows the node) would hang `flm prepare` forever."""
+    import os
+    import signal
+
+    def give_up(signum, frame):
+        raise TimeoutError("the killed task was still being retried after 300 s")
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(300)
+    try:
+        with pytest.raises(Exception) as failure:
+            prepare_module._Runner(local=False, workers=1).map(os._exit, [(1,)], "killed")
+        assert not isinstance(failure.value, TimeoutError)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
