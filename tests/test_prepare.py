@@ -170,6 +170,24 @@ def test_draw_negatives_dense_and_short_users():
     assert again[1].tolist() == values[2:].tolist() + values[:2].tolist()
 
 
+
+def test_large_catalog_negatives_by_sorted_keys_equal_the_bitmap_draw(monkeypatch):
+    """Catalogs above _BITMAP_MAX_ITEMS use sorted keys (a bitmap zeroes rows x items bytes):
+    same negatives, repeats among a row's candidates and seen items included."""
+    rng = np.random.default_rng(0)
+    n_items, k = 200, 20  # 30 candidates per row from 200 items: repeats are common
+    users = np.arange(300)
+    seen = np.unique(np.concatenate([u * (n_items + 1) + rng.choice(np.arange(1, n_items + 1), size=n, replace=False)
+                                     for u, n in zip(users, rng.integers(1, 120, size=len(users)))]))
+    by_bitmap = draw_negatives(users, 2, seen, n_items, k, seed=3)
+    monkeypatch.setattr(prepare_module, "_BITMAP_MAX_ITEMS", 0)
+    by_keys = draw_negatives(users, 2, seen, n_items, k, seed=3)
+    assert by_keys[0].tolist() == by_bitmap[0].tolist() and by_keys[1].tolist() == by_bitmap[1].tolist()
+    for u in users:
+        mine = by_keys[1][by_keys[0][u]: by_keys[0][u + 1]]
+        assert len(mine) == k and len(set(mine.tolist())) == k
+        assert not set((u * (n_items + 1) + mine).tolist()) & set(seen.tolist())
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
@@ -428,3 +446,23 @@ def test_a_task_that_keeps_killing_its_worker_fails_the_run_instead_of_retrying_
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_task_results_pickle_at_the_size_of_what_they_hold():
+    """A slice (or a group_by chunk) pickles its whole parent buffers; results must not."""
+    import pickle
+
+    parent = pa.table({"item": pa.array([f"item-{i}" for i in range(200_000)]),
+                       "count": pa.array(np.arange(200_000))})
+    counts = parent.group_by("item", use_threads=False).aggregate([("count", "sum")])
+    result = {"items": counts.slice(5, 3), "users": parent.column("item").chunk(0).slice(7, 2),
+              "nested": [("ok", parent.slice(0, 1))], "rows": 3}
+    assert len(pickle.dumps(result)) > 1_000_000  # the problem: megabytes for six rows
+
+    compacted = prepare_module.compact_arrow(result)
+
+    assert len(pickle.dumps(compacted)) < 10_000
+    assert compacted["items"].equals(counts.slice(5, 3))
+    assert compacted["users"].to_pylist() == ["item-7", "item-8"]
+    assert compacted["nested"][0][1].to_pylist() == [{"item": "item-0", "count": 0}]
+    assert compacted["rows"] == 3
