@@ -30,26 +30,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
-import torch
 
-from flm_dist.config import (
-    EvalConfig,
-    _deep_merge,
-    from_dict,
-    load_config,
-    require,
-    to_dict,
-)
-from flm_dist.data import build_eval_arrays
+from flm_dist.config import _deep_merge, load_config, require, to_dict
+from flm_dist.evaluate import user_ranks
 from flm_dist.finetune import FinetuneConfig, run_finetune
-from flm_dist.pretrain import PretrainConfig, load_model_for_data, run_pretrain
-from flm_dist.ranking import item_chunk_size, rank_targets
+from flm_dist.metrics import ndcg_at, wilcoxon_p_value
+from flm_dist.pretrain import PretrainConfig, run_pretrain
 
 log = logging.getLogger("flm_dist")
 
@@ -128,58 +118,6 @@ def _finetune_config(config: AblateConfig, variant: str, fraction: float, seed: 
         "eval": {"user_source": source}, "train": {"seed": seed}}))
 
 
-@torch.no_grad()
-def user_test_ranks(checkpoint: Path, data: str, batch_size: int = 1024) -> np.ndarray:
-    """0-based rank of each test user's target (users in index order) under the `full`
-    protocol, the one behind metrics.json's test/*/full."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, meta = load_model_for_data(str(checkpoint), data, device)
-    model.eval()
-    arrays = build_eval_arrays(pq.read_table(Path(data) / "test"), meta["config"]["model"]["max_len"]).to(device)
-    protocol = from_dict(EvalConfig, meta["config"]["eval"])
-    item_table = model.item_table()
-    ranks = []
-    for start in range(0, len(arrays), batch_size):
-        stop = min(start + batch_size, len(arrays))
-        vectors = model.user_representation(arrays.user[start:stop], arrays.input[start:stop],
-                                            source=protocol.user_source)
-        chunk_size = item_chunk_size(stop - start, item_table.shape[0] - 1, protocol.max_score_elements)
-        ranks.append(rank_targets(vectors, item_table, arrays.target[start:stop],
-                                  arrays.history_pairs(start, stop), chunk_size).masked)
-    return torch.cat(ranks).cpu().numpy()
-
-
-def ndcg_at(ranks: np.ndarray, k: int = K) -> np.ndarray:
-    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
-
-
-def wilcoxon_p_value(x: np.ndarray, y: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired samples; zero differences are dropped
-    (1.0 when every pair is tied)."""
-    differences = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
-    differences = differences[differences != 0]
-    if len(differences) == 0:
-        return 1.0
-    try:
-        from scipy.stats import wilcoxon
-    except ImportError:
-        return wilcoxon_normal_p_value(differences)
-    return float(wilcoxon(differences).pvalue)
-
-
-def wilcoxon_normal_p_value(differences: np.ndarray) -> float:
-    """The signed-rank test's normal approximation with tie correction (no continuity
-    correction), for nonzero `differences`; what scipy computes with method="approx"."""
-    magnitudes = np.abs(differences)
-    _, inverse, counts = np.unique(magnitudes, return_inverse=True, return_counts=True)
-    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # mean rank within each tie group
-    positive = average_rank[inverse][differences > 0].sum()
-    n = len(differences)
-    variance = n * (n + 1) * (2 * n + 1) / 24.0 - (counts ** 3 - counts).sum() / 48.0
-    z = (positive - n * (n + 1) / 4.0) / math.sqrt(variance)
-    return math.erfc(abs(z) / math.sqrt(2.0))
-
-
 def _mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
             "per_seed": values}
@@ -191,7 +129,7 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
     seeds = seed_range(config)
     results, significance = [], {}
     for fraction in config.fractions:
-        per_user = {v: np.mean([ndcg_at(ranks[v, fraction, s]) for s in seeds], axis=0) for v in config.variants}
+        per_user = {v: np.mean([ndcg_at(ranks[v, fraction, s], K) for s in seeds], axis=0) for v in config.variants}
         rows = {v: {"variant": v, "fraction": fraction,
                     **{m: _mean_std([finals[v, fraction, s][f"test/{m}/full"] for s in seeds]) for m in METRICS}}
                 for v in config.variants}
@@ -251,7 +189,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
                 pretrained = root / f"pretrain-{VARIANTS[variant][0]}"
                 summary = run_finetune(_finetune_config(config, variant, fraction, seed, pretrained, run_dir))
                 finals[variant, fraction, seed] = summary["final"]
-                ranks[variant, fraction, seed] = user_test_ranks(run_dir / "best", config.data)
+                ranks[variant, fraction, seed] = user_ranks(run_dir / "best", config.data)["full"]
     report = summarize(config, finals, ranks)
     (output / "ablation.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (output / "ablation.md").write_text(markdown_table(report))

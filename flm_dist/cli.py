@@ -71,6 +71,14 @@ def cmd_pretrain(args):
     print(f"run directory: {config.output} (metrics.json, best/, tensorboard/)")
 
 
+def cmd_compare(args):
+    from flm_dist.compare import CompareConfig, markdown_table, run_compare
+
+    config = _job_config(CompareConfig, args, {"a": args.a, "b": args.b, "data": args.data, "split": args.split,
+                                               "k": args.k, "output": args.output})
+    print(markdown_table(run_compare(config)), end="")
+
+
 def cmd_evaluate(args):
     from flm_dist.evaluate import EvaluateConfig, run_evaluate
     from flm_dist.pretrain import final_metrics_table
@@ -164,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int)
     _add_common(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
+
+    compare = commands.add_parser("compare", help="paired per-user test of two checkpoints on the same users")
+    compare.add_argument("a", help="checkpoint or run directory (its best/)")
+    compare.add_argument("b", help="checkpoint or run directory (its best/)")
+    compare.add_argument("--data", required=True)
+    compare.add_argument("--split", choices=["valid", "test"])
+    compare.add_argument("--k", type=int)
+    compare.add_argument("--output", help="write the comparison JSON here")
+    _add_common(compare)
+    compare.set_defaults(run=cmd_compare)
 
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded synthetic log")
     demo.add_argument("--workdir", default="demo")

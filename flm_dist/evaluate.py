@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -109,6 +111,32 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
     session.report(metrics)
     if distributed.is_main():
         Path(payload["result_path"]).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+@torch.no_grad()
+def user_ranks(checkpoint: str | Path, data: str, split: str = "test", batch_size: int = 1024) -> dict[str, np.ndarray]:
+    """0-based rank of each user's target (users in index order) per full-ranking protocol,
+    `full` (history removed) and `full_nomask`: the values behind metrics.json's
+    `{split}/*/full` and `{split}/*/full_nomask`, kept per user for paired tests."""
+    from flm_dist.pretrain import load_model_for_data
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, meta = load_model_for_data(str(checkpoint), data, device)
+    model.eval()
+    arrays = build_eval_arrays(pq.read_table(Path(data) / split), meta["config"]["model"]["max_len"]).to(device)
+    protocol = from_dict(EvalConfig, meta["config"]["eval"])
+    item_table = model.item_table()
+    masked, unmasked = [], []
+    for start in range(0, len(arrays), batch_size):
+        stop = min(start + batch_size, len(arrays))
+        vectors = model.user_representation(arrays.user[start:stop], arrays.input[start:stop],
+                                            source=protocol.user_source)
+        chunk_size = item_chunk_size(stop - start, item_table.shape[0] - 1, protocol.max_score_elements)
+        ranks = rank_targets(vectors, item_table, arrays.target[start:stop], arrays.history_pairs(start, stop),
+                             chunk_size)
+        masked.append(ranks.masked)
+        unmasked.append(ranks.unmasked)
+    return {"full": torch.cat(masked).cpu().numpy(), "full_nomask": torch.cat(unmasked).cpu().numpy()}
 
 
 def run_evaluate(config: EvaluateConfig) -> dict[str, float]:

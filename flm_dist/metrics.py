@@ -8,8 +8,10 @@ float64 and divided by the global user count only after the all-reduce, never av
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 DEFAULT_KS = (5, 10, 20, 50)
@@ -75,3 +77,42 @@ class RankingAccumulator:
         for protocol in protocols:
             metrics[f"{self.split}/users/{protocol}"] = int(totals[f"count/{protocol}"])
         return metrics
+
+
+# Per-user values and paired tests (numpy): for comparing two models on the same users.
+
+
+def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user NDCG@k of 0-based target ranks (one relevant item per user)."""
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def hit_at(ranks: np.ndarray, k: int) -> np.ndarray:
+    return (ranks < k).astype(np.float64)
+
+
+def wilcoxon_p_value(x: np.ndarray, y: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired samples; zero differences are dropped
+    (1.0 when every pair is tied)."""
+    differences = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    differences = differences[differences != 0]
+    if len(differences) == 0:
+        return 1.0
+    try:
+        from scipy.stats import wilcoxon
+    except ImportError:
+        return wilcoxon_normal_p_value(differences)
+    return float(wilcoxon(differences).pvalue)
+
+
+def wilcoxon_normal_p_value(differences: np.ndarray) -> float:
+    """The signed-rank test's normal approximation with tie correction (no continuity
+    correction), for nonzero `differences`; what scipy computes with method="approx"."""
+    magnitudes = np.abs(differences)
+    _, inverse, counts = np.unique(magnitudes, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # mean rank within each tie group
+    positive = average_rank[inverse][differences > 0].sum()
+    n = len(differences)
+    variance = n * (n + 1) * (2 * n + 1) / 24.0 - (counts ** 3 - counts).sum() / 48.0
+    z = (positive - n * (n + 1) / 4.0) / math.sqrt(variance)
+    return math.erfc(abs(z) / math.sqrt(2.0))

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from flm_dist.ablate import (VARIANTS, AblateConfig, _pretrain_config, ndcg_at, run_ablation, user_test_ranks,
-                             wilcoxon_normal_p_value, wilcoxon_p_value)
+from flm_dist.ablate import VARIANTS, AblateConfig, _pretrain_config, run_ablation
+from flm_dist.evaluate import user_ranks
+from flm_dist.metrics import ndcg_at, wilcoxon_normal_p_value, wilcoxon_p_value
 from flm_dist.config import ConfigKeyError
 from flm_dist.finetune import add_commands
 
@@ -52,7 +53,7 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys):
     # The per-user values behind the test are the ones behind metrics.json.
     run = output / "runs" / "seed1" / "fraction0.5" / "whiten"
     final = json.loads((run / "metrics.json").read_text())["final"]
-    per_user = ndcg_at(user_test_ranks(run / "best", tiny_data))
+    per_user = ndcg_at(user_ranks(run / "best", tiny_data)["full"], 10)
     assert per_user.mean() == pytest.approx(final["test/ndcg@10/full"], abs=1e-9)
     row = next(r for r in report["results"] if r["variant"] == "whiten" and r["fraction"] == 0.5)
     assert row["ndcg@10"]["per_seed"][1] == final["test/ndcg@10/full"]
