@@ -160,6 +160,14 @@ def test_negatives_never_seen_fixed_and_independent_of_buckets(mem):
         assert a[0]["negatives"] != by_user("a", "valid" if split == "test" else "test")[0]["negatives"]
 
 
+def test_vocabulary_lookups_in_groups_of_buckets_change_nothing(mem, monkeypatch):
+    run_synth(SynthConfig(output=f"memory://{mem}/log", users=120, items=300, interactions=8_000, seed=2))
+    run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/together", buckets=5))
+    monkeypatch.setattr(prepare_module, "_LOOKUP_ROWS", 1)  # every bucket on its own
+    run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/alone", buckets=5))
+    for split in ("train", "valid", "test"):
+        assert load(MEMORY, f"{mem}/together", split) == load(MEMORY, f"{mem}/alone", split)
+
 def test_draw_negatives_dense_and_short_users():
     n_items = 10
     seen = np.array([0 * 11 + i for i in range(1, 8)] + [1 * 11 + i for i in range(1, 10)])
