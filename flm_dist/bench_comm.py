@@ -62,7 +62,7 @@ def _train(mode: str, device: torch.device, settings: dict[str, Any]) -> tuple[F
     ddp_model = distributed.wrap_model(model, device, find_unused_parameters=False, row_sparse=row_sparse)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     options = {"weights": LossConfig().weights(), "cf_loss": "ce", "softmax": "sampled",
-               "num_negatives": settings["num_negatives"], "item_log_prob": None, "chunk_size": None,
+               "num_negatives": settings["num_negatives"], "popularity": None, "chunk_size": None,
                "bf16": device.type == "cuda"}
     totals = {"step_s": 0.0, "exchange_s": 0.0, "rows_sent": 0.0}
     for step in range(settings["warmup"] + settings["steps"]):

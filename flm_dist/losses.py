@@ -9,6 +9,7 @@ shapes under torch.compile): ignored rows are computed and then weighted by zero
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -49,9 +50,9 @@ def full_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: tor
     return total / num_targets
 
 
-def normalized_item_log_prob(item_log_prob: torch.Tensor) -> torch.Tensor:
+def normalized_item_log_prob(item_log_weights: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the real items (index 0 = padding, set to -inf) summing to one."""
-    real = item_log_prob[1:].float()
+    real = item_log_weights[1:].float()
     real = real - torch.logsumexp(real, dim=0)
     return torch.cat([real.new_full((1,), -math.inf), real])
 
@@ -62,31 +63,50 @@ def item_rows(item_table: torch.Tensor, ids: torch.Tensor, sparse_gradient: bool
     return F.embedding(ids, item_table, sparse=sparse_gradient)
 
 
-def sample_items(num_samples: int, num_items: int, item_log_prob: torch.Tensor | None = None,
+@dataclasses.dataclass(frozen=True)
+class ItemDistribution:
+    """A popularity distribution over items 1..N for sampled negatives, normalised once per run.
+
+    Normalising and the CDF cost O(N) each (logsumexp, exp, cumsum); done per call, they took
+    most of a training step at 10M items.
+    """
+
+    log_prob: torch.Tensor
+    """[N+1] log-probabilities; index 0 (padding) is -inf, the rest sum to one."""
+    cdf: torch.Tensor
+    """[N] cumulative probabilities of items 1..N, for inverse-CDF sampling."""
+
+    @classmethod
+    def from_log_weights(cls, item_log_weights: torch.Tensor) -> ItemDistribution:
+        """From unnormalised log-weights [N+1] (index 0 ignored), finite for every real item."""
+        log_prob = normalized_item_log_prob(item_log_weights)
+        return cls(log_prob=log_prob, cdf=log_prob[1:].exp().cumsum(0))
+
+
+def sample_items(num_samples: int, num_items: int, popularity: ItemDistribution | None = None,
                  device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw item ids in 1..num_items with replacement: uniformly, or by `item_log_prob` [N+1].
+    """Draw item ids in 1..num_items with replacement: uniformly, or from `popularity`.
 
     Popularity sampling inverts the CDF with searchsorted, which (unlike multinomial) is cheap for
     millions of items and keeps a static output shape.
     """
-    if item_log_prob is None:
+    if popularity is None:
         return torch.randint(1, num_items + 1, (num_samples,), device=device, generator=generator)
-    cdf = normalized_item_log_prob(item_log_prob)[1:].exp().cumsum(0)
+    cdf = popularity.cdf
     uniform = torch.rand(num_samples, device=cdf.device, generator=generator) * cdf[-1]
     return torch.searchsorted(cdf, uniform, right=True).clamp_max(num_items - 1) + 1
 
 
 def sampled_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
-                       num_negatives: int, item_log_prob: torch.Tensor | None = None,
+                       num_negatives: int, popularity: ItemDistribution | None = None,
                        generator: torch.Generator | None = None,
                        sparse_gradient: bool = False, max_in_batch: int = 0) -> torch.Tensor:
     """Sampled-softmax cross-entropy with in-batch plus sampled negatives and logQ correction.
 
     Negatives for row i are the other rows' targets (in-batch) and `num_negatives` items shared by
-    all rows, drawn from `item_log_prob` (popularity, [N+1], need not be normalised but must be
-    finite for every real item) or uniformly when it is None. In-batch targets are treated as
-    draws from the same distribution, which holds when `item_log_prob` is the training-target
+    all rows, drawn from `popularity` or uniformly when it is None. In-batch targets are treated as
+    draws from the same distribution, which holds when `popularity` is the training-target
     popularity; with None the in-batch negatives stay popularity-biased (plain in-batch softmax).
 
     logQ correction: each negative logit s_j becomes s_j - log(C * q_j) where C is the number of
@@ -102,7 +122,7 @@ def sampled_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: 
     """
     num_items = item_table.shape[0] - 1
     valid = targets != 0
-    negatives = sample_items(num_negatives, num_items, item_log_prob, hidden.device, generator)
+    negatives = sample_items(num_negatives, num_items, popularity, hidden.device, generator)
     in_batch, own_copy = targets, 1  # every row's own target is among the in-batch candidates
     if 0 < max_in_batch < targets.shape[0]:
         chosen = torch.randperm(targets.shape[0], device=targets.device, generator=generator)[:max_in_batch]
@@ -112,10 +132,10 @@ def sampled_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: 
     positive_logits = (hidden * item_rows(item_table, targets, sparse_gradient)).sum(-1).float()
     candidate_logits = (hidden @ item_rows(item_table, candidates, sparse_gradient).T).float()
 
-    if item_log_prob is None:
+    if popularity is None:
         candidate_log_q = candidate_logits.new_full(candidates.shape, -math.log(num_items))
     else:
-        candidate_log_q = normalized_item_log_prob(item_log_prob)[candidates]
+        candidate_log_q = popularity.log_prob[candidates]
     draws_per_row = ((in_batch != 0).sum() - own_copy + num_negatives).clamp_min(1)
     candidate_logits = candidate_logits - (candidate_log_q + draws_per_row.float().log())
 

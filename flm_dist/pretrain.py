@@ -50,6 +50,7 @@ from flm_dist.data import (
 )
 from flm_dist.errors import UserError
 from flm_dist.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
+from flm_dist.losses import ItemDistribution
 from flm_dist.logs import setup_logging
 from flm_dist.models import FLMModel
 from flm_dist.optim import LazyRowAdamW, clip_grad_norm_
@@ -122,13 +123,13 @@ def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device
 
 def loss_options(config: PretrainConfig, device: torch.device) -> dict[str, Any]:
     """Everything a training step passes to the model besides the batch."""
-    item_log_prob = None
+    popularity = None
     if config.loss.softmax == "sampled" and config.loss.negative_sampling == "popularity":
         counts = pq.read_table(Path(config.data) / "vocab" / "items.parquet", columns=["count"])
-        item_log_prob = item_log_frequencies(counts.column("count").to_numpy()).to(device)
+        popularity = ItemDistribution.from_log_weights(item_log_frequencies(counts.column("count").to_numpy()).to(device))
     use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
     return {"weights": config.loss.weights(), "cf_loss": config.loss.cf_loss, "softmax": config.loss.softmax,
-            "num_negatives": config.loss.num_negatives, "item_log_prob": item_log_prob,
+            "num_negatives": config.loss.num_negatives, "popularity": popularity,
             "chunk_size": config.loss.chunk_size or None, "bf16": use_bf16,
             "seq_positions": "last" if config.train.windows == "prefixes" else "all",
             "max_in_batch_negatives": config.loss.max_in_batch_negatives}

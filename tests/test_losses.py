@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from flm_dist.losses import (
+    ItemDistribution,
     bpr_loss,
     full_softmax_ce,
     masked_mean,
-    normalized_item_log_prob,
     sample_items,
     sampled_softmax_ce,
 )
@@ -147,6 +147,7 @@ def _skewed_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     table = torch.randn(num_items + 1, HIDDEN, generator=generator)
     popularity = 1.0 / torch.arange(1, num_items + 1).float() ** 1.2  # Zipf-like
     item_log_prob = torch.cat([torch.zeros(1), popularity.log()])  # index 0 is ignored
+    item_log_prob = ItemDistribution.from_log_weights(item_log_prob)
     targets = torch.randint(1, num_items + 1, (8,), generator=generator)
     return hidden, table, targets, item_log_prob
 
@@ -157,7 +158,7 @@ def test_sampled_softmax_with_logq_correction_approaches_full_softmax(popularity
     full = full_softmax_ce(hidden, table, targets)
     torch.manual_seed(3)
     sampled = sampled_softmax_ce(hidden, table, targets, num_negatives=20000,
-                                 item_log_prob=item_log_prob if popularity_sampling else None)
+                                 popularity=item_log_prob if popularity_sampling else None)
     assert abs(sampled.item() - full.item()) < 0.02 * full.item()
 
     if popularity_sampling:
@@ -177,7 +178,7 @@ def test_sample_items_follows_popularity_and_never_returns_padding():
     samples = sample_items(200_000, 200, item_log_prob)
     assert samples.min().item() >= 1 and samples.max().item() <= 200
     frequencies = torch.bincount(samples, minlength=201)[1:].float() / samples.numel()
-    expected = normalized_item_log_prob(item_log_prob)[1:].exp()
+    expected = item_log_prob.log_prob[1:].exp()
     torch.testing.assert_close(frequencies[:20], expected[:20], atol=4e-3, rtol=0.05)
 
     uniform = sample_items(10_000, 7)

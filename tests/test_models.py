@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flm_dist.losses import full_softmax_ce
+from flm_dist.losses import ItemDistribution, full_softmax_ce
 from flm_dist.models import FLMModel, MatrixFactorization, NormalizingFlow, SequenceEncoder
 
 NUM_USERS = 12
@@ -195,7 +195,7 @@ def test_prefix_windows_train_the_same_next_item_loss_as_whole_windows():
 def test_loss_options_give_finite_losses_with_gradients(cf_loss, softmax):
     model = make_model()
     terms = model.losses(make_batch(), ALL_WEIGHTS, cf_loss=cf_loss, softmax=softmax,
-                         num_negatives=7, item_log_prob=torch.randn(NUM_ITEMS + 1))
+                         num_negatives=7, popularity=ItemDistribution.from_log_weights(torch.randn(NUM_ITEMS + 1)))
     assert all(torch.isfinite(value) for value in terms.values())
     terms["total"].backward()
     assert model.cf.user_embedding.weight.grad.abs().sum() > 0

@@ -100,7 +100,7 @@ def _train(users_of_rank: slice) -> dict[str, torch.Tensor]:
                               {"params": [p for p in model.parameters() if p is not table]}],
                              lr=0.05, eps=1e-3)  # eps: Adam would blow up the rounding noise of the key bias's zero gradient
     options = {"weights": LossConfig(flow=0.0).weights(), "cf_loss": "ce", "softmax": "full", "num_negatives": 0,
-               "item_log_prob": None, "chunk_size": None, "bf16": False}
+               "popularity": None, "chunk_size": None, "bf16": False}
     for step in range(STEPS):
         forward_backward(ddp_model, _batch(step, users_of_rank), options, grad_accum=1)
         distributed.average_row_gradients_(table, sparse=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flm_dist.losses import (
+    ItemDistribution,
     bpr_loss,
     full_softmax_ce,
     item_rows,
@@ -142,7 +143,7 @@ class FLMModel(nn.Module):
     def losses(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
                cf_loss: Literal["ce", "bpr"] = "ce",
                softmax: Literal["full", "sampled"] = "full", num_negatives: int = 100,
-               item_log_prob: torch.Tensor | None = None,
+               popularity: ItemDistribution | None = None,
                chunk_size: int | None = None,
                seq_positions: Literal["all", "last"] = "all",
                max_in_batch_negatives: int = 0) -> dict[str, torch.Tensor]:
@@ -153,7 +154,7 @@ class FLMModel(nn.Module):
         vector against all of the user's targets ("ce": softmax CE, "bpr": BPR with
         `num_negatives` uniform negatives per user). fused: CE of the fused vector for the last target. flow: NLL
         per dimension of the fused vector under the flow. `softmax` picks full or sampled softmax
-        (in-batch + `num_negatives` sampled from `item_log_prob` or uniform, logQ-corrected) for
+        (in-batch + `num_negatives` sampled from `popularity` or uniform, logQ-corrected) for
         the CE terms; `chunk_size` bounds the full-softmax logit block (see full_softmax_ce),
         `max_in_batch_negatives` the sampled one (see sampled_softmax_ce).
         Terms with weight 0 are not computed.
@@ -174,7 +175,7 @@ class FLMModel(nn.Module):
         def softmax_ce(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             if softmax == "full":
                 return full_softmax_ce(hidden, table, targets, chunk_size)
-            return sampled_softmax_ce(hidden, table, targets, num_negatives, item_log_prob,
+            return sampled_softmax_ce(hidden, table, targets, num_negatives, popularity,
                                       sparse_gradient=self.item_embedding.sparse,
                                       max_in_batch=max_in_batch_negatives)
 
@@ -189,7 +190,7 @@ class FLMModel(nn.Module):
                 terms["seq"] = softmax_ce(states.reshape(-1, self.hidden), target.reshape(-1))
         if "cf" in active:
             terms["cf"] = self._cf_loss(cf_vectors, target, cf_loss, softmax, num_negatives,
-                                        item_log_prob, max_in_batch_negatives)
+                                        popularity, max_in_batch_negatives)
         if active & {"fused", "flow"}:
             fused = self.fusion(cf_vectors, states[:, -1])
             if "fused" in active:
@@ -203,7 +204,7 @@ class FLMModel(nn.Module):
 
     def _cf_loss(self, cf_vectors: torch.Tensor, target: torch.Tensor,
                  kind: Literal["ce", "bpr"], softmax: Literal["full", "sampled"],
-                 num_negatives: int, item_log_prob: torch.Tensor | None,
+                 num_negatives: int, popularity: ItemDistribution | None,
                  max_in_batch_negatives: int = 0) -> torch.Tensor:
         has_target = target != 0
         table = self.item_table()
@@ -221,7 +222,7 @@ class FLMModel(nn.Module):
         if softmax == "sampled":
             per_position = cf_vectors[:, None, :].expand(-1, target.shape[1], -1)
             return sampled_softmax_ce(per_position.reshape(-1, self.hidden), table,
-                                      target.reshape(-1), num_negatives, item_log_prob, sparse_gradient=sparse,
+                                      target.reshape(-1), num_negatives, popularity, sparse_gradient=sparse,
                                       max_in_batch=max_in_batch_negatives)
         # The MF vector is the same at every position, so the log-partition is computed once per
         # user ([B, N]) and reused for all of that user's targets instead of a [B*L, N] softmax.

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flm_dist.losses import full_softmax_ce, sampled_softmax_ce
+from flm_dist.losses import ItemDistribution, full_softmax_ce, sampled_softmax_ce
 from flm_dist.models.flm import LOSS_TERMS, FLMModel
 
 FlowUse = Literal["none", "latent", "density", "whiten"]
@@ -225,7 +225,7 @@ class Recommender(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
                 cf_loss: Literal["ce", "bpr"] = "ce", softmax: Literal["full", "sampled"] = "full",
-                num_negatives: int = 100, item_log_prob: torch.Tensor | None = None,
+                num_negatives: int = 100, popularity: ItemDistribution | None = None,
                 chunk_size: int | None = None,
                 seq_positions: Literal["all", "last"] = "all",
                 max_in_batch_negatives: int = 0) -> dict[str, torch.Tensor]:
@@ -251,7 +251,7 @@ class Recommender(nn.Module):
         def softmax_ce(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             if softmax == "full":
                 return full_softmax_ce(hidden, table, targets, chunk_size)
-            return sampled_softmax_ce(hidden, table, targets, num_negatives, item_log_prob,
+            return sampled_softmax_ce(hidden, table, targets, num_negatives, popularity,
                                       sparse_gradient=self.backbone.item_embedding.sparse,
                                       max_in_batch=max_in_batch_negatives)
 
@@ -269,7 +269,7 @@ class Recommender(nn.Module):
             terms["fused"] = softmax_ce(last, target[:, -1])
         if "cf" in active:
             terms["cf"] = self.backbone.losses(batch, {"cf": 1.0}, cf_loss=cf_loss, softmax=softmax,
-                                               num_negatives=num_negatives, item_log_prob=item_log_prob,
+                                               num_negatives=num_negatives, popularity=popularity,
                                                chunk_size=chunk_size,
                                                max_in_batch_negatives=max_in_batch_negatives)["cf"]
         if "flow" in active:
