@@ -59,6 +59,14 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str
     return directory
 
 
+def checkpoint_or_best(path: str | Path) -> Path:
+    """`path` itself if it is a checkpoint, else a run directory's `best/` checkpoint."""
+    for directory in (Path(path), Path(path) / "best"):
+        if (directory / META_FILE).is_file():
+            return directory.resolve()
+    raise UserError(f"{path} is neither a checkpoint nor a run directory with best/{META_FILE}")
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     meta_path = Path(directory) / META_FILE
     if not meta_path.is_file():

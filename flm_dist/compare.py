@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
+from flm_dist.checkpoint import checkpoint_or_best
 from flm_dist.config import require
-from flm_dist.errors import UserError
 from flm_dist.evaluate import user_ranks
 from flm_dist.metrics import hit_at, ndcg_at, wilcoxon_p_value
-
-log = logging.getLogger("flm_dist")
 
 PROTOCOLS = ("full", "full_nomask")
 
@@ -50,17 +47,8 @@ class CompareConfig:
         require(self.k >= 1, "k", "must be >= 1")
 
 
-def checkpoint_dir(path: str) -> str:
-    """A run directory means its best checkpoint."""
-    if (Path(path) / "best").is_dir():
-        return str(Path(path) / "best")
-    if not Path(path).is_dir():
-        raise UserError(f"checkpoint not found: {path}")
-    return path
-
-
 def run_compare(config: CompareConfig) -> dict[str, Any]:
-    a, b = checkpoint_dir(config.a), checkpoint_dir(config.b)
+    a, b = str(checkpoint_or_best(config.a)), str(checkpoint_or_best(config.b))
     ranks_a = user_ranks(a, config.data, config.split)
     ranks_b = user_ranks(b, config.data, config.split)
     rows = []

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from flm_dist.checkpoint import META_FILE, load_checkpoint, read_meta
+from flm_dist.checkpoint import checkpoint_or_best, load_checkpoint, read_meta
 from flm_dist.config import (
     EvalConfig,
     LossConfig,
@@ -169,14 +169,12 @@ class FinetuneConfig:
 
 def pretrained_checkpoint(path: str) -> tuple[Path, dict[str, Any]]:
     """(checkpoint directory, meta): `path` itself if it is a checkpoint, else `path/best`."""
-    for directory in (Path(path), Path(path) / "best"):
-        if (directory / META_FILE).is_file():
-            meta = read_meta(directory)
-            kind = meta.get("kind", "pretrain")
-            if kind != "pretrain":
-                raise UserError(f"{directory} is a {kind} checkpoint; fine-tune from a pretraining checkpoint")
-            return directory.resolve(), meta
-    raise UserError(f"{path} is neither a checkpoint nor a run directory with best/{META_FILE}")
+    directory = checkpoint_or_best(path)
+    meta = read_meta(directory)
+    kind = meta.get("kind", "pretrain")
+    if kind != "pretrain":
+        raise UserError(f"{directory} is a {kind} checkpoint; fine-tune from a pretraining checkpoint")
+    return directory, meta
 
 
 def _pretrained_model(config: FinetuneConfig, meta: dict[str, Any]) -> ModelConfig:

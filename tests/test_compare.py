@@ -52,4 +52,4 @@ def test_compare_means_are_the_runs_metrics_and_a_model_ties_itself(two_runs, ti
 
 def test_compare_refuses_a_missing_checkpoint(tiny_data, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nope"), str(tmp_path / "nope"), "--data", tiny_data]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert "is neither a checkpoint nor a run directory" in capsys.readouterr().err
