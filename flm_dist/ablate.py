@@ -16,11 +16,13 @@ overrides, e.g. train.epochs), the same seeds and, per seed and fraction, the sa
     (e) whiten        from flm, source fused, flow whiten (the flow's latent replaced by a fixed
                       ZCA whitening of the fused representations)
 
-Each fine-tuned best checkpoint is scored on the test split (full ranking, history removed).
-Reported per variant and fraction: test NDCG@10 and HR@10, mean ± std over seeds. Significance:
-per test user, NDCG@10 averaged over seeds, (d) against each other variant with the Wilcoxon
-signed-rank test (two-sided, pairs by user; scipy's when installed, else its normal
-approximation with tie correction); the headline p-value is (d) against the best other variant.
+Each fine-tuned best checkpoint is scored on the test split by full ranking under both protocols:
+`full_nomask` (history not masked, comparable with RecBole) and `full` (the user's earlier items
+removed). Reported per variant, fraction and protocol: test NDCG@10 and HR@10, mean ± std over
+seeds. Significance, per protocol: per test user, NDCG@10 averaged over seeds, (d) against each
+other variant with the Wilcoxon signed-rank test (two-sided, pairs by user; scipy's when
+installed, else its normal approximation with tie correction); the headline p-value is (d)
+against the best other variant.
 Outputs: OUT/ablation.md, OUT/ablation.json, and every run under OUT/runs/ (re-running resumes
 them: a finished run is only evaluated again).
 """
@@ -45,6 +47,7 @@ log = logging.getLogger("flm_dist")
 
 K = 10
 METRICS = (f"ndcg@{K}", f"hr@{K}")
+PROTOCOLS = ("full_nomask", "full")
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "sasrec": {"loss": {"cf": 0.0, "fused": 0.0, "flow": 0.0}, "eval": {"user_source": "sequence"}},
     "mf": {"loss": {"seq": 0.0, "fused": 0.0, "flow": 0.0}, "eval": {"user_source": "cf"}},
@@ -124,28 +127,34 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
 
 
 def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[str, float]],
-              ranks: dict[tuple[str, float, int], np.ndarray]) -> dict[str, Any]:
-    """Mean ± std over seeds per (variant, fraction) and the paired tests of flm against the rest."""
+              ranks: dict[tuple[str, float, int], dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Mean ± std over seeds per (variant, fraction, protocol) and, per protocol, the paired tests
+    of flm against the rest."""
     seeds = seed_range(config)
+    others = [v for v in config.variants if v != REFERENCE]
     results, significance = [], {}
     for fraction in config.fractions:
-        per_user = {v: np.mean([ndcg_at(ranks[v, fraction, s], K) for s in seeds], axis=0) for v in config.variants}
-        rows = {v: {"variant": v, "fraction": fraction,
-                    **{m: _mean_std([finals[v, fraction, s][f"test/{m}/full"] for s in seeds]) for m in METRICS}}
-                for v in config.variants}
-        others = [v for v in config.variants if v != REFERENCE]
-        for v in others:
-            rows[v]["p_value_vs_flm"] = wilcoxon_p_value(per_user[REFERENCE], per_user[v])
-        best = max(others, key=lambda v: rows[v][METRICS[0]]["mean"])
-        rows[REFERENCE]["p_value_vs_flm"] = None
-        significance[str(fraction)] = {
-            "best_other": best, "p_value": rows[best]["p_value_vs_flm"], "users": len(per_user[REFERENCE]),
-            "mean_difference": float(np.mean(per_user[REFERENCE] - per_user[best])),
-            "test": f"two-sided Wilcoxon signed-rank on per-user test ndcg@{K}/full (mean over seeds)"}
+        rows = {v: {"variant": v, "fraction": fraction, "p_value_vs_flm": {}} for v in config.variants}
+        significance[str(fraction)] = {}
+        for protocol in PROTOCOLS:
+            per_user = {v: np.mean([ndcg_at(ranks[v, fraction, s][protocol], K) for s in seeds], axis=0)
+                        for v in config.variants}
+            for v in config.variants:
+                for m in METRICS:
+                    rows[v][f"{m}/{protocol}"] = _mean_std([finals[v, fraction, s][f"test/{m}/{protocol}"]
+                                                            for s in seeds])
+                rows[v]["p_value_vs_flm"][protocol] = (
+                    None if v == REFERENCE else wilcoxon_p_value(per_user[REFERENCE], per_user[v]))
+            best = max(others, key=lambda v: rows[v][f"{METRICS[0]}/{protocol}"]["mean"])
+            significance[str(fraction)][protocol] = {
+                "best_other": best, "p_value": rows[best]["p_value_vs_flm"][protocol],
+                "users": len(per_user[REFERENCE]),
+                "mean_difference": float(np.mean(per_user[REFERENCE] - per_user[best])),
+                "test": f"two-sided Wilcoxon signed-rank on per-user test ndcg@{K}/{protocol} (mean over seeds)"}
         results += [rows[v] for v in config.variants]
     return {"results": results, "significance": significance, "seeds": list(seeds),
-            "fractions": list(config.fractions), "variants": {v: dict(zip(("objective", "source", "flow"),
-                                                                          VARIANTS[v])) for v in config.variants},
+            "fractions": list(config.fractions), "protocols": list(PROTOCOLS),
+            "variants": {v: dict(zip(("objective", "source", "flow"), VARIANTS[v])) for v in config.variants},
             "config": to_dict(config)}
 
 
@@ -153,16 +162,24 @@ def markdown_table(report: dict[str, Any]) -> str:
     def cell(stats: dict[str, Any]) -> str:
         return f"{stats['mean']:.4f} ± {stats['std']:.4f}"
 
+    def p_cell(row: dict[str, Any], protocol: str) -> str:
+        if row["variant"] != REFERENCE:
+            return f"{row['p_value_vs_flm'][protocol]:.3g}"
+        test = report["significance"][str(row["fraction"])][protocol]
+        return f"{test['p_value']:.3g} vs {test['best_other']}"
+
+    columns = [f"{m.upper()} {p}" for p in PROTOCOLS for m in METRICS]
     lines = [f"# Ablation ({len(report['seeds'])} seeds)", "",
-             f"Test split, full ranking with the history removed; mean ± std over seeds. p: two-sided Wilcoxon "
-             f"signed-rank test of flm against the variant, paired by user on test NDCG@{K} (mean over seeds).", "",
-             f"| variant | fraction | NDCG@{K} | HR@{K} | p (flm vs variant) |", "| --- | --- | --- | --- | --- |"]
+             "Test split, full ranking: `full_nomask` keeps the user's history in the ranking, `full` removes "
+             "it; mean ± std over seeds. p: two-sided Wilcoxon signed-rank test of flm against the variant, "
+             f"paired by user on test NDCG@{K} of that protocol (mean over seeds); on the flm row, against the "
+             "best other variant.", "",
+             "| variant | fraction | " + " | ".join(columns) + " | " + " | ".join(f"p {p}" for p in PROTOCOLS) + " |",
+             "| --- " * (2 + len(columns) + len(PROTOCOLS)) + "|"]
     for row in report["results"]:
-        fraction = str(row["fraction"])
-        test = report["significance"][fraction]
-        p = (f"{test['p_value']:.3g} vs {test['best_other']} (best other)" if row["variant"] == REFERENCE
-             else f"{row['p_value_vs_flm']:.3g}")
-        lines.append(f"| {row['variant']} | {fraction} | {cell(row[METRICS[0]])} | {cell(row[METRICS[1]])} | {p} |")
+        values = [cell(row[f"{m}/{p}"]) for p in PROTOCOLS for m in METRICS]
+        lines.append(f"| {row['variant']} | {row['fraction']} | " + " | ".join(values) + " | "
+                     + " | ".join(p_cell(row, p) for p in PROTOCOLS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +187,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
     """Run every stage (see the module docstring); writes and returns the report."""
     output = Path(config.output)
     finals: dict[tuple[str, float, int], dict[str, float]] = {}
-    ranks: dict[tuple[str, float, int], np.ndarray] = {}
+    ranks: dict[tuple[str, float, int], dict[str, np.ndarray]] = {}
     objectives = sorted({VARIANTS[v][0] for v in config.variants})
     # Every stage's config is built once up front, so a bad override fails before any training.
     for objective in objectives:
@@ -189,7 +206,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
                 pretrained = root / f"pretrain-{VARIANTS[variant][0]}"
                 summary = run_finetune(_finetune_config(config, variant, fraction, seed, pretrained, run_dir))
                 finals[variant, fraction, seed] = summary["final"]
-                ranks[variant, fraction, seed] = user_ranks(run_dir / "best", config.data)["full"]
+                ranks[variant, fraction, seed] = user_ranks(run_dir / "best", config.data)
     report = summarize(config, finals, ranks)
     (output / "ablation.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (output / "ablation.md").write_text(markdown_table(report))

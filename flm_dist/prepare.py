@@ -85,7 +85,7 @@ USERS_SCHEMA = pa.schema([("index", pa.int32()), ("user_id", pa.string())])
 _SPLIT_IDS = {"valid": 1, "test": 2}
 _ROWS_PER_BUCKET = 500_000      # auto buckets: a bucket's sort and sequences stay ~100 MB
 _BITMAP_MAX_ITEMS = 1 << 16  # larger catalogs test negatives by sorted keys, not a bitmap
-_LOOKUP_ROWS = 4_000_000  # the build stage looks ids up in the vocabularies this many events at a time
+_LOOKUP_ROWS = 4_000_000  # k-core and build look ids up in the vocabularies this many events at a time
 _FLUSH_ROWS = 1_000_000         # parse tasks buffer this many rows before writing bucket pieces
 _TASK_RETRIES = 2               # a task lost twice more (a dead worker, a memory kill) fails the run
 # Intermediate files are written once and read a few times: measured on 500k events, snappy
@@ -588,9 +588,8 @@ def _kcore_task(fs, work: str, buckets: list[int], items_by_id: pa.Array, remove
     counts = np.zeros(len(items_by_id), dtype=np.int64)
     kept_users = []
     drop_item = drop_user = 0
-    for b in buckets:
-        table = _read_parquet(fs, _sorted_path(work, b), ["user", "item"])
-        code = pc.index_in(table.column("item"), value_set=items_by_id).to_numpy()
+    for _, table, (item,) in _looked_up_buckets(fs, work, buckets, ["user", "item"], {"item": items_by_id}):
+        code = item.to_numpy()
         live = ~removed[code]
         encoded = pc.dictionary_encode(table.column("user").combine_chunks())
         user_code = encoded.indices.to_numpy()
@@ -605,9 +604,10 @@ def _kcore_task(fs, work: str, buckets: list[int], items_by_id: pa.Array, remove
     return {"counts": counts, "users": users, "kcore_item": drop_item, "kcore_user": drop_user}
 
 
-def _filtered_buckets(fs, work: str, buckets: list[int], item_vocab: pa.Array, user_vocab: pa.Array):
-    """Each bucket's kept events as (bucket, user index, item index, timestamps), grouped by user,
-    in time order.
+def _looked_up_buckets(fs, work: str, buckets: list[int], columns: list[str] | None,
+                       vocabularies: dict[str, pa.Array]):
+    """Each bucket as (bucket, table, the positions of its `vocabularies` columns' values in those
+    vocabularies, null where absent).
 
     `index_in` hashes the whole vocabulary on every call (4.5 s for 6M items), so the ids of
     buckets totalling about `_LOOKUP_ROWS` events are looked up in one call, not per bucket.
@@ -615,21 +615,24 @@ def _filtered_buckets(fs, work: str, buckets: list[int], item_vocab: pa.Array, u
     group: list[tuple[int, pa.Table]] = []
     rows = 0
     for position, b in enumerate(buckets):
-        group.append((b, _read_parquet(fs, _sorted_path(work, b))))
+        group.append((b, _read_parquet(fs, _sorted_path(work, b), columns)))
         rows += group[-1][1].num_rows
-        if rows >= _LOOKUP_ROWS or position == len(buckets) - 1:
-            yield from _looked_up(group, item_vocab, user_vocab)
-            group, rows = [], 0
+        if rows < _LOOKUP_ROWS and position < len(buckets) - 1:
+            continue
+        together = pa.concat_tables([table.select(list(vocabularies)) for _, table in group])
+        found = [pc.index_in(together.column(name), value_set=vocab) for name, vocab in vocabularies.items()]
+        start = 0
+        for bucket, table in group:
+            yield bucket, table, [codes.slice(start, table.num_rows) for codes in found]
+            start += table.num_rows
+        group, rows = [], 0
 
 
-def _looked_up(group: list[tuple[int, pa.Table]], item_vocab: pa.Array, user_vocab: pa.Array):
-    together = pa.concat_tables([table.select(["user", "item"]) for _, table in group])
-    items = pc.index_in(together.column("item"), value_set=item_vocab)
-    users = pc.index_in(together.column("user"), value_set=user_vocab)
-    start = 0
-    for b, table in group:
-        item, user = items.slice(start, table.num_rows), users.slice(start, table.num_rows)
-        start += table.num_rows
+def _filtered_buckets(fs, work: str, buckets: list[int], item_vocab: pa.Array, user_vocab: pa.Array):
+    """Each bucket's kept events as (bucket, user index, item index, timestamps), grouped by user,
+    in time order."""
+    for b, table, (item, user) in _looked_up_buckets(fs, work, buckets, None,
+                                                     {"item": item_vocab, "user": user_vocab}):
         keep = pc.and_(item.is_valid(), user.is_valid())
         user = user.filter(keep).to_numpy().astype(np.int64)
         item = item.filter(keep).to_numpy().astype(np.int32) + 1

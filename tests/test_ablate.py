@@ -37,26 +37,33 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys):
     assert len(report["results"]) == len(VARIANTS) * 2
     for row in report["results"]:
         assert f"| {row['variant']} | {row['fraction']} |" in table
-        for metric in ("ndcg@10", "hr@10"):
-            assert len(row[metric]["per_seed"]) == 2 and 0.0 <= row[metric]["mean"] <= 1.0
-        assert row["variant"] == "flm" or 0.0 <= row["p_value_vs_flm"] <= 1.0
         alone = next(r for r in seed1_alone["results"]
                      if (r["variant"], r["fraction"]) == (row["variant"], row["fraction"]))
-        assert row["ndcg@10"]["per_seed"][1] == alone["ndcg@10"]["per_seed"][0]
+        for protocol in ("full", "full_nomask"):
+            for metric in (f"ndcg@10/{protocol}", f"hr@10/{protocol}"):
+                assert len(row[metric]["per_seed"]) == 2 and 0.0 <= row[metric]["mean"] <= 1.0
+                assert row[metric]["per_seed"][1] == alone[metric]["per_seed"][0]
+            assert row["variant"] == "flm" or 0.0 <= row["p_value_vs_flm"][protocol] <= 1.0
     # Seed 1's runs were resumed at their end (nothing left to train), not trained again.
     for run in ("pretrain-flm", "fraction0.5/whiten"):
         assert json.loads((output / "runs" / "seed1" / run / "metrics.json").read_text())["resumed_at_steps"] == [2]
     for fraction in ("1.0", "0.5"):
-        test = report["significance"][fraction]
-        assert test["best_other"] in VARIANTS and test["best_other"] != "flm" and 0.0 <= test["p_value"] <= 1.0
+        for protocol in ("full", "full_nomask"):
+            test = report["significance"][fraction][protocol]
+            assert test["best_other"] in VARIANTS and test["best_other"] != "flm" and 0.0 <= test["p_value"] <= 1.0
+            rows = {r["variant"]: r for r in report["results"] if str(r["fraction"]) == fraction}
+            best = max((v for v in rows if v != "flm"), key=lambda v: rows[v][f"ndcg@10/{protocol}"]["mean"])
+            assert test["best_other"] == best
 
-    # The per-user values behind the test are the ones behind metrics.json.
+    # The per-user values behind the tests are the ones behind metrics.json, per protocol.
     run = output / "runs" / "seed1" / "fraction0.5" / "whiten"
     final = json.loads((run / "metrics.json").read_text())["final"]
-    per_user = ndcg_at(user_ranks(run / "best", tiny_data)["full"], 10)
-    assert per_user.mean() == pytest.approx(final["test/ndcg@10/full"], abs=1e-9)
+    ranks = user_ranks(run / "best", tiny_data)
     row = next(r for r in report["results"] if r["variant"] == "whiten" and r["fraction"] == 0.5)
-    assert row["ndcg@10"]["per_seed"][1] == final["test/ndcg@10/full"]
+    for protocol in ("full", "full_nomask"):
+        per_user = ndcg_at(ranks[protocol], 10)
+        assert per_user.mean() == pytest.approx(final[f"test/ndcg@10/{protocol}"], abs=1e-9)
+        assert row[f"ndcg@10/{protocol}"]["per_seed"][1] == final[f"test/ndcg@10/{protocol}"]
 
 
 def test_variant_configs(tmp_path):

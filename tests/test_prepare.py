@@ -161,12 +161,17 @@ def test_negatives_never_seen_fixed_and_independent_of_buckets(mem):
 
 
 def test_vocabulary_lookups_in_groups_of_buckets_change_nothing(mem, monkeypatch):
+    """k-core and build look ids up once per group of buckets; one bucket per call gives the same."""
     run_synth(SynthConfig(output=f"memory://{mem}/log", users=120, items=300, interactions=8_000, seed=2))
-    run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/together", buckets=5))
+    kcore = dict(min_user_interactions=40, min_item_interactions=25, buckets=5)
+    together = run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/together", **kcore))
     monkeypatch.setattr(prepare_module, "_LOOKUP_ROWS", 1)  # every bucket on its own
-    run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/alone", buckets=5))
+    alone = run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/alone", **kcore))
+    assert together["dropped"]["kcore_item"] > 0 and together["dropped"]["kcore_user"] > 0
+    assert together["dropped"] == alone["dropped"] and together["kcore"] == alone["kcore"]
     for split in ("train", "valid", "test"):
         assert load(MEMORY, f"{mem}/together", split) == load(MEMORY, f"{mem}/alone", split)
+
 
 def test_draw_negatives_dense_and_short_users():
     n_items = 10
