@@ -219,6 +219,11 @@ class ModelConfig:
     norm: Literal["pre", "post"] = "pre"
     """SASRec LayerNorm placement: `pre` (x + f(LN(x)), a final LN, embeddings scaled by
     sqrt(hidden)) or `post` (LN(x + f(x)), a LayerNorm on the embedding sum: RecBole's SASRec)."""
+    cf_user: Literal["table", "history"] = "table"
+    """The CF encoder's user vector: `table`, matrix factorisation (a learned row per user,
+    fitted to all of the user's training items), or `history`, item-based factorisation (a
+    learned linear map of the mean of the shared item rows the user has seen so far: no row per
+    user, and nothing after the position it predicts from)."""
     fusion: Literal["concat", "sum", "gate"] = "concat"
     """How the CF user vector and the sequence state become one user representation."""
     flow_layers: int = 4
@@ -405,6 +410,11 @@ class ScalingConfig:
         require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         require(self.max_failures >= 0, "max_failures", "must be >= 0")
+
+
+def require_user_table_for_sparse_users(train: TrainConfig, model: ModelConfig) -> None:
+    require(not train.sparse_user_table or model.cf_user == "table", "train.sparse_user_table",
+            "needs model.cf_user=table: history CF has no user table")
 
 
 def require_sampled_softmax_for_item_rows(train: TrainConfig, loss: LossConfig) -> None:

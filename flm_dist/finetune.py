@@ -46,6 +46,7 @@ from flm_dist.config import (
     from_dict,
     require,
     require_sampled_softmax_for_item_rows,
+    require_user_table_for_sparse_users,
 )
 from flm_dist.data import filter_users
 from flm_dist.errors import UserError
@@ -160,6 +161,8 @@ class FinetuneConfig:
         require(self.eval.user_source == self.finetune.source, "eval.user_source",
                 f"must be finetune.source ({self.finetune.source}): the head is trained on that representation")
         require_sampled_softmax_for_item_rows(self.train, self.loss)
+        if self.model is not None:  # else `resolve` checks it with the pretrained model
+            require_user_table_for_sparse_users(self.train, self.model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from flm_dist.config import (
     from_dict,
     require,
     require_sampled_softmax_for_item_rows,
+    require_user_table_for_sparse_users,
     to_dict,
 )
 from flm_dist.data import (
@@ -79,6 +80,7 @@ class PretrainConfig:
         require(bool(self.data), "data", "is required (a directory written by `flm prepare`)")
         require(bool(self.output), "output", "is required (the run directory)")
         require_sampled_softmax_for_item_rows(self.train, self.loss)
+        require_user_table_for_sparse_users(self.train, self.model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def build_model(config: ModelConfig, num_users: int, num_items: int) -> FLMModel
                     dropout=config.dropout, encoder=config.encoder, fusion=config.fusion,
                     flow_layers=config.flow_layers, flow_hidden=config.flow_hidden,
                     flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient,
-                    positions=config.positions, norm=config.norm)
+                    positions=config.positions, norm=config.norm, cf_user=config.cf_user)
 
 
 def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):
@@ -371,7 +373,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                                                  min_batches=micro_steps_per_epoch)
         order = torch.from_numpy(order).to(device)
         loss_sums = torch.zeros(len(weights) + 1, device=device)
-        started, windows_seen = time.perf_counter(), 0
+        started, windows_seen, micro_steps_run = time.perf_counter(), 0, 0
         model.train()
         while progress.micro_step_in_epoch < micro_steps_per_epoch:
             first, last, width = batches[progress.micro_step_in_epoch]
@@ -385,6 +387,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             loss_sums += torch.stack([losses.get(k, losses["total"] * 0).detach().float()
                                       for k in (*weights, "total")])
             windows_seen += batch["user"].shape[0]
+            micro_steps_run += 1
             progress.micro_step_in_epoch += 1
             if is_update:
                 for parameter, sparse in row_exchanged:
@@ -406,7 +409,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         progress.micro_step_in_epoch = 0 if epoch_done else progress.micro_step_in_epoch
 
         # ---- end of epoch: losses, validation, best checkpoint, early stopping ----
-        loss_sums = distributed.all_reduce_sum(loss_sums) / max(1, micro_steps_per_epoch * distributed.world_size())
+        # Mean over the micro-steps this pass ran (max_steps or a resume can cut an epoch short).
+        loss_sums = distributed.all_reduce_sum(loss_sums) / max(1, micro_steps_run * distributed.world_size())
         record = {f"loss/{k}": v for k, v in zip((*weights, "total"), loss_sums.tolist())}
         record.update({"epoch": progress.epoch, "step": progress.step, "epoch_seconds": elapsed,
                        "sequences_per_second": windows_seen * distributed.world_size() / max(elapsed, 1e-9),

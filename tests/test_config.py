@@ -21,12 +21,21 @@ def test_overrides_nested_and_typed(tmp_path):
     ("model.encoder=bert", "model.encoder"),
     ("train.lr=-1", "train.lr"),
     ("model.flow_stop_gradient=maybe", "model.flow_stop_gradient"),
+    ("model.cf_user=items", "model.cf_user"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigKeyError) as info:
         load_config(PretrainConfig, None, ["data=d", "output=o", override])
     assert info.value.key == key
     assert f"'{key}'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_options_that_need_another_option_name_both():
+    with pytest.raises(ConfigKeyError, match="model.cf_user=table") as info:
+        load_config(PretrainConfig, None, ["data=d", "output=o", "model.cf_user=history",
+                                           "train.sparse_user_table=true"])
+    assert info.value.key == "train.sparse_user_table"
+    load_config(PretrainConfig, None, ["data=d", "output=o", "model.cf_user=history"])
 
 
 def test_missing_required_and_bad_yaml(tmp_path):

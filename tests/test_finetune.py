@@ -266,3 +266,43 @@ def test_command_lines(pretrained, tiny_data, tmp_path, monkeypatch, capsys):
     assert (exported[0].k, exported[0].split, exported[0].batch_size) == (7, "test", 64)
     with pytest.raises(SystemExit):
         _flm(["ablate", "--data", tiny_data, "--output", str(tmp_path / "a"), "--fractions", "1.0,half"])
+
+
+@pytest.fixture(scope="module")
+def history_pretrained(tiny_data, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("pretrained_history") / "run"
+    run_pretrain(load_config(PretrainConfig, None, [f"data={tiny_data}", f"output={output}", *SMALL,
+                                                    "model.cf_user=history", "scaling.workers=0",
+                                                    "train.epochs=1", "train.max_steps=4",
+                                                    "train.windows=prefixes", "model.positions=first"]))
+    return output
+
+
+def test_history_cf_finetunes_from_its_weights_without_seeing_later_items(history_pretrained, shifted_data,
+                                                                          tiny_data, tmp_path):
+    model, counts = _initial_recommender(_finetune(history_pretrained, shifted_data, tmp_path / "map"))
+    assert counts.users_new > 0 and not any("user_embedding" in name for name in model.state_dict())
+    before = load_checkpoint(history_pretrained / "best")[0]["model"]
+    assert torch.equal(model.backbone.cf.projection.weight, before["cf.projection.weight"])
+
+    pretrained_model, _, _ = load_model_for_data(str(history_pretrained / "best"), tiny_data, torch.device("cpu"))
+    arrays = build_eval_arrays(pq.read_table(Path(tiny_data) / "test"), 12)
+    model, _ = _initial_recommender(_finetune(history_pretrained, tiny_data, tmp_path / "ft", "finetune.flow=latent"))
+    model.initialize_flow({"user": arrays.user[:64], "input": arrays.input[:64]})
+    model.eval(), pretrained_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_all(arrays.user, arrays.input, source="fused"),
+                                   pretrained_model.score_all(arrays.user, arrays.input, source="fused"))
+        # What the head sees after position t depends on nothing after t: the history CF vector
+        # is the prefix's, not the whole window's carried to every position.
+        representations = model._representations(arrays.user, arrays.input)
+        changed = arrays.input.clone()
+        changed[:, -3:] = torch.where(changed[:, -3:] != 0, changed[:, -3:] % 5 + 1, 0)
+        assert not torch.equal(changed, arrays.input)
+        later = model._representations(arrays.user, changed)
+    torch.testing.assert_close(later[:, :-3], representations[:, :-3])
+
+    summary = run_finetune(_finetune(history_pretrained, tiny_data, tmp_path / "run", "finetune.flow=latent",
+                                     "train.windows=prefixes", "loss.cf=0.5"))
+    assert summary["final"]["test/users/full"] == read_manifest(tiny_data)["splits"]["test"]["rows"]
+    assert all(math.isfinite(r["loss/cf"]) for r in summary["history"])

@@ -1,4 +1,5 @@
-"""Sequence encoders, MF, and the joint FLM model: shapes, causality, padding, tying, losses."""
+"""Sequence encoders, CF (MF and history), the joint FLM model: shapes, causality, padding, tying,
+losses."""
 
 import math
 
@@ -7,6 +8,7 @@ import torch
 
 from flm_dist.losses import ItemDistribution, full_softmax_ce
 from flm_dist.models import FLMModel, MatrixFactorization, NormalizingFlow, SequenceEncoder
+from flm_dist.models.cf import HistoryCF
 
 NUM_USERS = 12
 NUM_ITEMS = 30
@@ -151,6 +153,48 @@ def test_item_table_is_one_shared_object_and_cf_gradient_reaches_it():
     assert torch.all(gradient[0] == 0)
 
 
+def test_history_cf_is_the_projected_mean_of_the_items_seen_so_far():
+    model = make_model(cf_user="history").eval()
+    assert isinstance(model.cf, HistoryCF) and model.cf.item_embedding is model.item_embedding
+    assert not any("user" in name for name, _ in model.named_parameters())  # no row per user
+    input = left_padded_input()
+    users = torch.arange(5)
+    with torch.no_grad():
+        prefix = model.cf.prefix_vectors(users, input)
+        table, projection = model.item_table(), model.cf.projection
+        for row in range(5):
+            for position in range(MAX_LEN):
+                seen = input[row, :position + 1]
+                seen = seen[seen != 0]
+                mean = table[seen].mean(0) if len(seen) else torch.zeros(HIDDEN)
+                torch.testing.assert_close(prefix[row, position], projection(mean))
+        torch.testing.assert_close(model.cf.user_vectors(users, input), prefix[:, -1])
+        # The user id is not an input; a later item never changes an earlier position.
+        torch.testing.assert_close(model.cf.prefix_vectors(users.flip(0), input), prefix)
+        changed = input.clone()
+        changed[:, 6:] = changed[:, 6:] % NUM_ITEMS + 1
+        later = model.cf.prefix_vectors(users, changed)
+    torch.testing.assert_close(later[:, :6], prefix[:, :6])
+    assert not torch.allclose(later[1:, 6:], prefix[1:, 6:])
+
+
+@pytest.mark.parametrize("seq_positions", ["all", "last"])
+def test_history_cf_loss_terms_match_their_definitions(seq_positions):
+    model = make_model(cf_user="history").eval()
+    batch = make_batch()
+    terms = model.losses(batch, ALL_WEIGHTS, seq_positions=seq_positions)
+    table, target = model.item_table(), batch["target"]
+    prefix = model.cf.prefix_vectors(batch["user"], batch["input"])
+    if seq_positions == "last":
+        cf = full_softmax_ce(prefix[:, -1], table, target[:, -1])
+    else:
+        cf = full_softmax_ce(prefix.reshape(-1, HIDDEN), table, target.reshape(-1))
+    fused_vectors = model.fusion(prefix[:, -1], model.sequence_states(batch["input"])[:, -1])
+    torch.testing.assert_close(fused_vectors, model.user_representation(batch["user"], batch["input"], "fused"))
+    torch.testing.assert_close(terms["cf"], cf)
+    torch.testing.assert_close(terms["fused"], full_softmax_ce(fused_vectors, table, target[:, -1]))
+
+
 # --- Joint model losses --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -190,22 +234,39 @@ def test_prefix_windows_train_the_same_next_item_loss_as_whole_windows():
     torch.testing.assert_close(every_position, expected)  # the other positions carry no target
 
 
+@pytest.mark.parametrize("cf_user", ["table", "history"])
 @pytest.mark.parametrize("cf_loss", ["ce", "bpr"])
 @pytest.mark.parametrize("softmax", ["full", "sampled"])
-def test_loss_options_give_finite_losses_with_gradients(cf_loss, softmax):
-    model = make_model()
+def test_loss_options_give_finite_losses_with_gradients(cf_user, cf_loss, softmax):
+    model = make_model(cf_user=cf_user)
     terms = model.losses(make_batch(), ALL_WEIGHTS, cf_loss=cf_loss, softmax=softmax,
                          num_negatives=7, popularity=ItemDistribution.from_log_weights(torch.randn(NUM_ITEMS + 1)))
     assert all(torch.isfinite(value) for value in terms.values())
     terms["total"].backward()
-    assert model.cf.user_embedding.weight.grad.abs().sum() > 0
+    user_part = model.cf.user_embedding if cf_user == "table" else model.cf.projection
+    assert user_part.weight.grad.abs().sum() > 0
 
 
+def test_history_cf_bpr_compares_each_position_with_shared_negatives():
+    model = make_model(cf_user="history").eval()
+    batch = make_batch()
+    torch.manual_seed(5)
+    term = model.losses(batch, {"cf": 1.0}, cf_loss="bpr", num_negatives=7)["cf"]
+    torch.manual_seed(5)
+    negatives = torch.randint(1, NUM_ITEMS + 1, (8 * 7,)).view(8, 7)
+    prefix, table, target = model.cf.prefix_vectors(batch["user"], batch["input"]), model.item_table(), batch["target"]
+    positive = (prefix * table[target]).sum(-1)
+    negative = torch.einsum("blh,bkh->blk", prefix, table[negatives])
+    per_pair = -torch.nn.functional.logsigmoid(positive[..., None] - negative).mean(-1)
+    torch.testing.assert_close(term, per_pair[target != 0].mean())
+
+
+@pytest.mark.parametrize("cf_user", ["table", "history"])
 @pytest.mark.parametrize("cf_loss", ["ce", "bpr"])
-def test_sparse_item_table_gradient_is_the_dense_gradient_of_the_rows_looked_up(cf_loss):
+def test_sparse_item_table_gradient_is_the_dense_gradient_of_the_rows_looked_up(cf_user, cf_loss):
     gradients = []
     for sparse in (False, True):
-        model = make_model()
+        model = make_model(cf_user=cf_user)
         model.item_embedding.sparse = sparse
         torch.manual_seed(1)  # the same sampled negatives for both
         model.losses(make_batch(), ALL_WEIGHTS, cf_loss=cf_loss, softmax="sampled", num_negatives=7)["total"].backward()
@@ -241,7 +302,7 @@ def test_loss_terms_match_their_definitions():
     terms = model.losses(batch, ALL_WEIGHTS)
     table = model.item_table()
     states = model.sequence_states(batch["input"])
-    cf_vectors = model.cf.user_vectors(batch["user"])
+    cf_vectors = model.cf.user_vectors(batch["user"], batch["input"])
     length = batch["target"].shape[1]
 
     seq = full_softmax_ce(states.reshape(-1, HIDDEN), table, batch["target"].reshape(-1))
@@ -291,7 +352,7 @@ def test_representation_sources_and_flow_outputs():
         latent = model.flow_latent(batch["user"], batch["input"])
         log_density = model.flow_log_density(batch["user"], batch["input"])
     torch.testing.assert_close(sequence, model.sequence_states(batch["input"])[:, -1])
-    torch.testing.assert_close(cf, model.cf.user_vectors(batch["user"]))
+    torch.testing.assert_close(cf, model.cf.user_vectors(batch["user"], batch["input"]))
     assert latent.shape == (8, HIDDEN) and log_density.shape == (8,)
     # The init batch is standardised by the first ActNorm, and the density is finite.
     assert torch.isfinite(log_density).all()

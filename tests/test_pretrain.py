@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +198,12 @@ def test_resuming_with_another_model_config_is_a_clear_error(tiny_data, local_ru
     output, _ = local_run
     with pytest.raises(UserError, match="holds a run with another model config"):
         run_pretrain(_config(tiny_data, output, "scaling.workers=0", "train.epochs=3", "model.layers=1"))
+
+
+def test_an_epoch_cut_short_logs_the_mean_loss_of_the_steps_it_ran(tiny_data, tmp_path):
+    items = json.loads((Path(tiny_data) / "manifest.json").read_text())["items"]
+    summary = run_pretrain(_config(tiny_data, tmp_path / "r", "scaling.workers=0", "train.epochs=1",
+                                   "train.batch_size=8", "train.max_steps=1"))
+    # One step from the initial model: about the loss of a uniform guess over the catalog, not
+    # that divided by the epoch's ~30 micro-steps.
+    assert summary["history"][0]["loss/seq"] == pytest.approx(math.log(items), rel=0.3)

@@ -1,4 +1,4 @@
-"""The joint FLM model: MF user vectors + sequence encoder, fused, with a flow over the result.
+"""The joint FLM model: CF user vectors + sequence encoder, fused, with a flow over the result.
 
 All item scoring uses dot products against ONE item table (`item_embedding`, row 0 = padding)
 that the CF and sequence parts share by reference. Training batches are dicts of tensors:
@@ -24,7 +24,7 @@ from flm_dist.losses import (
     sample_items,
     sampled_softmax_ce,
 )
-from flm_dist.models.cf import MatrixFactorization
+from flm_dist.models.cf import CFUserKind, cf_encoder
 from flm_dist.models.flow import FlowKind, NormalizingFlow
 from flm_dist.models.sequence import (
     EncoderKind,
@@ -78,13 +78,14 @@ class FLMModel(nn.Module):
                  heads: int, dropout: float, encoder: EncoderKind = "sasrec",
                  fusion: FusionKind = "concat", flow_layers: int = 4, flow_hidden: int = 128,
                  flow_kind: FlowKind = "affine", flow_stop_gradient: bool = True,
-                 positions: PositionOrigin = "last", norm: NormPlacement = "pre"):
+                 positions: PositionOrigin = "last", norm: NormPlacement = "pre",
+                 cf_user: CFUserKind = "table"):
         super().__init__()
         self.num_items = num_items
         self.hidden = hidden
         self.flow_stop_gradient = flow_stop_gradient
         self.item_embedding = item_embedding_table(num_items, hidden)
-        self.cf = MatrixFactorization(num_users, hidden, self.item_embedding)
+        self.cf = cf_encoder(cf_user, num_users, hidden, self.item_embedding)
         self.sequence = SequenceEncoder(num_items, hidden, max_len, layers, heads, dropout,
                                         kind=encoder, item_embedding=self.item_embedding,
                                         positions=positions, norm=norm)
@@ -103,11 +104,11 @@ class FLMModel(nn.Module):
                             source: RepresentationSource = "fused") -> torch.Tensor:
         """[B, H] user vector: CF vector, last-position sequence state, or their fusion."""
         if source == "cf":
-            return self.cf.user_vectors(user)
+            return self.cf.user_vectors(user, input)
         if source == "sequence":
             return self.sequence_states(input)[:, -1]
         if source == "fused":
-            return self.fusion(self.cf.user_vectors(user), self.sequence_states(input)[:, -1])
+            return self.fusion(self.cf.user_vectors(user, input), self.sequence_states(input)[:, -1])
         raise ValueError(f"unknown source {source!r}; expected 'fused', 'sequence' or 'cf'")
 
     def score_all(self, user: torch.Tensor, input: torch.Tensor,
@@ -150,9 +151,10 @@ class FLMModel(nn.Module):
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE at every position with a target (`seq_positions="last"`: at the last
-        position only, for windows whose only target is there). cf: CF loss of the MF user
-        vector against all of the user's targets ("ce": softmax CE, "bpr": BPR with
-        `num_negatives` uniform negatives per user). fused: CE of the fused vector for the last target. flow: NLL
+        position only, for windows whose only target is there). cf: CF loss ("ce": softmax CE,
+        "bpr": BPR with `num_negatives` uniform negatives per user) of the MF user vector against
+        all of the user's targets, or (history CF) of the vector after each position against the
+        next item, at the positions `seq_positions` picks. fused: CE of the fused vector for the last target. flow: NLL
         per dimension of the fused vector under the flow. `softmax` picks full or sampled softmax
         (in-batch + `num_negatives` sampled from `popularity` or uniform, logQ-corrected) for
         the CE terms; `chunk_size` bounds the full-softmax logit block (see full_softmax_ce),
@@ -181,7 +183,10 @@ class FLMModel(nn.Module):
 
         terms: dict[str, torch.Tensor] = {}
         states = self.sequence_states(input) if active & {"seq", "fused", "flow"} else None
-        cf_vectors = self.cf.user_vectors(user) if active & {"cf", "fused", "flow"} else None
+        cf_vectors = None  # [B, H] per user (table) or [B, L, H] per position (history)
+        if active & {"cf", "fused", "flow"}:
+            cf_vectors = (self.cf.prefix_vectors(user, input) if self.cf.causal
+                          else self.cf.user_vectors(user, input))
 
         if "seq" in active:
             if seq_positions == "last":
@@ -189,10 +194,10 @@ class FLMModel(nn.Module):
             else:
                 terms["seq"] = softmax_ce(states.reshape(-1, self.hidden), target.reshape(-1))
         if "cf" in active:
-            terms["cf"] = self._cf_loss(cf_vectors, target, cf_loss, softmax, num_negatives,
-                                        popularity, max_in_batch_negatives)
+            terms["cf"] = self._cf_loss(cf_vectors, target, cf_loss, softmax, softmax_ce,
+                                        num_negatives, seq_positions)
         if active & {"fused", "flow"}:
-            fused = self.fusion(cf_vectors, states[:, -1])
+            fused = self.fusion(cf_vectors[:, -1] if self.cf.causal else cf_vectors, states[:, -1])
             if "fused" in active:
                 terms["fused"] = softmax_ce(fused, target[:, -1])
             if "flow" in active:
@@ -202,31 +207,37 @@ class FLMModel(nn.Module):
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
 
-    def _cf_loss(self, cf_vectors: torch.Tensor, target: torch.Tensor,
-                 kind: Literal["ce", "bpr"], softmax: Literal["full", "sampled"],
-                 num_negatives: int, popularity: ItemDistribution | None,
-                 max_in_batch_negatives: int = 0) -> torch.Tensor:
+    def _cf_loss(self, cf_vectors: torch.Tensor, target: torch.Tensor, kind: Literal["ce", "bpr"],
+                 softmax: Literal["full", "sampled"], softmax_ce, num_negatives: int,
+                 seq_positions: Literal["all", "last"]) -> torch.Tensor:
+        """cf_vectors: [B, H], one per user (table), or [B, L, H], one per position (history)."""
+        if kind not in ("ce", "bpr"):
+            raise ValueError(f"unknown cf_loss {kind!r}; expected 'ce' or 'bpr'")
+        per_user = cf_vectors.dim() == 2
+        if not per_user and seq_positions == "last":
+            cf_vectors, target = cf_vectors[:, -1:], target[:, -1:]
         has_target = target != 0
         table = self.item_table()
+        if kind == "ce" and softmax == "full" and per_user:
+            # The MF vector is the same at every position, so the log-partition is computed once
+            # per user ([B, N]) and reused for all of that user's targets instead of a [B*L, N]
+            # softmax.
+            logits = (cf_vectors @ table[1:].T).float()
+            log_partition = torch.logsumexp(logits, dim=-1, keepdim=True)
+            target_logits = logits.gather(1, (target - 1).clamp_min(0))
+            return masked_mean(log_partition - target_logits, has_target)
+        per_position = cf_vectors[:, None, :].expand(-1, target.shape[1], -1) if per_user else cf_vectors
+        if kind == "ce":
+            return softmax_ce(per_position.reshape(-1, self.hidden), target.reshape(-1))
+        # One uniform negative set per user, shared by all of that user's positives.
         sparse = self.item_embedding.sparse
-        if kind == "bpr":
-            # One uniform negative set per user, shared by all of that user's positives.
-            negatives = sample_items(cf_vectors.shape[0] * num_negatives, self.num_items,
-                                     device=target.device).view(-1, num_negatives)
-            positive_scores = torch.einsum("bh,blh->bl", cf_vectors, item_rows(table, target, sparse))
-            negative_scores = torch.einsum("bh,bkh->bk", cf_vectors, item_rows(table, negatives, sparse))
-            return bpr_loss(positive_scores,
-                            negative_scores[:, None, :].expand(-1, target.shape[1], -1), has_target)
-        if kind != "ce":
-            raise ValueError(f"unknown cf_loss {kind!r}; expected 'ce' or 'bpr'")
-        if softmax == "sampled":
-            per_position = cf_vectors[:, None, :].expand(-1, target.shape[1], -1)
-            return sampled_softmax_ce(per_position.reshape(-1, self.hidden), table,
-                                      target.reshape(-1), num_negatives, popularity, sparse_gradient=sparse,
-                                      max_in_batch=max_in_batch_negatives)
-        # The MF vector is the same at every position, so the log-partition is computed once per
-        # user ([B, N]) and reused for all of that user's targets instead of a [B*L, N] softmax.
-        logits = (cf_vectors @ table[1:].T).float()
-        log_partition = torch.logsumexp(logits, dim=-1, keepdim=True)
-        target_logits = logits.gather(1, (target - 1).clamp_min(0))
-        return masked_mean(log_partition - target_logits, has_target)
+        negatives = sample_items(cf_vectors.shape[0] * num_negatives, self.num_items,
+                                 device=target.device).view(-1, num_negatives)
+        negative_rows = item_rows(table, negatives, sparse)
+        positive_scores = torch.einsum("blh,blh->bl", per_position, item_rows(table, target, sparse))
+        if per_user:
+            negative_scores = torch.einsum("bh,bkh->bk", cf_vectors, negative_rows)
+            negative_scores = negative_scores[:, None, :].expand(-1, target.shape[1], -1)
+        else:
+            negative_scores = torch.einsum("blh,bkh->blk", per_position, negative_rows)
+        return bpr_loss(positive_scores, negative_scores, has_target)

@@ -153,12 +153,11 @@ class Recommender(nn.Module):
     def _representations(self, user: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
         """[B, L, H]: the `source` representation after each position of `input`."""
         if self.source == "cf":
-            return self.backbone.cf.user_vectors(user)[:, None, :].expand(-1, input.shape[1], -1)
+            return self.backbone.cf.prefix_vectors(user, input)
         states = self.backbone.sequence_states(input)
         if self.source == "sequence":
             return states
-        cf_vectors = self.backbone.cf.user_vectors(user)[:, None, :].expand_as(states)
-        return self.backbone.fusion(cf_vectors, states)
+        return self.backbone.fusion(self.backbone.cf.prefix_vectors(user, input), states)
 
     def _extra_features(self, representation: torch.Tensor) -> torch.Tensor | None:
         """The flow's (or the whitening's) features of representation [..., H], or None."""
