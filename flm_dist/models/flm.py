@@ -154,11 +154,11 @@ class FLMModel(nn.Module):
         position only, for windows whose only target is there). cf: CF loss ("ce": softmax CE,
         "bpr": BPR with `num_negatives` uniform negatives per user) of the MF user vector against
         all of the user's targets, or (history CF) of the vector after each position against the
-        next item, at the positions `seq_positions` picks. fused: CE of the fused vector for the last target. flow: NLL
-        per dimension of the fused vector under the flow. `softmax` picks full or sampled softmax
-        (in-batch + `num_negatives` sampled from `popularity` or uniform, logQ-corrected) for
-        the CE terms; `chunk_size` bounds the full-softmax logit block (see full_softmax_ce),
-        `max_in_batch_negatives` the sampled one (see sampled_softmax_ce).
+        next item, at the positions `seq_positions` picks. fused: CE of the fused vector for the
+        last target. flow: NLL per dimension of the fused vector under the flow. `softmax` picks
+        full or sampled softmax (in-batch + `num_negatives` sampled from `popularity` or uniform,
+        logQ-corrected) for the CE terms; `chunk_size` bounds the full-softmax logit block (see
+        full_softmax_ce), `max_in_batch_negatives` the sampled one (see sampled_softmax_ce).
         Terms with weight 0 are not computed.
         """
         unknown = set(weights) - set(LOSS_TERMS)
