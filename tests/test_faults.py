@@ -32,7 +32,8 @@ def _kill_a_train_worker_after_first_checkpoint(run_dir: Path, killed: list[int]
     from ray.util.state import list_actors
 
     address = ray.get_runtime_context().gcs_address
-    deadline = time.time() + 120
+    # Generous: on a loaded machine Ray Train took over 120 s to write its first checkpoint.
+    deadline = time.time() + 600
     while time.time() < deadline and not any((run_dir / "ray_train").glob("checkpoint_*")):
         time.sleep(0.2)
     for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True):
