@@ -59,17 +59,19 @@ class HistoryCF(nn.Module):
         self.item_embedding = item_embedding
         self.projection = nn.Linear(hidden, hidden)
 
+    def _item_rows(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, L, H] item rows with padding zeroed, [B, L, 1] 1 where an item is present)."""
+        present = (input != 0).unsqueeze(-1)
+        return self.item_embedding(input) * present, present
+
     def prefix_vectors(self, user: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
         """Long[B, L] left-padded (0 = pad; `user` is not used) -> [B, L, H], causal."""
-        present = (input != 0).unsqueeze(-1)
-        rows = self.item_embedding(input) * present
-        counts = present.cumsum(dim=1).clamp_min(1)
-        return self.projection(rows.cumsum(dim=1) / counts)
+        rows, present = self._item_rows(input)
+        return self.projection(rows.cumsum(dim=1) / present.cumsum(dim=1).clamp_min(1))
 
     def user_vectors(self, user: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-        """[B, H]: the vector after the last position of `input`."""
-        present = (input != 0).unsqueeze(-1)
-        rows = self.item_embedding(input) * present
+        """[B, H]: the vector after the last position of `input`, without the per-position work."""
+        rows, present = self._item_rows(input)
         return self.projection(rows.sum(dim=1) / present.sum(dim=1).clamp_min(1))
 
 
