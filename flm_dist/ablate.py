@@ -9,7 +9,12 @@ overrides, e.g. train.epochs), the same seeds and, per seed and fraction, the sa
     noflow  the joint objective without the flow (flow=0)
     flm     the full Pretraining-FLM objective, flow included
   stage 2, fine-tuning (`flm finetune`, full mode, same head) at each data fraction:
-    (a) sasrec        from sasrec, source sequence, flow none
+    (a) scratch       SASRec from scratch: no pretrained weight (finetune.init=random; the sasrec
+                      run gives only the architecture), trained on the fraction's users alone for
+                      as many optimiser steps as pretraining plus fine-tuning take, validated about
+                      once per full-data epoch of steps
+        sasrec        from sasrec, source sequence, flow none (SASRec pretrained on every user's
+                      training sequence; at fraction 1.0 the same model and steps as scratch)
     (b) mf            from mf, source cf, flow none
     (c) joint_noflow  from noflow, source fused, flow none
     (d) flm           from flm, source fused, flow latent (the full method)
@@ -23,8 +28,9 @@ seeds. Significance, per protocol: per test user, NDCG@10 averaged over seeds, (
 other variant with the Wilcoxon signed-rank test (two-sided, pairs by user; scipy's when
 installed, else its normal approximation with tie correction); the headline p-value is (d)
 against the best other variant.
-Outputs: OUT/ablation.md, OUT/ablation.json, and every run under OUT/runs/ (re-running resumes
-them: a finished run is only evaluated again).
+Outputs: OUT/ablation.md, OUT/ablation.json, and every run under OUT/runs/. Re-running resumes
+them: a run whose metrics.json records the same config is read back (with its per-user test
+ranks, RUN_DIR/test_user_ranks.npz), any other is started or resumed from its checkpoint.
 """
 
 from __future__ import annotations
@@ -37,11 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from flm_dist.config import _deep_merge, load_config, require, to_dict
+from flm_dist.config import _deep_merge, from_dict, load_config, require, to_dict
+from flm_dist.errors import UserError
 from flm_dist.evaluate import user_ranks
 from flm_dist.finetune import FinetuneConfig, run_finetune
+from flm_dist.finetune import resolve as finetune_resolve
 from flm_dist.metrics import ndcg_at, wilcoxon_p_value
 from flm_dist.pretrain import PretrainConfig, run_pretrain
+from flm_dist.pretrain import resolve as pretrain_resolve
 
 log = logging.getLogger("flm_dist")
 
@@ -54,13 +63,14 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "noflow": {"loss": {"flow": 0.0}, "eval": {"user_source": "fused"}},
     "flm": {"eval": {"user_source": "fused"}},
 }
-# variant -> (pretraining objective, fine-tuning source, how the flow enters)
-VARIANTS: dict[str, tuple[str, str, str]] = {
-    "sasrec": ("sasrec", "sequence", "none"),
-    "mf": ("mf", "cf", "none"),
-    "joint_noflow": ("noflow", "fused", "none"),
-    "flm": ("flm", "fused", "latent"),
-    "whiten": ("flm", "fused", "whiten"),
+# variant -> (pretraining objective, fine-tuning source, how the flow enters, finetune.init)
+VARIANTS: dict[str, tuple[str, str, str, str]] = {
+    "scratch": ("sasrec", "sequence", "none", "random"),
+    "sasrec": ("sasrec", "sequence", "none", "pretrained"),
+    "mf": ("mf", "cf", "none", "pretrained"),
+    "joint_noflow": ("noflow", "fused", "none", "pretrained"),
+    "flm": ("flm", "fused", "latent", "pretrained"),
+    "whiten": ("flm", "fused", "whiten", "pretrained"),
 }
 REFERENCE = "flm"
 
@@ -113,12 +123,22 @@ def _pretrain_config(config: AblateConfig, objective: str, seed: int, output: Pa
 
 def _finetune_config(config: AblateConfig, variant: str, fraction: float, seed: int, pretrained: Path,
                      output: Path) -> FinetuneConfig:
-    _, source, flow = VARIANTS[variant]
+    objective, source, flow, init = VARIANTS[variant]
     data = _deep_merge(config.common, config.finetune)
-    return load_config(FinetuneConfig, base=_deep_merge(data, {
+    finetune = load_config(FinetuneConfig, base=_deep_merge(data, {
         "pretrained": str(pretrained), "data": config.data, "output": str(output),
-        "finetune": {"source": source, "flow": flow, "data_fraction": fraction},
+        "finetune": {"source": source, "flow": flow, "data_fraction": fraction, "init": init},
         "eval": {"user_source": source}, "train": {"seed": seed}}))
+    if init == "pretrained":
+        return finetune
+    # From scratch gets the optimiser steps of pretraining (every user) plus fine-tuning (the
+    # fraction's users), and validates about once per full-data epoch of steps, so early stopping
+    # sees it as often as a pretrained variant's run.
+    pretrain_epochs = _pretrain_config(config, objective, seed, pretrained).train.epochs
+    every = max(1, round(1 / fraction))
+    return dataclasses.replace(finetune, train=dataclasses.replace(
+        finetune.train, epochs=round(pretrain_epochs / fraction) + finetune.train.epochs,
+        eval_every_epochs=finetune.train.eval_every_epochs * every))
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
@@ -154,7 +174,7 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
         results += [rows[v] for v in config.variants]
     return {"results": results, "significance": significance, "seeds": list(seeds),
             "fractions": list(config.fractions), "protocols": list(PROTOCOLS),
-            "variants": {v: dict(zip(("objective", "source", "flow"), VARIANTS[v])) for v in config.variants},
+            "variants": {v: dict(zip(("objective", "source", "flow", "init"), VARIANTS[v])) for v in config.variants},
             "config": to_dict(config)}
 
 
@@ -183,6 +203,34 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finished_summary(resolved: PretrainConfig | FinetuneConfig) -> dict[str, Any] | None:
+    """The metrics.json of a run that finished with this very config (its recorded config, read
+    with today's defaults, equals `resolved`), else None: the run is then started or resumed."""
+    path = Path(resolved.output) / "metrics.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    try:
+        recorded = from_dict(type(resolved), summary["config"])
+    except (KeyError, UserError):
+        return None
+    return summary if to_dict(recorded) == to_dict(resolved) else None
+
+
+def _test_user_ranks(run_dir: Path, data: str, recompute: bool) -> dict[str, np.ndarray]:
+    """`user_ranks` of the run's best checkpoint on the test split, kept in RUN_DIR/test_user_ranks.npz
+    so that a finished run is not scored again (`recompute` after training)."""
+    cache = run_dir / "test_user_ranks.npz"
+    if not recompute and cache.is_file():
+        with np.load(cache) as stored:
+            return {protocol: stored[protocol] for protocol in stored.files}
+    ranks = user_ranks(run_dir / "best", data)
+    partial = run_dir / "test_user_ranks.partial.npz"
+    np.savez(partial, **ranks)
+    partial.replace(cache)
+    return ranks
+
+
 def run_ablation(config: AblateConfig) -> dict[str, Any]:
     """Run every stage (see the module docstring); writes and returns the report."""
     output = Path(config.output)
@@ -198,15 +246,21 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
         root = output / "runs" / f"seed{seed}"
         for objective in objectives:
             log.info("ablation seed %d: pretraining %s", seed, objective)
-            run_pretrain(_pretrain_config(config, objective, seed, root / f"pretrain-{objective}"))
+            pretrain = _pretrain_config(config, objective, seed, root / f"pretrain-{objective}")
+            if _finished_summary(pretrain_resolve(pretrain)) is None:
+                run_pretrain(pretrain)
         for fraction in config.fractions:
             for variant in config.variants:
                 log.info("ablation seed %d fraction %g: fine-tuning %s", seed, fraction, variant)
                 run_dir = root / f"fraction{fraction:g}" / variant
                 pretrained = root / f"pretrain-{VARIANTS[variant][0]}"
-                summary = run_finetune(_finetune_config(config, variant, fraction, seed, pretrained, run_dir))
+                finetune = _finetune_config(config, variant, fraction, seed, pretrained, run_dir)
+                summary = _finished_summary(finetune_resolve(finetune))
+                trained = summary is None
+                if trained:
+                    summary = run_finetune(finetune)
                 finals[variant, fraction, seed] = summary["final"]
-                ranks[variant, fraction, seed] = user_ranks(run_dir / "best", config.data)
+                ranks[variant, fraction, seed] = _test_user_ranks(run_dir, config.data, recompute=trained)
     report = summarize(config, finals, ranks)
     (output / "ablation.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (output / "ablation.md").write_text(markdown_table(report))

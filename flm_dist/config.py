@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from typing import Any, Literal, TypeVar
@@ -19,6 +20,7 @@ import yaml
 from flm_dist.errors import UserError
 
 T = TypeVar("T")
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigKeyError(UserError):
@@ -91,6 +93,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigKeyError(key, f"expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads 1e-3 (no dot in the mantissa) as a string
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
             return float(value)
         raise ConfigKeyError(key, f"expected a number, got {value!r}")
     if annotation is str:

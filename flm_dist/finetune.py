@@ -80,6 +80,14 @@ class FinetuneOptions:
     dropout: float | None = None
     """Dropout of the pretrained sequence encoder while fine-tuning; None keeps the pretrained
     value (the only architecture setting fine-tuning may change)."""
+    keep_pretrained: bool = False
+    """Validate the pretrained model before the first step, as epoch 0: it competes for best/,
+    so a fine-tuning that only makes validation worse ends with the pretrained ranking."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """pretrained: the model starts from the pretrained weights, mapped by id; random: the
+    pretrained run gives only the architecture and the vocabulary, and every weight is drawn
+    fresh from train.seed. This is the from-scratch baseline: the same recipe and users, no
+    pretraining."""
 
     def __post_init__(self):
         require(0.0 < self.data_fraction <= 1.0, "data_fraction", "must be in (0, 1]")
@@ -90,6 +98,10 @@ class FinetuneOptions:
                 "identity takes no flow features; use linear or mlp, or flow=none")
         require(self.mode == "full" or self.head != "identity", "mode",
                 "frozen with an identity head leaves nothing to train")
+        require(self.mode == "full" or self.init == "pretrained", "mode",
+                "frozen with init=random would keep random encoders; use mode=full")
+        require(not self.keep_pretrained or self.init == "pretrained", "keep_pretrained",
+                "needs init=pretrained (with init=random there is no pretrained model to keep)")
 
 
 @dataclasses.dataclass
@@ -298,7 +310,8 @@ def _recommender(config: FinetuneConfig, backbone: FLMModel) -> Recommender:
 
 
 def build_recommender(config: FinetuneConfig, manifest: dict[str, Any]) -> Recommender:
-    """The recommender for `config.data` with the pretrained weights mapped by id.
+    """The recommender for `config.data` with the pretrained weights mapped by id (none with
+    `finetune.init=random`).
 
     Runs on every worker; `setup_training` has seeded torch, so fresh rows are alike everywhere
     (and DDP broadcasts rank 0's parameters anyway).
@@ -308,9 +321,9 @@ def build_recommender(config: FinetuneConfig, manifest: dict[str, Any]) -> Recom
     if mapping.counts() != config.vocabulary:
         raise UserError(f"the vocabularies changed since the run started: {mapping.counts()} here, "
                         f"{config.vocabulary} recorded")
-    state, _ = load_checkpoint(checkpoint)
     backbone = build_model(config.model, manifest["users"], manifest["items"])
-    load_pretrained_weights(backbone, state["model"], mapping)
+    if config.finetune.init == "pretrained":
+        load_pretrained_weights(backbone, load_checkpoint(checkpoint)[0]["model"], mapping)
     return _recommender(config, backbone)
 
 
@@ -336,7 +349,8 @@ def _train_filter(config: FinetuneConfig):
 
 def _train(config: FinetuneConfig, session) -> dict[str, Any]:
     return train_loop(config, session, model_factory=functools.partial(build_recommender, config),
-                      train_filter=_train_filter(config), kind="finetune")
+                      train_filter=_train_filter(config), kind="finetune",
+                      validate_first=config.finetune.keep_pretrained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +388,9 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     log.info("vocabulary mapped by original id: items %d known, %d new (%d pretrained unused); "
              "users %d known, %d new (%d pretrained unused)", counts.items_known, counts.items_new,
              counts.items_unused, counts.users_known, counts.users_new, counts.users_unused)
+    if config.finetune.init == "random":
+        log.info("finetune.init=random: training from scratch; %s gives only the architecture and "
+                 "vocabulary", config.pretrained)
     if counts.items_new and config.finetune.mode == "frozen":
         log.warning("%d new items keep random, frozen rows in frozen mode: they will rank at random",
                     counts.items_new)

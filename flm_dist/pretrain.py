@@ -300,9 +300,10 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
 
 
 def train_loop(config: PretrainConfig, session, model_factory=None, train_filter=None,
-               kind: str = "pretrain") -> dict[str, Any]:
+               kind: str = "pretrain", validate_first: bool = False) -> dict[str, Any]:
     """Train, validate, checkpoint and finally test the best checkpoint; `kind` is recorded in
-    every checkpoint so that `load_model_for_data` can rebuild the right model."""
+    every checkpoint so that `load_model_for_data` can rebuild the right model. With
+    `validate_first`, the untrained model is validated as epoch 0 and competes for best/."""
     device = session.device()
     setup = setup_training(config, session, device, model_factory, train_filter)
     manifest, train, widths = setup.manifest, setup.train, setup.widths
@@ -365,6 +366,31 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             raise CheckpointError(f"could not write the checkpoint of step {progress.step}: "
                                   f"{exc.strerror or exc}; earlier checkpoints are intact, re-run to resume") from None
 
+    def validate(record: dict[str, Any]) -> None:
+        """Validation metrics into `record`; a new best of `eval.monitor` is published as best/."""
+        started = time.perf_counter()
+        record.update(evaluate_split(model, valid, "valid", config.eval, manifest["num_negatives"]))
+        record["eval_seconds"] = time.perf_counter() - started
+        value = record[config.eval.monitor]
+        if value > progress.best_value:
+            progress.best_value, progress.best_epoch = value, progress.epoch
+            progress.evals_without_improvement = 0
+            if distributed.is_main():
+                with tempfile.TemporaryDirectory() as scratch:
+                    _write_checkpoint(Path(scratch) / "best", model, optimizer, scheduler, progress,
+                                      config, manifest, record, kind)
+                    publish_directory(Path(scratch) / "best", run_dir / "best")
+        else:
+            progress.evals_without_improvement += 1
+
+    if validate_first and progress.step == 0 and not progress.history:
+        record = {"epoch": 0, "step": 0, "epoch_seconds": 0.0, "sequences_per_second": 0.0}
+        validate(record)
+        progress.history.append(record)
+        if distributed.is_main():
+            _log_epoch(record, config.eval.monitor)
+            _write_scalars(writer, record)
+
     finished = progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
     while progress.epoch < config.train.epochs and not finished:
         # Batches per (seed, epoch): a resumed epoch replays the same batches from its position.
@@ -416,20 +442,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                        "sequences_per_second": windows_seen * distributed.world_size() / max(elapsed, 1e-9),
                        "lr": scheduler.get_last_lr()[0]})
         if progress.epoch % config.train.eval_every_epochs == 0 or finished:
-            started = time.perf_counter()
-            record.update(evaluate_split(model, valid, "valid", config.eval, manifest["num_negatives"]))
-            record["eval_seconds"] = time.perf_counter() - started
-            value = record[config.eval.monitor]
-            if value > progress.best_value:
-                progress.best_value, progress.best_epoch = value, progress.epoch
-                progress.evals_without_improvement = 0
-                if distributed.is_main():
-                    with tempfile.TemporaryDirectory() as scratch:
-                        _write_checkpoint(Path(scratch) / "best", model, optimizer, scheduler, progress,
-                                          config, manifest, record, kind)
-                        publish_directory(Path(scratch) / "best", run_dir / "best")
-            else:
-                progress.evals_without_improvement += 1
+            validate(record)
             if progress.evals_without_improvement >= config.train.patience:
                 log.info("early stopping: %s has not improved for %d validations",
                          config.eval.monitor, config.train.patience)
@@ -475,6 +488,9 @@ def _write_scalars(writer, record: dict[str, Any]) -> None:
 def _log_epoch(record: dict[str, Any], monitor: str) -> None:
     losses = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
     validation = f" {monitor}={record[monitor]:.4f}" if monitor in record else ""
+    if not losses:  # the validation before the first step
+        log.info("epoch 0 (before training)%s (%.1fs)", validation, record["eval_seconds"])
+        return
     log.info("epoch %d step %d %s%s (%.1fs, %.0f seq/s)", record["epoch"], record["step"], losses,
              validation, record["epoch_seconds"], record["sequences_per_second"])
 
@@ -493,15 +509,18 @@ def train_worker(payload: dict[str, Any]) -> None:
     train_loop(config, RaySession(config.output))
 
 
-def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
-    """Pretrain on Ray Train (or in this process with `scaling.workers=0`); returns metrics.json."""
+def resolve(config: PretrainConfig) -> PretrainConfig:
+    """`config` as the run records it: absolute paths, since Ray workers do not share the
+    driver's working directory."""
     from flm_dist.ray_seam import absolute_storage_path
 
-    # Ray workers do not share the driver's working directory: hand them absolute paths.
-    config = dataclasses.replace(config, data=absolute_storage_path(config.data),
-                                 output=absolute_storage_path(config.output))
+    return dataclasses.replace(config, data=absolute_storage_path(config.data),
+                               output=absolute_storage_path(config.output))
 
-    return launch_training(config, "pretrain", train_loop, train_worker)
+
+def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
+    """Pretrain on Ray Train (or in this process with `scaling.workers=0`); returns metrics.json."""
+    return launch_training(resolve(config), "pretrain", train_loop, train_worker)
 
 
 def launch_training(config, kind: str, local_loop, ray_worker) -> dict[str, Any]:

@@ -1,14 +1,16 @@
 import argparse
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from flm_dist.ablate import VARIANTS, AblateConfig, _pretrain_config, run_ablation
+from flm_dist.ablate import (VARIANTS, AblateConfig, _finetune_config, _finished_summary, _pretrain_config,
+                             run_ablation)
 from flm_dist.evaluate import user_ranks
 from flm_dist.metrics import ndcg_at, wilcoxon_normal_p_value, wilcoxon_p_value
-from flm_dist.config import ConfigKeyError
-from flm_dist.finetune import add_commands
+from flm_dist.config import ConfigKeyError, from_dict
+from flm_dist.finetune import FinetuneConfig, add_commands
 
 
 def _flm_cli(argv):
@@ -29,6 +31,10 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys):
     _flm_cli(common + ["--first-seed", "1", "--seeds", "1"] + overrides)
     seed1_alone = json.loads((output / "ablation.json").read_text())
     assert seed1_alone["seeds"] == [1] and not (output / "runs" / "seed0").exists()
+    seed1_files = sorted((output / "runs" / "seed1").glob("**/metrics.json")) + sorted(
+        (output / "runs" / "seed1").glob("**/test_user_ranks.npz"))
+    assert len(seed1_files) == len({v[0] for v in VARIANTS.values()}) + 2 * len(VARIANTS) * 2
+    written = {path: path.stat().st_mtime_ns for path in seed1_files}
     capsys.readouterr()
     _flm_cli(common + ["--seeds", "2"] + overrides)
     table = (output / "ablation.md").read_text()
@@ -44,9 +50,13 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys):
                 assert len(row[metric]["per_seed"]) == 2 and 0.0 <= row[metric]["mean"] <= 1.0
                 assert row[metric]["per_seed"][1] == alone[metric]["per_seed"][0]
             assert row["variant"] == "flm" or 0.0 <= row["p_value_vs_flm"][protocol] <= 1.0
-    # Seed 1's runs were resumed at their end (nothing left to train), not trained again.
-    for run in ("pretrain-flm", "fraction0.5/whiten"):
-        assert json.loads((output / "runs" / "seed1" / run / "metrics.json").read_text())["resumed_at_steps"] == [2]
+    # Seed 1's finished runs were read back, neither trained nor scored again.
+    assert {path: path.stat().st_mtime_ns for path in seed1_files} == written
+    run = output / "runs" / "seed1" / "fraction0.5" / "whiten"
+    recorded = from_dict(FinetuneConfig, json.loads((run / "metrics.json").read_text())["config"])
+    assert _finished_summary(recorded) is not None
+    longer = dataclasses.replace(recorded, train=dataclasses.replace(recorded.train, epochs=2))
+    assert _finished_summary(longer) is None  # a changed config resumes the run instead
     for fraction in ("1.0", "0.5"):
         for protocol in ("full", "full_nomask"):
             test = report["significance"][fraction][protocol]
@@ -75,6 +85,15 @@ def test_variant_configs(tmp_path):
     assert (mf.loss.seq, mf.loss.fused, mf.loss.flow, mf.eval.user_source) == (0, 0, 0, "cf")
     joint = _pretrain_config(config, "flm", 0, tmp_path / "p")
     assert joint.loss.cf == 0.5 and joint.loss.flow > 0
+    # From scratch: no pretrained weight, the fraction's users, the steps of pretraining (2 epochs
+    # of every user = 20 epochs of a tenth) plus fine-tuning (2 epochs), validated every 10 epochs.
+    scratch = _finetune_config(config, "scratch", 0.1, 1, tmp_path / "p", tmp_path / "f")
+    assert (scratch.finetune.init, scratch.finetune.source, scratch.finetune.flow) == ("random", "sequence", "none")
+    assert (scratch.finetune.data_fraction, scratch.train.epochs, scratch.train.eval_every_epochs) == (0.1, 22, 10)
+    scratch_all = _finetune_config(config, "scratch", 1.0, 1, tmp_path / "p", tmp_path / "f")
+    assert (scratch_all.train.epochs, scratch_all.train.eval_every_epochs) == (4, 1)
+    sasrec_ft = _finetune_config(config, "sasrec", 0.1, 1, tmp_path / "p", tmp_path / "f")
+    assert (sasrec_ft.finetune.init, sasrec_ft.train.epochs, sasrec_ft.train.eval_every_epochs) == ("pretrained", 2, 1)
     with pytest.raises(ConfigKeyError, match="finetune.hed"):  # before anything trains
         run_ablation(AblateConfig(data="d", output=str(tmp_path / "o"), finetune={"finetune": {"hed": "mlp"}}))
     assert not (tmp_path / "o").exists()

@@ -12,6 +12,10 @@ def test_overrides_nested_and_typed(tmp_path):
     assert config.model.hidden == 32 and config.model.layers == 3
     assert config.train.lr == 0.01 and config.eval.ks == (1, 5)
     assert from_dict(PretrainConfig, to_dict(config)) == config
+    # YAML 1.1 reads 1e-3 as a string; a float field takes it as the number it spells
+    assert load_config(PretrainConfig, str(preset), ["train.lr=1e-3"]).train.lr == 0.001
+    with pytest.raises(ConfigKeyError, match="train.lr"):
+        load_config(PretrainConfig, str(preset), ["train.lr=1e-3x"])
 
 
 @pytest.mark.parametrize("override, key", [

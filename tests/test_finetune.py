@@ -17,7 +17,7 @@ from flm_dist.data import build_eval_arrays, build_train_arrays
 from flm_dist.errors import UserError
 from flm_dist.finetune import (FinetuneConfig, add_commands, build_recommender, fraction_of_users, resolve,
                                run_finetune)
-from flm_dist.pretrain import PretrainConfig, load_model_for_data, read_manifest, run_pretrain
+from flm_dist.pretrain import PretrainConfig, build_model, load_model_for_data, read_manifest, run_pretrain
 
 SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hidden=16",
          "model.flow_layers=2", "train.batch_size=64", "train.warmup_steps=2", "eval.batch_size=128"]
@@ -104,6 +104,44 @@ def test_weights_are_the_pretrained_ones_mapped_by_original_id(pretrained, shift
                 assert torch.equal(state[name][index], tensor[vocab_old[original_id]]), (name, original_id)
         fresh = torch.stack([state[name][index] for i, index in vocab_new.items() if i not in vocab_old])
         assert fresh.std().item() == pytest.approx(hidden ** -0.5, rel=0.3)  # the pretrained tables' init
+
+
+def test_random_init_loads_no_pretrained_weight(pretrained, tiny_data, tmp_path):
+    config = _finetune(pretrained, tiny_data, tmp_path / "ft", "finetune.init=random")
+    model, counts = _initial_recommender(config)
+    assert counts.items_known > 0  # the same vocabulary: every row could have been copied
+    manifest = read_manifest(tiny_data)
+    torch.manual_seed(config.train.seed)
+    fresh = build_model(resolve(config).model, manifest["users"], manifest["items"]).state_dict()
+    before = load_checkpoint(pretrained / "best")[0]["model"]
+    state = model.backbone.state_dict()
+    assert set(state) == set(fresh) == set(before)
+    for name, tensor in fresh.items():
+        assert torch.equal(state[name], tensor), name
+    assert not torch.equal(state["item_embedding.weight"], before["item_embedding.weight"])
+    with pytest.raises(ConfigKeyError, match="init=random"):
+        _finetune(pretrained, tiny_data, tmp_path / "frozen", "finetune.init=random", "finetune.mode=frozen")
+
+
+def test_keep_pretrained_validates_the_start_and_keeps_it_unless_beaten(pretrained, tiny_data, tmp_path):
+    # At lr 1e-12 fine-tuning changes no ranking, so it never beats the start: only a validated
+    # start can be best/, and best/ then holds the pretrained weights themselves.
+    common = ("finetune.flow=none", "train.lr=1e-12", "train.max_steps=0", "train.epochs=1")
+    kept = run_finetune(_finetune(pretrained, tiny_data, tmp_path / "keep", *common, "finetune.keep_pretrained=true"))
+    plain = run_finetune(_finetune(pretrained, tiny_data, tmp_path / "plain", *common))
+    monitor = "valid/ndcg@10/full"
+    assert [r["epoch"] for r in kept["history"]] == [0, 1] and kept["best"]["epoch"] == 0
+    assert [r["epoch"] for r in plain["history"]] == [1] and plain["best"]["epoch"] == 1
+    assert kept["history"][0][monitor] == kept["history"][1][monitor] == plain["history"][0][monitor]
+    model, _ = _initial_recommender(_finetune(pretrained, tiny_data, tmp_path / "x", "finetune.flow=none"))
+    start = model.state_dict()
+    best = load_checkpoint(tmp_path / "keep" / "best")[0]["model"]
+    assert set(best) == set(start)
+    for name in best:
+        if "flow" not in name:  # ActNorm's data-dependent init runs in the loop
+            assert torch.equal(best[name], start[name]), name
+    with pytest.raises(ConfigKeyError, match="keep_pretrained"):
+        _finetune(pretrained, tiny_data, tmp_path / "y", "finetune.keep_pretrained=true", "finetune.init=random")
 
 
 def test_finetuning_starts_at_the_pretrained_ranking(pretrained, tiny_data, tmp_path):
