@@ -80,14 +80,14 @@ class FinetuneOptions:
     dropout: float | None = None
     """Dropout of the pretrained sequence encoder while fine-tuning; None keeps the pretrained
     value (the only architecture setting fine-tuning may change)."""
-    keep_pretrained: bool = False
-    """Validate the pretrained model before the first step, as epoch 0: it competes for best/,
-    so a fine-tuning that only makes validation worse ends with the pretrained ranking."""
     init: Literal["pretrained", "random"] = "pretrained"
     """pretrained: the model starts from the pretrained weights, mapped by id; random: the
     pretrained run gives only the architecture and the vocabulary, and every weight is drawn
     fresh from train.seed. This is the from-scratch baseline: the same recipe and users, no
     pretraining."""
+    keep_pretrained: bool = False
+    """Validate the pretrained model before the first step, as epoch 0: it competes for best/,
+    so a fine-tuning that only makes validation worse ends with the pretrained ranking."""
 
     def __post_init__(self):
         require(0.0 < self.data_fraction <= 1.0, "data_fraction", "must be in (0, 1]")
