@@ -6,6 +6,14 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller takes a worker's report only when it polls (every 2 s by default) and
+# a worker's next report waits for that: with tiny data, reports every few steps would spend
+# most of a fit waiting. Propagated by Ray Train from each driver to its controller.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Data's Parquet reader starts this many footer-reading actors (32 by default), each a new
+# Python process, for every read; tiny test splits need one. Inherited by every Ray process the
+# tests start.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from pathlib import Path
