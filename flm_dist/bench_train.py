@@ -30,18 +30,22 @@ def step_flops(batch: dict[str, torch.Tensor], config: PretrainConfig, num_items
 
     Counts the transformer blocks (QKV, output, 4x feed-forward, attention scores and values),
     the softmax logits of each active loss term (all positions for `seq`, one row per user for
-    `cf` and `fused`; in-batch + sampled columns for sampled softmax) and the flow's couplings.
+    `cf` and `fused`; in-batch + sampled columns for sampled softmax), the flow's couplings and,
+    for the contrastive term, the second encoder pass and its similarity block.
     Embedding lookups, norms and element-wise work are left out.
     """
     rows, width = batch["input"].shape
     hidden, layers = config.model.hidden, config.model.layers
     tokens = rows * width
-    macs = 0.0
     if config.model.encoder == "sasrec":
-        macs += layers * tokens * (12 * hidden * hidden + 2 * width * hidden)
+        encoder_macs = layers * tokens * (12 * hidden * hidden + 2 * width * hidden)
     else:
         gates = 3 if config.model.encoder == "gru" else 4
-        macs += layers * tokens * gates * 2 * hidden * hidden
+        encoder_macs = layers * tokens * gates * 2 * hidden * hidden
+    weights = config.loss.weights()
+    macs = encoder_macs
+    if weights["contrast"]:  # a second encoder pass and the [2B x 2B] similarity block
+        macs += encoder_macs + (2 * rows) ** 2 * hidden
     scored = rows if config.train.windows == "prefixes" else tokens  # positions with a seq target
     cap = config.loss.max_in_batch_negatives
 
@@ -49,7 +53,6 @@ def step_flops(batch: dict[str, torch.Tensor], config: PretrainConfig, num_items
         return (min(in_batch, cap) if cap else in_batch) + config.loss.num_negatives
 
     columns = num_items if config.loss.softmax == "full" else sampled_columns(scored)
-    weights = config.loss.weights()
     if weights["seq"]:
         macs += scored * columns * hidden
     for term in ("cf", "fused"):

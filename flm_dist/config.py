@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -251,6 +252,11 @@ class ModelConfig:
         require(self.flow_hidden > 0, "flow_hidden", "must be positive")
 
 
+def cosine_decay(progress: float) -> float:
+    """1 at progress 0, falling along a half cosine to 0 at progress 1."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
 @dataclasses.dataclass
 class LossConfig:
     seq: float = 1.0
@@ -277,17 +283,37 @@ class LossConfig:
     chunk_size: int = 0
     """Full softmax: compute logits this many rows at a time (recomputed in backward), so a
     [rows x catalog] block never lives whole; 0 computes them at once."""
+    contrast: float = 0.0
+    """Weight of the contrastive term (DuoRec's regulariser): InfoNCE between the sequence
+    encoder's last state and that of a second pass with other dropout masks, the other
+    sequences of the batch as negatives (those with the same next item left out). It spreads
+    the user vectors, and through the dot product the item rows, over the space; it costs a
+    second encoder pass per step. Pretraining only."""
+    contrast_temperature: float = 1.0
+    """Temperature of the contrastive term's dot-product logits (DuoRec uses 1)."""
+    decay: list[Literal["seq", "cf", "fused", "flow", "contrast"]] = dataclasses.field(default_factory=list)
+    """Terms whose weight falls from its set value towards 0 along a cosine of the optimiser
+    step over the run (e.g. `[cf, fused, flow]`): the auxiliary terms shape the shared item
+    table early and leave the last steps to the remaining terms. Empty: constant weights."""
 
     def __post_init__(self):
-        for name in ("seq", "cf", "flow", "fused"):
+        for name in ("seq", "cf", "flow", "fused", "contrast"):
             require(getattr(self, name) >= 0.0, name, "loss weights must be >= 0")
+        require(self.contrast_temperature > 0, "contrast_temperature", "must be > 0")
         require(self.seq + self.cf + self.fused > 0, "seq", "at least one of seq, cf, fused must be > 0")
         require(self.num_negatives > 0, "num_negatives", "must be positive")
         require(self.max_in_batch_negatives >= 0, "max_in_batch_negatives", "must be >= 0")
         require(self.chunk_size >= 0, "chunk_size", "must be >= 0")
+        require(len(set(self.decay)) == len(self.decay), "decay", "names a term twice")
+        kept = [name for name in ("seq", "cf", "fused") if getattr(self, name) > 0 and name not in self.decay]
+        require(bool(kept), "decay", "must leave at least one of seq, cf, fused with a constant weight > 0")
 
-    def weights(self) -> dict[str, float]:
-        return {"seq": self.seq, "cf": self.cf, "flow": self.flow, "fused": self.fused}
+    def weights(self, progress: float = 0.0) -> dict[str, float]:
+        """Weight of each term at `progress` (optimiser step / total steps, in [0, 1)); the
+        decayed terms stay above 0 before the last step, so no term drops out of the graph."""
+        factor = cosine_decay(progress)
+        return {name: getattr(self, name) * (factor if name in self.decay else 1.0)
+                for name in ("seq", "cf", "flow", "fused", "contrast")}
 
 
 @dataclasses.dataclass

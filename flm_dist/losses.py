@@ -157,3 +157,25 @@ def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor,
     if mask is None:
         return per_positive.mean()
     return masked_mean(per_positive, mask)
+
+
+def two_view_info_nce(first: torch.Tensor, second: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """InfoNCE between two views [B, H] of the same B sequences (DuoRec's model-level
+    augmentation: the encoder run twice under different dropout masks).
+
+    Each of the 2B vectors is scored by dot product / `temperature` against the other 2B - 1;
+    its own sequence's other view is the positive. Vectors of sequences with the same next item
+    (`targets` [B]) are left out as negatives, since they are not different users' tastes but
+    the same answer; a target of 0 marks a row without a target, which is ignored.
+    """
+    count = first.shape[0]
+    views = torch.cat([first, second]).float()
+    logits = views @ views.T / temperature
+    labels = targets.repeat(2)
+    positive = torch.arange(2 * count, device=views.device).roll(count)
+    same_answer = (labels[:, None] == labels[None, :]) | (labels[None, :] == 0)
+    is_positive = F.one_hot(positive, 2 * count).bool()
+    logits = logits.masked_fill(same_answer & ~is_positive, -math.inf)
+    per_view = F.cross_entropy(logits, positive, reduction="none")
+    return masked_mean(per_view, labels != 0)

@@ -35,6 +35,7 @@ from flm_dist.config import (
     ModelConfig,
     ScalingConfig,
     TrainConfig,
+    cosine_decay,
     from_dict,
     require,
     require_sampled_softmax_for_item_rows,
@@ -134,7 +135,8 @@ def loss_options(config: PretrainConfig, device: torch.device) -> dict[str, Any]
             "num_negatives": config.loss.num_negatives, "popularity": popularity,
             "chunk_size": config.loss.chunk_size or None, "bf16": use_bf16,
             "seq_positions": "last" if config.train.windows == "prefixes" else "all",
-            "max_in_batch_negatives": config.loss.max_in_batch_negatives}
+            "max_in_batch_negatives": config.loss.max_in_batch_negatives,
+            "contrast_temperature": config.loss.contrast_temperature}
 
 
 def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], options: dict[str, Any],
@@ -333,7 +335,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         # ActNorm's data-dependent init, before DDP broadcasts rank 0's parameters to every rank.
         model.initialize_flow(train.take(torch.arange(min(len(train), config.train.batch_size), device=device)))
     weights = config.loss.weights()
-    find_unused = any(w == 0 for w in weights.values()) or config.model.flow_layers == 0
+    # A term with weight 0 leaves its parameters without gradients (the contrastive term has none).
+    find_unused = any(w == 0 for term, w in weights.items() if term != "contrast") or config.model.flow_layers == 0
     # Sampled softmax touches a few item rows per step, a batch a few users: all-gather those rows,
     # not the whole table. (parameter, has sparse gradients)
     sparse_items = _item_embedding(model).sparse
@@ -404,6 +407,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         while progress.micro_step_in_epoch < micro_steps_per_epoch:
             first, last, width = batches[progress.micro_step_in_epoch]
             batch = train.take(order[first:last], width)
+            if config.loss.decay:
+                step_options["weights"] = config.loss.weights(progress.step / total_steps)
             is_update = ((progress.micro_step_in_epoch + 1) % config.train.grad_accum == 0
                          or progress.micro_step_in_epoch + 1 == micro_steps_per_epoch)
             sync = contextlib.nullcontext() if is_update or not distributed.is_distributed() \
@@ -441,6 +446,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         record.update({"epoch": progress.epoch, "step": progress.step, "epoch_seconds": elapsed,
                        "sequences_per_second": windows_seen * distributed.world_size() / max(elapsed, 1e-9),
                        "lr": scheduler.get_last_lr()[0]})
+        if config.loss.decay:
+            record["loss/decay_factor"] = cosine_decay(progress.step / total_steps)
         if progress.epoch % config.train.eval_every_epochs == 0 or finished:
             validate(record)
             if progress.evals_without_improvement >= config.train.patience:

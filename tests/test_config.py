@@ -26,6 +26,9 @@ def test_overrides_nested_and_typed(tmp_path):
     ("train.lr=-1", "train.lr"),
     ("model.flow_stop_gradient=maybe", "model.flow_stop_gradient"),
     ("model.cf_user=items", "model.cf_user"),
+    ("loss.decay=[seq,cf,fused]", "loss.decay"),  # nothing left with a constant weight
+    ("loss.decay=[cf,cf]", "loss.decay"),
+    ("loss.decay=[ranking]", "loss.decay[0]"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigKeyError) as info:

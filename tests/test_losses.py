@@ -13,6 +13,7 @@ from flm_dist.losses import (
     masked_mean,
     sample_items,
     sampled_softmax_ce,
+    two_view_info_nce,
 )
 
 NUM_ITEMS = 40
@@ -196,3 +197,32 @@ def test_bpr_loss_and_mask():
 
 def test_masked_mean_of_empty_selection_is_zero():
     assert masked_mean(torch.ones(3), torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_two_view_info_nce_matches_hand_computation_and_leaves_out_same_answer_negatives():
+    torch.manual_seed(0)
+    first, second = torch.randn(4, HIDDEN), torch.randn(4, HIDDEN)
+    targets = torch.tensor([5, 7, 5, 0])  # rows 0 and 2 share their next item; row 3 has none
+    temperature = 0.5
+    views = torch.cat([first, second])
+    labels = targets.repeat(2)
+    expected = []
+    for i in range(8):
+        if labels[i] == 0:
+            continue
+        positive = (i + 4) % 8
+        # negatives: other sequences with a real, different next item
+        negatives = [j for j in range(8) if j != positive and labels[j] != 0 and labels[j] != labels[i]]
+        logits = torch.stack([views[i] @ views[j] for j in [positive, *negatives]]) / temperature
+        expected.append(torch.logsumexp(logits, 0) - logits[0])
+    loss = two_view_info_nce(first, second, targets, temperature)
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+
+
+def test_two_view_info_nce_rewards_views_that_agree():
+    torch.manual_seed(0)
+    first = 4 * torch.eye(HIDDEN)  # orthogonal users: only a view's own pair is similar
+    targets = torch.arange(1, HIDDEN + 1)
+    agreeing = two_view_info_nce(first, first + 0.01 * torch.randn(HIDDEN, HIDDEN), targets)
+    unrelated = two_view_info_nce(first, 4 * torch.randn(HIDDEN, HIDDEN), targets)
+    assert agreeing < 0.01 and unrelated > 1.0

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from flm_dist.losses import ItemDistribution, full_softmax_ce
+from flm_dist.losses import ItemDistribution, full_softmax_ce, two_view_info_nce
 from flm_dist.models import FLMModel, MatrixFactorization, NormalizingFlow, SequenceEncoder
 from flm_dist.models.cf import HistoryCF
 
@@ -314,6 +314,24 @@ def test_loss_terms_match_their_definitions():
     flow = -model.flow.log_prob(fused_vectors).mean() / HIDDEN
     for name, expected in {"seq": seq, "cf": cf, "fused": fused, "flow": flow}.items():
         torch.testing.assert_close(terms[name], expected, msg=name)
+
+
+def test_contrast_term_compares_two_dropout_passes_of_the_encoder():
+    model = make_model(dropout=0.3).train()
+    batch = make_batch()
+    weights = {"seq": 1.0, "contrast": 0.5}
+    torch.manual_seed(3)
+    terms = model.losses(batch, weights, contrast_temperature=2.0)
+    torch.manual_seed(3)  # replay the two passes' dropout masks
+    first = model.sequence_states(batch["input"])[:, -1]
+    second = model.sequence_states(batch["input"])[:, -1]
+    assert not torch.allclose(first, second)  # the masks differ: two views, not one
+    expected = two_view_info_nce(first, second, batch["target"][:, -1], temperature=2.0)
+    torch.testing.assert_close(terms["contrast"], expected)
+    torch.testing.assert_close(terms["total"], terms["seq"] + 0.5 * terms["contrast"])
+    model.zero_grad()
+    terms["contrast"].backward()
+    assert model.item_embedding.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("stop_gradient", [True, False])

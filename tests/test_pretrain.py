@@ -75,12 +75,14 @@ SPARSE_TABLES = ["train.sparse_user_table=true", "train.sparse_item_table=true",
                  "loss.num_negatives=16", "loss.max_in_batch_negatives=8"]
 
 
-@pytest.mark.parametrize("optimizer", ["dense", "sparse_user_table", "sparse_tables"])
-def test_resume_after_crash_matches_uninterrupted_run(tiny_data, tmp_path, optimizer):
-    # The sparse tables' lazy moments live in the optimiser state and must survive the crash.
+@pytest.mark.parametrize("variant", ["dense", "sparse_user_table", "sparse_tables", "decayed_weights"])
+def test_resume_after_crash_matches_uninterrupted_run(tiny_data, tmp_path, variant):
+    # The sparse tables' lazy moments live in the optimiser state and must survive the crash;
+    # decayed loss weights must pick up at the resumed step, not restart at full weight, and the
+    # contrastive term's second dropout pass must draw the same masks.
     overrides = ["scaling.workers=0", "train.epochs=2", "train.checkpoint_every_steps=3", "train.user_lr_scale=5"]
     overrides += {"dense": [], "sparse_user_table": ["train.sparse_user_table=true"],
-                  "sparse_tables": SPARSE_TABLES}[optimizer]
+                  "sparse_tables": SPARSE_TABLES, "decayed_weights": ["loss.decay=[cf,fused,flow]", "loss.contrast=0.1"]}[variant]
     straight = _config(tiny_data, tmp_path / "straight", *overrides)
     train_loop(straight, LocalSession(tiny_data, straight.output))
 
@@ -207,3 +209,27 @@ def test_an_epoch_cut_short_logs_the_mean_loss_of_the_steps_it_ran(tiny_data, tm
     # One step from the initial model: about the loss of a uniform guess over the catalog, not
     # that divided by the epoch's ~30 micro-steps.
     assert summary["history"][0]["loss/seq"] == pytest.approx(math.log(items), rel=0.3)
+
+
+def test_decayed_loss_weights_follow_the_step_and_the_others_stay(tiny_data, tmp_path, monkeypatch):
+    import flm_dist.pretrain as pretrain_module
+
+    seen = []
+    real_forward_backward = pretrain_module.forward_backward
+
+    def recording(model, batch, options, grad_accum):
+        seen.append(dict(options["weights"]))
+        return real_forward_backward(model, batch, options, grad_accum)
+
+    monkeypatch.setattr(pretrain_module, "forward_backward", recording)
+    summary = run_pretrain(_config(tiny_data, tmp_path / "r", "scaling.workers=0", "train.epochs=2",
+                                   "loss.cf=0.5", "loss.decay=[cf,flow]"))
+    total = summary["steps"]
+    assert len(seen) == total
+    for step, weights in enumerate(seen):
+        factor = 0.5 * (1 + math.cos(math.pi * step / total))
+        assert weights["cf"] == pytest.approx(0.5 * factor) and weights["flow"] == pytest.approx(0.1 * factor)
+        assert weights["seq"] == 1.0 and weights["fused"] == 1.0
+    assert seen[-1]["cf"] > 0  # still in the graph at the last step
+    factors = [record["loss/decay_factor"] for record in summary["history"]]
+    assert factors[0] == pytest.approx(0.5, abs=0.05) and factors[-1] == pytest.approx(0.0, abs=1e-9)

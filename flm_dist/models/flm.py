@@ -23,6 +23,7 @@ from flm_dist.losses import (
     masked_mean,
     sample_items,
     sampled_softmax_ce,
+    two_view_info_nce,
 )
 from flm_dist.models.cf import CFUserKind, cf_encoder
 from flm_dist.models.flow import FlowKind, NormalizingFlow
@@ -36,7 +37,7 @@ from flm_dist.models.sequence import (
 
 FusionKind = Literal["concat", "sum", "gate"]
 RepresentationSource = Literal["fused", "sequence", "cf"]
-LOSS_TERMS = ("seq", "cf", "fused", "flow")
+LOSS_TERMS = ("seq", "cf", "fused", "flow", "contrast")
 
 
 class Fusion(nn.Module):
@@ -147,7 +148,8 @@ class FLMModel(nn.Module):
                popularity: ItemDistribution | None = None,
                chunk_size: int | None = None,
                seq_positions: Literal["all", "last"] = "all",
-               max_in_batch_negatives: int = 0) -> dict[str, torch.Tensor]:
+               max_in_batch_negatives: int = 0,
+               contrast_temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE at every position with a target (`seq_positions="last"`: at the last
@@ -155,7 +157,9 @@ class FLMModel(nn.Module):
         "bpr": BPR with `num_negatives` uniform negatives per user) of the MF user vector against
         all of the user's targets, or (history CF) of the vector after each position against the
         next item, at the positions `seq_positions` picks. fused: CE of the fused vector for the
-        last target. flow: NLL per dimension of the fused vector under the flow. `softmax` picks
+        last target. flow: NLL per dimension of the fused vector under the flow. contrast:
+        InfoNCE between the last sequence state and that of a second encoder pass with other
+        dropout masks (see two_view_info_nce), at `contrast_temperature`. `softmax` picks
         full or sampled softmax (in-batch + `num_negatives` sampled from `popularity` or uniform,
         logQ-corrected) for the CE terms; `chunk_size` bounds the full-softmax logit block (see
         full_softmax_ce), `max_in_batch_negatives` the sampled one (see sampled_softmax_ce).
@@ -182,7 +186,7 @@ class FLMModel(nn.Module):
                                       max_in_batch=max_in_batch_negatives)
 
         terms: dict[str, torch.Tensor] = {}
-        states = self.sequence_states(input) if active & {"seq", "fused", "flow"} else None
+        states = self.sequence_states(input) if active & {"seq", "fused", "flow", "contrast"} else None
         cf_vectors = None  # [B, H] per user (table) or [B, L, H] per position (history)
         if active & {"cf", "fused", "flow"}:
             cf_vectors = (self.cf.prefix_vectors(user, input) if self.cf.causal
@@ -203,6 +207,10 @@ class FLMModel(nn.Module):
             if "flow" in active:
                 flow_input = fused.detach() if self.flow_stop_gradient else fused
                 terms["flow"] = -self.flow.log_prob(flow_input).mean() / self.hidden
+
+        if "contrast" in active:
+            terms["contrast"] = two_view_info_nce(states[:, -1], self.sequence_states(input)[:, -1],
+                                                  target[:, -1], contrast_temperature)
 
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
