@@ -171,7 +171,10 @@ def two_view_info_nce(first: torch.Tensor, second: torch.Tensor, targets: torch.
     """
     count = first.shape[0]
     views = torch.cat([first, second]).float()
-    logits = views @ views.T / temperature
+    # fp32 even under bf16 autocast: the logits are unscaled dot products (tens of nats), where
+    # bf16's 8-bit mantissa would add noise of a fraction of a nat; the block is only [2B, 2B].
+    with torch.autocast(device_type=views.device.type, enabled=False):
+        logits = views @ views.T / temperature
     labels = targets.repeat(2)
     positive = torch.arange(2 * count, device=views.device).roll(count)
     same_answer = (labels[:, None] == labels[None, :]) | (labels[None, :] == 0)

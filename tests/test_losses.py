@@ -226,3 +226,13 @@ def test_two_view_info_nce_rewards_views_that_agree():
     agreeing = two_view_info_nce(first, first + 0.01 * torch.randn(HIDDEN, HIDDEN), targets)
     unrelated = two_view_info_nce(first, 4 * torch.randn(HIDDEN, HIDDEN), targets)
     assert agreeing < 0.01 and unrelated > 1.0
+
+
+def test_two_view_info_nce_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    first, second = 6 * torch.randn(32, HIDDEN), 6 * torch.randn(32, HIDDEN)
+    targets = torch.arange(1, 33)
+    exact = two_view_info_nce(first, second, targets)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        autocast = two_view_info_nce(first, second, targets)
+    torch.testing.assert_close(autocast, exact)
