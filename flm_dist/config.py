@@ -252,6 +252,9 @@ class ModelConfig:
         require(self.flow_hidden > 0, "flow_hidden", "must be positive")
 
 
+WEIGHTED_LOSS_TERMS = ("seq", "cf", "flow", "fused", "contrast")
+
+
 def cosine_decay(progress: float) -> float:
     """1 at progress 0, falling along a half cosine to 0 at progress 1."""
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
@@ -297,7 +300,7 @@ class LossConfig:
     table early and leave the last steps to the remaining terms. Empty: constant weights."""
 
     def __post_init__(self):
-        for name in ("seq", "cf", "flow", "fused", "contrast"):
+        for name in WEIGHTED_LOSS_TERMS:
             require(getattr(self, name) >= 0.0, name, "loss weights must be >= 0")
         require(self.contrast_temperature > 0, "contrast_temperature", "must be > 0")
         require(self.seq + self.cf + self.fused > 0, "seq", "at least one of seq, cf, fused must be > 0")
@@ -313,7 +316,7 @@ class LossConfig:
         decayed terms stay above 0 before the last step, so no term drops out of the graph."""
         factor = cosine_decay(progress)
         return {name: getattr(self, name) * (factor if name in self.decay else 1.0)
-                for name in ("seq", "cf", "flow", "fused", "contrast")}
+                for name in WEIGHTED_LOSS_TERMS}
 
 
 @dataclasses.dataclass
