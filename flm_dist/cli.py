@@ -74,8 +74,8 @@ def cmd_pretrain(args):
 def cmd_compare(args):
     from flm_dist.compare import CompareConfig, markdown_table, run_compare
 
-    config = _job_config(CompareConfig, args, {"a": args.a, "b": args.b, "data": args.data, "split": args.split,
-                                               "k": args.k, "output": args.output})
+    config = _job_config(CompareConfig, args, {"a": args.a.split(","), "b": args.b.split(","), "data": args.data,
+                                               "split": args.split, "k": args.k, "output": args.output})
     print(markdown_table(run_compare(config)), end="")
 
 
@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_evaluate)
 
     compare = commands.add_parser("compare", help="paired per-user test of two checkpoints on the same users")
-    compare.add_argument("a", help="checkpoint or run directory (its best/)")
-    compare.add_argument("b", help="checkpoint or run directory (its best/)")
+    compare.add_argument("a", help="checkpoint or run directory (its best/); several runs (seeds) comma-separated")
+    compare.add_argument("b", help="checkpoint or run directory (its best/); several runs (seeds) comma-separated")
     compare.add_argument("--data", required=True)
     compare.add_argument("--split", choices=["valid", "test"])
     compare.add_argument("--k", type=int)

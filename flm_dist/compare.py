@@ -7,6 +7,10 @@ the runs' metrics.json values), their difference, how many users each model rank
 the two-sided Wilcoxon signed-rank p-value paired by user. A difference of means between two
 single runs mixes the models with seed noise; the per-user pairing is what makes the p-value
 about these two checkpoints on these users (it says nothing about other seeds).
+
+Each side may be several runs of one model (seeds). A side's per-user values are then the mean
+over its runs, as in `flm ablate`, so the test is about the models rather than one seed's
+draw, and each mean comes with the standard deviation of the per-run means.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from flm_dist.checkpoint import checkpoint_or_best
 from flm_dist.config import require
@@ -26,9 +32,10 @@ PROTOCOLS = ("full", "full_nomask")
 
 @dataclasses.dataclass
 class CompareConfig:
-    a: str = ""
-    """First model: a checkpoint directory, or a run directory (its `best/` is used)."""
-    b: str = ""
+    a: list[str] = dataclasses.field(default_factory=list)
+    """First model: checkpoint directories, or run directories (their `best/` is used); several
+    runs (seeds) of the model are averaged per user."""
+    b: list[str] = dataclasses.field(default_factory=list)
     """Second model, the same way; trained on the same vocabulary as `a`."""
     data: str = ""
     """Prepared data directory both models were trained on."""
@@ -48,30 +55,50 @@ class CompareConfig:
 
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
-    a, b = str(checkpoint_or_best(config.a)), str(checkpoint_or_best(config.b))
-    ranks_a = user_ranks(a, config.data, config.split)
-    ranks_b = user_ranks(b, config.data, config.split)
+    a = [str(checkpoint_or_best(path)) for path in config.a]
+    b = [str(checkpoint_or_best(path)) for path in config.b]
+    ranks_a = [user_ranks(path, config.data, config.split) for path in a]
+    ranks_b = [user_ranks(path, config.data, config.split) for path in b]
     rows = []
     for protocol in PROTOCOLS:
         for name, per_user in (("ndcg", ndcg_at), ("hr", hit_at)):
-            x, y = per_user(ranks_a[protocol], config.k), per_user(ranks_b[protocol], config.k)
+            runs_a = np.stack([per_user(ranks[protocol], config.k) for ranks in ranks_a])
+            runs_b = np.stack([per_user(ranks[protocol], config.k) for ranks in ranks_b])
+            x, y = runs_a.mean(axis=0), runs_b.mean(axis=0)
             rows.append({"metric": f"{config.split}/{name}@{config.k}/{protocol}", "a": float(x.mean()),
-                         "b": float(y.mean()), "difference": float(x.mean() - y.mean()),
+                         "b": float(y.mean()), "a_std": _std_of_run_means(runs_a),
+                         "b_std": _std_of_run_means(runs_b), "a_runs": runs_a.mean(axis=1).tolist(),
+                         "b_runs": runs_b.mean(axis=1).tolist(), "difference": float(x.mean() - y.mean()),
                          "a_better_users": int((x > y).sum()), "b_better_users": int((y > x).sum()),
                          "p_value": wilcoxon_p_value(x, y)})
-    report = {"a": a, "b": b, "data": config.data, "split": config.split, "users": len(ranks_a["full"]),
-              "test": "two-sided Wilcoxon signed-rank, paired by user", "rows": rows}
+    test = "two-sided Wilcoxon signed-rank, paired by user"
+    if len(a) > 1 or len(b) > 1:
+        test += " (per-user values averaged over each side's runs)"
+    report = {"a": a, "b": b, "data": config.data, "split": config.split, "users": len(ranks_a[0]["full"]),
+              "test": test, "rows": rows}
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps(report, indent=2))
     return report
 
 
+def _std_of_run_means(per_run_users: np.ndarray) -> float:
+    """Sample standard deviation of the runs' means (0 for one run)."""
+    means = per_run_users.mean(axis=1)
+    return float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
+
+
 def markdown_table(report: dict[str, Any]) -> str:
-    lines = [f"a: {report['a']}", f"b: {report['b']}",
-             f"{report['users']} {report['split']} users; p: {report['test']}", "",
+    several = len(report["a"]) > 1 or len(report["b"]) > 1
+
+    def cell(row: dict[str, Any], side: str) -> str:
+        return f"{row[side]:.4f} ± {row[side + '_std']:.4f}" if several else f"{row[side]:.4f}"
+
+    lines = [f"a: {', '.join(report['a'])}", f"b: {', '.join(report['b'])}",
+             f"{report['users']} {report['split']} users; p: {report['test']}"
+             + ("; ± is the std of the runs' means" if several else ""), "",
              "| metric | a | b | a - b | users a better | users b better | p |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in report["rows"]:
-        lines.append(f"| {row['metric']} | {row['a']:.4f} | {row['b']:.4f} | {row['difference']:+.4f} | "
+        lines.append(f"| {row['metric']} | {cell(row, 'a')} | {cell(row, 'b')} | {row['difference']:+.4f} | "
                      f"{row['a_better_users']} | {row['b_better_users']} | {row['p_value']:.3g} |")
     return "\n".join(lines) + "\n"

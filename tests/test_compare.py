@@ -53,3 +53,29 @@ def test_compare_means_are_the_runs_metrics_and_a_model_ties_itself(two_runs, ti
 def test_compare_refuses_a_missing_checkpoint(tiny_data, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nope"), str(tmp_path / "nope"), "--data", tiny_data]) == 2
     assert "is neither a checkpoint nor a run directory" in capsys.readouterr().err
+
+
+def test_several_runs_per_side_average_per_user_and_report_the_spread(two_runs, tiny_data, tmp_path, capsys):
+    short, long = two_runs
+    final = {run: json.loads((run / "metrics.json").read_text())["final"] for run in (short, long)}
+
+    def rows(a, b):
+        out = tmp_path / "compare.json"
+        assert main(["compare", a, b, "--data", tiny_data, "--output", str(out)]) == 0
+        return {row["metric"]: row for row in json.loads(out.read_text())["rows"]}
+
+    # One model's runs against the same runs in another order: identical per-user means.
+    mixed = rows(f"{long},{short}", f"{short},{long}")
+    # The same run twice is that run: the per-user test matches the single-run comparison.
+    single, doubled = rows(str(long), str(short)), rows(f"{long},{long}", str(short))
+    printed = capsys.readouterr().out
+    for metric, row in mixed.items():
+        values = [final[long][metric], final[short][metric]]
+        assert row["a"] == pytest.approx(sum(values) / 2, abs=1e-9)
+        assert row["a_runs"] == pytest.approx(values, abs=1e-9)
+        assert row["a_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-9)
+        assert (row["difference"], row["a_better_users"], row["b_better_users"], row["p_value"]) == (0, 0, 0, 1.0)
+        assert f"| {metric} | {row['a']:.4f} ± {row['a_std']:.4f} |" in printed
+        for key in ("a", "b", "difference", "a_better_users", "b_better_users", "p_value"):
+            assert doubled[metric][key] == pytest.approx(single[metric][key], abs=1e-12)
+        assert (doubled[metric]["a_std"], single[metric]["a_std"]) == (0.0, 0.0)
