@@ -255,8 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line. `key.sub=value` overrides may also follow options
+    (`flm run --dry-run JOB a.b=1 --steps x c.d=2`): argparse stops collecting positionals at
+    the first option, so overrides after one come back unrecognised and are appended in order."""
+    parser = build_parser()
+    args, unrecognised = parser.parse_known_args(argv)
+    late_overrides = [arg for arg in unrecognised if "=" in arg and not arg.startswith("-")]
+    if len(late_overrides) < len(unrecognised) or (late_overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unrecognised)}")
+    if late_overrides:
+        args.overrides = [*args.overrides, *late_overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     setup_logging(args.verbose)
     return run_parsed(args)
 

@@ -284,6 +284,21 @@ def test_flm_run_dry_run_and_step_selection(tmp_path, monkeypatch, capsys):
         _flm("run", "jobs/tiny.yaml", "--steps", "train")
 
 
+
+def test_overrides_may_follow_options_and_keep_their_order(capsys):
+    from flm_dist.cli import parse_arguments
+
+    args = parse_arguments(["run", "--dry-run", "jobs/tiny.yaml", "synth.users=50", "--steps", "synth",
+                            "synth.users=70", "synth.seed=3"])
+    assert (args.job, args.steps, args.dry_run) == ("jobs/tiny.yaml", "synth", True)
+    assert args.overrides == ["synth.users=50", "synth.users=70", "synth.seed=3"]
+    args = parse_arguments(["pretrain", "--data", "d", "--output", "o", "--workers", "0", "train.epochs=3"])
+    assert (args.workers, args.overrides) == (0, ["train.epochs=3"])
+    for argv in (["run", "jobs/tiny.yaml", "--bogus", "a.b=1"], ["run", "jobs/tiny.yaml", "--steps", "x", "stray"]):
+        with pytest.raises(SystemExit):
+            parse_arguments(argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
+
 def test_flm_run_synth_then_prepare(tmp_path, monkeypatch, capsys, ray_session):
     try:
         importlib.import_module("flm_dist.prepare")
