@@ -179,13 +179,6 @@ def client(address: str | None):
         raise UserError(f"cannot reach the Ray Jobs API at {address}: {message}{hint}") from None
 
 
-def submit(job: str, overrides: list[str] | tuple[str, ...] = (), address: str | None = None,
-           **kwargs: Any) -> str:
-    """Submit `job` to the cluster at `address`; returns the submission id."""
-    submission = build_submission(job, overrides, **kwargs)
-    return client(address).submit_job(**submission)
-
-
 def follow(job_client, job_id: str, out=None, poll_s: float = 1.0) -> str:
     """Stream the job's logs to `out` until it ends; returns its final status name."""
     out = out or sys.stdout
