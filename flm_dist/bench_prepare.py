@@ -47,8 +47,7 @@ class _PeakMemory:
     """Samples the memory of a process tree in a background thread; `peak` in bytes."""
 
     def __init__(self, children: bool = True, interval: float = 0.2, pid: int | None = None):
-        import psutil
-        import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
+        import psutil  # a dependency of ray[default]
 
         self.psutil = psutil
         self.root = psutil.Process(pid or os.getpid())
