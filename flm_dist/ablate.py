@@ -242,16 +242,21 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
         _pretrain_config(config, objective, 0, output)
     for variant in config.variants:
         _finetune_config(config, variant, config.fractions[0], 0, output, output)
+    stages = len(seed_range(config)) * (len(objectives) + len(config.fractions) * len(config.variants))
+    stage = 0
     for seed in seed_range(config):
         root = output / "runs" / f"seed{seed}"
         for objective in objectives:
-            log.info("ablation seed %d: pretraining %s", seed, objective)
+            stage += 1
+            log.info("ablation stage %d/%d, seed %d: pretraining %s", stage, stages, seed, objective)
             pretrain = _pretrain_config(config, objective, seed, root / f"pretrain-{objective}")
             if _finished_summary(pretrain_resolve(pretrain)) is None:
                 run_pretrain(pretrain)
         for fraction in config.fractions:
             for variant in config.variants:
-                log.info("ablation seed %d fraction %g: fine-tuning %s", seed, fraction, variant)
+                stage += 1
+                log.info("ablation stage %d/%d, seed %d fraction %g: fine-tuning %s", stage, stages, seed,
+                         fraction, variant)
                 run_dir = root / f"fraction{fraction:g}" / variant
                 pretrained = root / f"pretrain-{VARIANTS[variant][0]}"
                 finetune = _finetune_config(config, variant, fraction, seed, pretrained, run_dir)

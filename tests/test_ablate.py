@@ -1,6 +1,7 @@
 import argparse
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ def _flm_cli(argv):
     args.run(args)
 
 
-def test_ablation_end_to_end(tiny_data, tmp_path, capsys):
+def test_ablation_end_to_end(tiny_data, tmp_path, capsys, caplog):
     output = tmp_path / "ablation"
     overrides = ["common.scaling.workers=0", "common.train.epochs=1", "common.train.max_steps=2",
                  "common.train.batch_size=64", "common.train.warmup_steps=1", "common.eval.batch_size=128",
@@ -36,7 +37,11 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys):
     assert len(seed1_files) == len({v[0] for v in VARIANTS.values()}) + 2 * len(VARIANTS) * 2
     written = {path: path.stat().st_mtime_ns for path in seed1_files}
     capsys.readouterr()
-    _flm_cli(common + ["--seeds", "2"] + overrides)
+    with caplog.at_level(logging.INFO, logger="flm_dist"):
+        _flm_cli(common + ["--seeds", "2"] + overrides)
+    stages = 2 * (len({v[0] for v in VARIANTS.values()}) + 2 * len(VARIANTS))
+    assert f"ablation stage 1/{stages}, seed 0: pretraining " in caplog.text
+    assert f"ablation stage {stages}/{stages}, seed 1 fraction 0.5: fine-tuning {list(VARIANTS)[-1]}" in caplog.text
     table = (output / "ablation.md").read_text()
     assert table in capsys.readouterr().out
     report = json.loads((output / "ablation.json").read_text())
