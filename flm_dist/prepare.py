@@ -69,7 +69,7 @@ from flm_dist import __version__, storage
 from flm_dist.config import require, to_dict
 from flm_dist.errors import UserError
 from flm_dist.readers import (EVENTS_SCHEMA, QUARANTINE_SCHEMA, ROW_REASONS, ColumnMap, FileProblem, file_schema,
-                              iter_file, list_input, resolve_format, row_count)
+                              iter_file, list_input, resolve_format, row_group_rows)
 
 log = logging.getLogger("flm_dist")
 
@@ -434,19 +434,53 @@ def _write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, wo
 
 
 def _schemas_task(fs, files: list[tuple[int, str]], fmt: str) -> dict[str, Any]:
-    schemas, rows = {}, {}
+    schemas, row_groups = {}, {}
     for index, path in files:
         try:
             schemas[index] = file_schema(fs, path, fmt)
-            rows[index] = row_count(fs, path, fmt)
+            row_groups[index] = row_group_rows(fs, path, fmt)
         except UserError as exc:
             return {"error": (index, str(exc))}
-    return {"schemas": schemas, "rows": rows}
+    return {"schemas": schemas, "row_groups": row_groups}
 
 
-def _parse_task(fs_in, files: list[tuple[int, str]], fmt: str, columns: ColumnMap, buckets: int, fs_work,
+# What one parse task reads: (file index, path, Parquet row groups [start, stop) or None for the whole file).
+ParseUnit = tuple[int, str, "tuple[int, int] | None"]
+
+
+def _parse_units(files: list[str], sizes: list[int], row_groups: dict[int, list[int] | None],
+                 parts: int) -> tuple[list[ParseUnit], list[int]]:
+    """The parse stage's work and the bytes of each piece: whole files, except that a Parquet file
+    larger than a task's share (total bytes / `parts`) is cut into runs of whole row groups with
+    similar row counts, so that a single large file is parsed by several tasks."""
+    total = max(1, sum(sizes))
+    units: list[ParseUnit] = []
+    unit_sizes: list[int] = []
+    for index, path in enumerate(files):
+        groups = row_groups.get(index) or []
+        rows = sum(groups)
+        pieces = min(len(groups), -(-sizes[index] * parts // total)) if rows else 1
+        if pieces <= 1:
+            units.append((index, path, None))
+            unit_sizes.append(sizes[index])
+            continue
+        ends = np.cumsum(groups)
+        bounds = [0]
+        for k in range(1, pieces):
+            # the first cut after k/pieces of the rows, leaving every piece at least one row group
+            cut = int(np.searchsorted(ends, rows * k / pieces)) + 1
+            bounds.append(min(max(cut, bounds[-1] + 1), len(groups) - (pieces - k)))
+        bounds.append(len(groups))
+        for start, stop in zip(bounds, bounds[1:]):
+            units.append((index, path, (start, stop)))
+            unit_sizes.append(sizes[index] * int(ends[stop - 1] - (ends[start - 1] if start else 0)) // rows)
+    return units, unit_sizes
+
+
+def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buckets: int, fs_work,
                 work: str, task: int, strict: bool) -> dict[str, Any]:
-    """Parse files, quarantine bad rows, append events to per-bucket Parquet pieces of this task."""
+    """Parse files (or row-group runs of them), quarantine bad rows, append events to per-bucket
+    Parquet pieces of this task."""
     reasons: Counter = Counter()
     stats: dict[str, Any] = {"rows": 0, "reasons": reasons, "empty": []}
     pending: list[list[pa.Table]] = [[] for _ in range(buckets)]
@@ -467,9 +501,9 @@ def _parse_task(fs_in, files: list[tuple[int, str]], fmt: str, columns: ColumnMa
 
     index = files[0][0]
     try:
-        for index, path in files:
+        for index, path, row_groups in files:
             rows_in_file = 0
-            for events, bad in iter_file(fs_in, path, index, fmt, columns):
+            for events, bad in iter_file(fs_in, path, index, fmt, columns, row_groups=row_groups):
                 if bad.num_rows:
                     if strict:
                         first = bad.slice(0, 1).to_pylist()[0]
@@ -495,7 +529,7 @@ def _parse_task(fs_in, files: list[tuple[int, str]], fmt: str, columns: ColumnMa
                 if buffered >= _FLUSH_ROWS:
                     flush()
             stats["rows"] += rows_in_file
-            if rows_in_file == 0:
+            if rows_in_file == 0 and row_groups is None:  # a run of row groups is never the whole file
                 if strict:
                     return {"error": (index, f"{path} is empty (no data rows)")}
                 stats["empty"].append(path)
@@ -890,10 +924,11 @@ def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: li
 
     # 1. schemas
     signatures: dict[int, str | None] = {}
-    row_counts: dict[int, int | None] = {}
+    row_groups: dict[int, list[int] | None] = {}
     for result in runner.map(_schemas_task, [(fs_in, g, fmt) for g in file_groups], "schemas", fail_on_error):
         signatures.update(result["schemas"])
-        row_counts.update(result["rows"])
+        row_groups.update(result["row_groups"])
+    row_counts = {i: None if groups is None else sum(groups) for i, groups in row_groups.items()}
     known = [(i, s) for i, s in sorted(signatures.items()) if s is not None]
     for i, sig in known[1:]:
         if sig != known[0][1]:
@@ -904,8 +939,9 @@ def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: li
     lap("schemas")
 
     # 2. parse + bucket
-    parse_groups = _balanced(sizes, runner.workers * 4)
-    parsed = runner.map(_parse_task, [(fs_in, [indexed[i] for i in g], fmt, cfg.columns, buckets, fs, work, t,
+    units, unit_sizes = _parse_units(files, sizes, row_groups, runner.workers * 4)
+    parse_groups = _balanced(unit_sizes, runner.workers * 4)
+    parsed = runner.map(_parse_task, [(fs_in, [units[i] for i in g], fmt, cfg.columns, buckets, fs, work, t,
                                        cfg.strict) for t, g in enumerate(parse_groups)], "parse", fail_on_error)
     input_rows = sum(r["rows"] for r in parsed)
     dropped = Counter({reason: 0 for reason in DROP_REASONS})
@@ -1013,7 +1049,7 @@ def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: li
 
 
 def _balanced(sizes: list[int], parts: int) -> list[list[int]]:
-    """File indices in `parts` groups of similar total size (largest first into the lightest group)."""
+    """Indices of `sizes` in `parts` groups of similar total size (largest first into the lightest group)."""
     parts = max(1, min(parts, len(sizes)))
     heap = [(0, g) for g in range(parts)]
     groups: list[list[int]] = [[] for _ in range(parts)]

@@ -376,7 +376,8 @@ def _hive_values(path: str) -> dict[str, str]:
     return {k: v for k, v in parts}
 
 
-def _iter_parquet(fs, path, file_index, columns: ColumnMap, chunk_rows) -> Iterator[tuple[pa.Table, pa.Table]]:
+def _iter_parquet(fs, path, file_index, columns: ColumnMap, chunk_rows,
+                  row_groups: tuple[int, int] | None) -> Iterator[tuple[pa.Table, pa.Table]]:
     with fs.open(path, "rb") as handle:
         try:
             pfile = pq.ParquetFile(handle)
@@ -389,8 +390,9 @@ def _iter_parquet(fs, path, file_index, columns: ColumnMap, chunk_rows) -> Itera
             if name not in names and name not in hive:
                 raise _missing(path, name, names + sorted(hive))
         read = sorted({name for name in mapping.values() if name in names})
-        offset = 0
-        for batch in pfile.iter_batches(batch_size=chunk_rows, columns=read):
+        start, stop = row_groups or (0, pfile.num_row_groups)
+        offset = sum(pfile.metadata.row_group(g).num_rows for g in range(start))  # rows count from the file's start
+        for batch in pfile.iter_batches(batch_size=chunk_rows, columns=read, row_groups=range(start, stop)):
             n = batch.num_rows
             table = pa.Table.from_batches([batch])
             cols = {}
@@ -613,11 +615,16 @@ def _iter_jsonl(fs, path, file_index, columns: ColumnMap, chunk_bytes) -> Iterat
 
 
 def iter_file(fs: fsspec.AbstractFileSystem, path: str, file_index: int, fmt: str, columns: ColumnMap,
-              chunk_rows: int = 1 << 18, chunk_bytes: int = 16 << 20) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """(events, quarantine) chunks of one input file in `fmt`; raises FileProblem for unusable files."""
+              chunk_rows: int = 1 << 18, chunk_bytes: int = 16 << 20,
+              row_groups: tuple[int, int] | None = None) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """(events, quarantine) chunks of one input file in `fmt`; raises FileProblem for unusable files.
+    `row_groups` = (start, stop) reads only those row groups of a Parquet file (row numbers still
+    count from the file's first row), so that one large file can be parsed by several tasks."""
+    if row_groups is not None and fmt != "parquet":
+        raise ValueError(f"row_groups applies to Parquet files only, not {fmt!r}")
     try:
         if fmt == "parquet":
-            yield from _iter_parquet(fs, path, file_index, columns, chunk_rows)
+            yield from _iter_parquet(fs, path, file_index, columns, chunk_rows, row_groups)
         elif fmt in ("csv", "tsv", "recbole") or (fmt == "movielens" and _extension(path) == ".csv"):
             yield from _iter_delimited(fs, path, file_index, columns, chunk_bytes, fmt)
         elif fmt in ("pairs-txt", "movielens"):
@@ -647,15 +654,16 @@ def file_schema(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> str | Non
     return None
 
 
-def row_count(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> int | None:
-    """Rows in the file when its metadata says (Parquet footers); None for text formats."""
+def row_group_rows(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> list[int] | None:
+    """Rows of each row group when the file's metadata says (Parquet footers); None for text formats."""
     if fmt != "parquet":
         return None
     with fs.open(path, "rb") as handle:
         try:
-            return pq.read_metadata(handle).num_rows
+            metadata = pq.read_metadata(handle)
         except (pa.ArrowInvalid, OSError) as exc:
             raise FileProblem(f"{path}: not a readable Parquet file ({exc})") from None
+    return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
 
 
 def read_file(fs: fsspec.AbstractFileSystem, path: str, fmt: str, columns: ColumnMap | None = None,

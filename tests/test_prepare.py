@@ -225,6 +225,60 @@ def test_bad_rows_are_quarantined_and_counted(mem):
     assert "quarantine/part-00000.parquet" in manifest["files"]
 
 
+
+def test_a_large_parquet_file_is_parsed_in_row_group_runs_with_the_same_result(mem, monkeypatch):
+    rng = np.random.default_rng(3)
+    n = 3000
+    timestamps = rng.integers(0, 10_000, n).astype(str).astype(object)
+    timestamps[[5, 1717, 2999]] = "soon"  # bad rows in the first, a middle and the last row group
+    table = pa.table({"user_id": rng.integers(0, 120, n).astype(str), "item_id": rng.integers(0, 60, n).astype(str),
+                      "timestamp": timestamps.astype(str)})
+    table = pa.concat_tables([table, table.slice(10, 1), table.slice(2500, 1)])  # duplicates across row groups
+    units = []
+    parse_task = prepare_module._parse_task
+    monkeypatch.setattr(prepare_module, "_parse_task", lambda fs, files, *rest: units.append(files) or
+                        parse_task(fs, files, *rest))
+    results = {}
+    for layout, row_group_size in (("whole", len(table)), ("split", 97)):
+        with MEMORY.open(f"{mem}/{layout}/log.parquet", "wb") as handle:
+            pq.write_table(table, handle, row_group_size=row_group_size)
+        units.clear()
+        manifest = run_prepare(config(input=f"memory://{mem}/{layout}/log.parquet", output=f"memory://{mem}/{layout}/out",
+                                      workers=2, buckets=2, num_negatives=5))
+        assert accounted(manifest) and manifest["input_rows"] == len(table)
+        assert manifest["dropped"]["bad_timestamp"] == 3 and manifest["dropped"]["duplicate"] >= 2
+        pieces = sorted(unit[2] or (0, 1) for task in units for unit in task)
+        results[layout] = (pieces, manifest, {name: load(MEMORY, f"{mem}/{layout}/out", name)
+                                              for name in ("train", "valid", "test", "vocab/items.parquet",
+                                                                           "vocab/users.parquet", "quarantine")})
+    # The one-row-group file is one task's work; the 31-group file is cut into 8 runs (2 workers x 4)
+    # of whole row groups that tile it, and the output is the same to the row.
+    assert results["whole"][0] == [(0, 1)]
+    split = results["split"][0]
+    assert len(split) == 8 and split[0][0] == 0 and split[-1][1] == 31
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(split, split[1:]))
+    for key in ("input_rows", "interactions", "users", "items", "dropped", "vocab_hash"):
+        assert results["split"][1][key] == results["whole"][1][key]
+    for name, rows in results["whole"][2].items():
+        if name == "quarantine":
+            for row in rows + results["split"][2][name]:
+                row["file"] = row["file"].split("/")[-1]
+            assert [r["row"] for r in rows] == [6, 1718, 3000]  # numbered from the file's first row
+        assert results["split"][2][name] == rows, name
+
+
+def test_parse_units_cut_only_large_parquet_files_into_row_group_runs():
+    # 4 parts of 250 bytes: 600 bytes make 3 runs of equal rows, 300 bytes of skewed groups make 2
+    # (never an empty run), a file within its share and a text file stay whole.
+    units, sizes = prepare_module._parse_units(["big.parquet", "skewed.parquet", "small.parquet", "log.csv"],
+                                               [600, 300, 20, 80], {0: [5] * 12, 1: [10, 10, 1000], 2: [1, 1],
+                                                                    3: None}, parts=4)
+    assert [(u[1], u[2]) for u in units] == [("big.parquet", (0, 4)), ("big.parquet", (4, 8)),
+                                             ("big.parquet", (8, 12)), ("skewed.parquet", (0, 2)),
+                                             ("skewed.parquet", (2, 3)), ("small.parquet", None), ("log.csv", None)]
+    assert [u[0] for u in units] == [0, 0, 0, 1, 1, 2, 3]
+    assert sizes == [200, 200, 200, 5, 294, 20, 80]
+
 def test_strict_names_file_row_and_column(mem):
     path = put(mem, "log.csv", csv([("u1", "a", 1), ("u1", "b", "noon")]))
     with pytest.raises(UserError, match=r"log.csv, row 3, column 'timestamp': bad_timestamp"):
