@@ -157,7 +157,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
                       fn_constructor_kwargs={"checkpoint": config.checkpoint, "data": config.data,
                                              "k": config.k, "device": device,
                                              "max_score_elements": config.max_score_elements},
-                      concurrency=config.workers, num_cpus=config.cpus_per_worker,
+                      compute=ray.data.ActorPoolStrategy(size=config.workers), num_cpus=config.cpus_per_worker,
                       num_gpus=config.gpus_per_worker)
          .write_parquet(users_uri))
         record = {"checkpoint": config.checkpoint, "data": config.data, "split": config.split,

@@ -226,7 +226,8 @@ class _Runner:
         concurrency = max(1, min(self.workers, len(calls)))
         # Ray Data retries map tasks without limit, and a task killed for memory would then be
         # rerun (and killed) forever; a few retries cover a lost worker, then the run fails.
-        mapped = dataset.map(run_call, num_cpus=1, concurrency=concurrency, max_retries=_TASK_RETRIES)
+        mapped = dataset.map(run_call, num_cpus=1, compute=self.ray.data.TaskPoolStrategy(size=concurrency),
+                             max_retries=_TASK_RETRIES)
         for row in mapped.iter_rows():
             status, value = pickle.loads(row["outcome"])
             if status == "user_error":
