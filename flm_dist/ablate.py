@@ -48,7 +48,7 @@ from flm_dist.errors import UserError
 from flm_dist.evaluate import user_ranks
 from flm_dist.finetune import FinetuneConfig, run_finetune
 from flm_dist.finetune import resolve as finetune_resolve
-from flm_dist.metrics import ndcg_at, wilcoxon_p_value
+from flm_dist.metrics import mean_std, ndcg_at, wilcoxon_p_value
 from flm_dist.pretrain import PretrainConfig, run_pretrain
 from flm_dist.pretrain import resolve as pretrain_resolve
 
@@ -141,11 +141,6 @@ def _finetune_config(config: AblateConfig, variant: str, fraction: float, seed: 
         eval_every_epochs=finetune.train.eval_every_epochs * every))
 
 
-def _mean_std(values: list[float]) -> dict[str, Any]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "per_seed": values}
-
-
 def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[str, float]],
               ranks: dict[tuple[str, float, int], dict[str, np.ndarray]]) -> dict[str, Any]:
     """Mean ± std over seeds per (variant, fraction, protocol) and, per protocol, the paired tests
@@ -161,7 +156,7 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
                         for v in config.variants}
             for v in config.variants:
                 for m in METRICS:
-                    rows[v][f"{m}/{protocol}"] = _mean_std([finals[v, fraction, s][f"test/{m}/{protocol}"]
+                    rows[v][f"{m}/{protocol}"] = mean_std([finals[v, fraction, s][f"test/{m}/{protocol}"]
                                                             for s in seeds])
                 rows[v]["p_value_vs_flm"][protocol] = (
                     None if v == REFERENCE else wilcoxon_p_value(per_user[REFERENCE], per_user[v]))

@@ -25,7 +25,7 @@ import numpy as np
 from flm_dist.checkpoint import checkpoint_or_best
 from flm_dist.config import require
 from flm_dist.evaluate import user_ranks
-from flm_dist.metrics import hit_at, ndcg_at, wilcoxon_p_value
+from flm_dist.metrics import hit_at, mean_std, ndcg_at, wilcoxon_p_value
 
 PROTOCOLS = ("full", "full_nomask")
 
@@ -65,10 +65,11 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             runs_a = np.stack([per_user(ranks[protocol], config.k) for ranks in ranks_a])
             runs_b = np.stack([per_user(ranks[protocol], config.k) for ranks in ranks_b])
             x, y = runs_a.mean(axis=0), runs_b.mean(axis=0)
+            over_a, over_b = mean_std(runs_a.mean(axis=1)), mean_std(runs_b.mean(axis=1))
             rows.append({"metric": f"{config.split}/{name}@{config.k}/{protocol}", "a": float(x.mean()),
-                         "b": float(y.mean()), "a_std": _std_of_run_means(runs_a),
-                         "b_std": _std_of_run_means(runs_b), "a_runs": runs_a.mean(axis=1).tolist(),
-                         "b_runs": runs_b.mean(axis=1).tolist(), "difference": float(x.mean() - y.mean()),
+                         "b": float(y.mean()), "a_std": over_a["std"], "b_std": over_b["std"],
+                         "a_runs": over_a["per_seed"], "b_runs": over_b["per_seed"],
+                         "difference": float(x.mean() - y.mean()),
                          "a_better_users": int((x > y).sum()), "b_better_users": int((y > x).sum()),
                          "p_value": wilcoxon_p_value(x, y)})
     test = "two-sided Wilcoxon signed-rank, paired by user"
@@ -80,12 +81,6 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps(report, indent=2))
     return report
-
-
-def _std_of_run_means(per_run_users: np.ndarray) -> float:
-    """Sample standard deviation of the runs' means (0 for one run)."""
-    means = per_run_users.mean(axis=1)
-    return float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
 
 
 def markdown_table(report: dict[str, Any]) -> str:

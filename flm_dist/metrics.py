@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +90,14 @@ def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
 
 def hit_at(ranks: np.ndarray, k: int) -> np.ndarray:
     return (ranks < k).astype(np.float64)
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (0 for a single value) of per-seed values, which are
+    kept as `per_seed`."""
+    values = [float(v) for v in values]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "per_seed": values}
 
 
 def wilcoxon_p_value(x: np.ndarray, y: np.ndarray) -> float:
