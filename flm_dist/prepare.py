@@ -179,8 +179,8 @@ class _Runner:
         """Share a large read-only object with every task once (object store), not per task."""
         return obj if self.local else self.ray.put(compact_arrow(obj))
 
-    def map(self, fn: Callable, calls: list[tuple], desc: str, on_result: Callable | None = None) -> list[Any]:
-        """Results of fn(*args) for each args in `calls`, in order. `on_result` may raise to stop early."""
+    def map(self, fn: Callable, calls: list[tuple], desc: str) -> list[Any]:
+        """Results of fn(*args) for each args in `calls`, in order."""
         results: list[Any] = [None] * len(calls)
         busy = 0.0
         started = time.perf_counter()
@@ -188,8 +188,6 @@ class _Runner:
         for index, (result, seconds) in self._completed(fn, calls):
             results[index] = result
             busy += seconds
-            if on_result:
-                on_result(result)
             bar.update()
         bar.close()
         log.debug("prepare: %s: %d task(s), %.2f s in tasks, %.2f s wall", desc, len(calls), busy,
@@ -441,7 +439,7 @@ def _schemas_task(fs, files: list[tuple[int, str]], fmt: str) -> dict[str, Any]:
             schemas[index] = file_schema(fs, path, fmt)
             row_groups[index] = row_group_rows(fs, path, fmt)
         except UserError as exc:
-            return {"error": (index, str(exc))}
+            return {"error": (index, 0, str(exc))}
     return {"schemas": schemas, "row_groups": row_groups}
 
 
@@ -507,11 +505,12 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
             for events, bad in iter_file(fs_in, path, index, fmt, columns, row_groups=row_groups):
                 if bad.num_rows:
                     if strict:
-                        first = bad.slice(0, 1).to_pylist()[0]
+                        first = bad.sort_by("row").slice(0, 1).to_pylist()[0]
                         column = f", column '{first['column']}'" if first["column"] else ""
-                        return {"error": (index, f"{first['file']}, row {first['row']}{column}: {first['reason']} "
-                                                 f"(raw: {first['raw']!r}); without strict=true bad rows are "
-                                                 f"quarantined instead")}
+                        return {"error": (index, first["row"],
+                                          f"{first['file']}, row {first['row']}{column}: {first['reason']} "
+                                          f"(raw: {first['raw']!r}); without strict=true bad rows are "
+                                          f"quarantined instead")}
                     bad_parts.append(bad)
                     reasons.update(bad.column("reason").to_pylist())
                 rows_in_file += events.num_rows + bad.num_rows
@@ -532,13 +531,13 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
             stats["rows"] += rows_in_file
             if rows_in_file == 0 and row_groups is None:  # a run of row groups is never the whole file
                 if strict:
-                    return {"error": (index, f"{path} is empty (no data rows)")}
+                    return {"error": (index, 0, f"{path} is empty (no data rows)")}
                 stats["empty"].append(path)
                 bad_parts.append(pa.table({"file": [path], "row": [0], "column": [""], "reason": ["empty_file"],
                                            "raw": [""]}, schema=QUARANTINE_SCHEMA))
         flush()
     except FileProblem as exc:
-        return {"error": (index, str(exc))}
+        return {"error": (index, 0, str(exc))}
     if bad_parts:
         _write_parquet(fs_work, storage.join(work, "quarantine", f"task-{task:05d}.parquet"),
                        pa.concat_tables(bad_parts), work=True)
@@ -914,19 +913,24 @@ def _stored_config(cfg: PrepareConfig) -> dict[str, Any]:
     return stored
 
 
+def _raise_first_error(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results, or the error of the lowest (file, row) that any task met: every task runs to
+    its own first error, so the message does not depend on which task finished first."""
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise UserError(min(errors)[2])
+    return results
+
+
 def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: list[int], fmt: str, fs, tmp: str,
          work: str, buckets: int, lap: Callable[[str], None]) -> dict[str, Any]:
     indexed = list(enumerate(files))
     file_groups = [[indexed[i] for i in g] for g in _groups(len(files), runner.workers * 4)]
 
-    def fail_on_error(result: dict[str, Any]) -> None:
-        if "error" in result:
-            raise UserError(result["error"][1])
-
     # 1. schemas
     signatures: dict[int, str | None] = {}
     row_groups: dict[int, list[int] | None] = {}
-    for result in runner.map(_schemas_task, [(fs_in, g, fmt) for g in file_groups], "schemas", fail_on_error):
+    for result in _raise_first_error(runner.map(_schemas_task, [(fs_in, g, fmt) for g in file_groups], "schemas")):
         signatures.update(result["schemas"])
         row_groups.update(result["row_groups"])
     row_counts = {i: None if groups is None else sum(groups) for i, groups in row_groups.items()}
@@ -942,8 +946,9 @@ def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: li
     # 2. parse + bucket
     units, unit_sizes = _parse_units(files, sizes, row_groups, runner.workers * 4)
     parse_groups = _balanced(unit_sizes, runner.workers * 4)
-    parsed = runner.map(_parse_task, [(fs_in, [units[i] for i in g], fmt, cfg.columns, buckets, fs, work, t,
-                                       cfg.strict) for t, g in enumerate(parse_groups)], "parse", fail_on_error)
+    parsed = _raise_first_error(runner.map(_parse_task, [(fs_in, [units[i] for i in g], fmt, cfg.columns, buckets, fs,
+                                                          work, t, cfg.strict) for t, g in enumerate(parse_groups)],
+                                           "parse"))
     input_rows = sum(r["rows"] for r in parsed)
     dropped = Counter({reason: 0 for reason in DROP_REASONS})
     for r in parsed:

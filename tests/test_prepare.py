@@ -267,6 +267,22 @@ def test_a_large_parquet_file_is_parsed_in_row_group_runs_with_the_same_result(m
         assert results["split"][2][name] == rows, name
 
 
+def test_strict_names_the_lowest_bad_row_whichever_task_finishes_first(mem, monkeypatch):
+    n = 3000
+    timestamps = np.arange(n).astype(str).astype(object)
+    timestamps[[1717, 5, 2999]] = ["soon", "later", "never"]
+    table = pa.table({"user_id": (np.arange(n) % 120).astype(str), "item_id": (np.arange(n) % 60).astype(str),
+                      "timestamp": timestamps.astype(str)})
+    with MEMORY.open(f"{mem}/log.parquet", "wb") as handle:
+        pq.write_table(table, handle, row_group_size=97)
+    # In-process tasks run in the order given: reversed, the task with the last row groups goes first.
+    balanced = prepare_module._balanced
+    monkeypatch.setattr(prepare_module, "_balanced", lambda sizes, parts: balanced(sizes, parts)[::-1])
+    with pytest.raises(UserError, match=r"log.parquet, row 6, column 'timestamp': bad_timestamp \(raw: '\{.*later"):
+        run_prepare(config(input=f"memory://{mem}/log.parquet", output=f"memory://{mem}/out", workers=2, strict=True))
+    assert not MEMORY.exists(f"{mem}/out/manifest.json")
+
+
 def test_parse_units_cut_only_large_parquet_files_into_row_group_runs():
     # 4 parts of 250 bytes: 600 bytes make 3 runs of equal rows, 300 bytes of skewed groups make 2
     # (never an empty run), a file within its share and a text file stay whole.
