@@ -56,7 +56,7 @@ import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import fsspec
 import numpy as np
@@ -68,8 +68,8 @@ from tqdm.auto import tqdm
 from flm_dist import __version__, storage
 from flm_dist.config import require, to_dict
 from flm_dist.errors import UserError
-from flm_dist.readers import (EVENTS_SCHEMA, QUARANTINE_SCHEMA, ROW_REASONS, ColumnMap, FileProblem, file_schema,
-                              iter_file, list_input, resolve_format, row_group_rows)
+from flm_dist.readers import (EVENTS_SCHEMA, QUARANTINE_SCHEMA, ROW_REASONS, ByteRange, ColumnMap, FileProblem,
+                              file_schema, iter_file, list_input, resolve_format, row_group_rows, splittable_text)
 
 log = logging.getLogger("flm_dist")
 
@@ -439,28 +439,50 @@ def _schemas_task(fs, files: list[tuple[int, str]], fmt: str) -> dict[str, Any]:
             schemas[index] = file_schema(fs, path, fmt)
             row_groups[index] = row_group_rows(fs, path, fmt)
         except UserError as exc:
-            return {"error": (index, 0, str(exc))}
+            return {"error": (index, 0, str(exc), None)}
     return {"schemas": schemas, "row_groups": row_groups}
 
 
-# What one parse task reads: (file index, path, Parquet row groups [start, stop) or None for the whole file).
-ParseUnit = tuple[int, str, "tuple[int, int] | None"]
+class ParseUnit(NamedTuple):
+    """What one parse task reads of an input file: all of it, a run of Parquet row groups
+    [start, stop), or a byte range (part number, start, stop) of a text file."""
+    index: int
+    path: str
+    row_groups: tuple[int, int] | None = None
+    byte_range: tuple[int, int, int] | None = None
 
 
-def _parse_units(files: list[str], sizes: list[int], row_groups: dict[int, list[int] | None],
+# A text file is cut into byte ranges of at least this size: smaller ones would cost more in task
+# overhead than they gain.
+MIN_RANGE_BYTES = 64 << 20
+# Rows read from part n of a text file are numbered n << PART_SHIFT + (line within the part) until
+# the line counts of the parts before it are known; the order within the file stays the same.
+PART_SHIFT = 40
+
+
+def _parse_units(files: list[str], sizes: list[int], row_groups: dict[int, list[int] | None], fmt: str,
                  parts: int) -> tuple[list[ParseUnit], list[int]]:
-    """The parse stage's work and the bytes of each piece: whole files, except that a Parquet file
-    larger than a task's share (total bytes / `parts`) is cut into runs of whole row groups with
-    similar row counts, so that a single large file is parsed by several tasks."""
+    """The parse stage's work and the bytes of each piece: whole files, except that a file larger
+    than a task's share (total bytes / `parts`) is cut, so that a single large file is parsed by
+    several tasks: a Parquet file into runs of whole row groups with similar row counts, an
+    uncompressed line-based text file into byte ranges of equal size (at least MIN_RANGE_BYTES)."""
     total = max(1, sum(sizes))
     units: list[ParseUnit] = []
     unit_sizes: list[int] = []
     for index, path in enumerate(files):
+        share = -(-sizes[index] * parts // total)
+        if splittable_text(path, fmt) and min(share, sizes[index] // MIN_RANGE_BYTES) > 1:
+            pieces = min(share, sizes[index] // MIN_RANGE_BYTES)
+            cuts = [sizes[index] * k // pieces for k in range(pieces + 1)]
+            for number, (start, stop) in enumerate(zip(cuts, cuts[1:])):
+                units.append(ParseUnit(index, path, byte_range=(number, start, stop)))
+                unit_sizes.append(stop - start)
+            continue
         groups = row_groups.get(index) or []
         rows = sum(groups)
-        pieces = min(len(groups), -(-sizes[index] * parts // total)) if rows else 1
+        pieces = min(len(groups), share) if rows else 1
         if pieces <= 1:
-            units.append((index, path, None))
+            units.append(ParseUnit(index, path))
             unit_sizes.append(sizes[index])
             continue
         ends = np.cumsum(groups)
@@ -471,9 +493,16 @@ def _parse_units(files: list[str], sizes: list[int], row_groups: dict[int, list[
             bounds.append(min(max(cut, bounds[-1] + 1), len(groups) - (pieces - k)))
         bounds.append(len(groups))
         for start, stop in zip(bounds, bounds[1:]):
-            units.append((index, path, (start, stop)))
+            units.append(ParseUnit(index, path, row_groups=(start, stop)))
             unit_sizes.append(sizes[index] * int(ends[stop - 1] - (ends[start - 1] if start else 0)) // rows)
     return units, unit_sizes
+
+
+def _shift_rows(table: pa.Table, base: int) -> pa.Table:
+    if not base or not table.num_rows:
+        return table
+    column = table.schema.get_field_index("row")
+    return table.set_column(column, "row", pc.add(table.column("row"), pa.scalar(base, pa.int64())))
 
 
 def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buckets: int, fs_work,
@@ -498,19 +527,23 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
         buffered = 0
         flushes += 1
 
-    index = files[0][0]
+    part_lines: dict[tuple[int, int], int] = {}  # (file index, part number) -> lines of that byte range
+    index = files[0].index
     try:
-        for index, path, row_groups in files:
+        for index, path, row_groups, byte_range in files:
             rows_in_file = 0
-            for events, bad in iter_file(fs_in, path, index, fmt, columns, row_groups=row_groups):
+            part = ByteRange(*byte_range) if byte_range else None
+            row_base = part.number << PART_SHIFT if part else 0
+            for events, bad in iter_file(fs_in, path, index, fmt, columns, row_groups=row_groups, byte_range=part):
+                events, bad = _shift_rows(events, row_base), _shift_rows(bad, row_base)
                 if bad.num_rows:
                     if strict:
                         first = bad.sort_by("row").slice(0, 1).to_pylist()[0]
                         column = f", column '{first['column']}'" if first["column"] else ""
-                        return {"error": (index, first["row"],
-                                          f"{first['file']}, row {first['row']}{column}: {first['reason']} "
-                                          f"(raw: {first['raw']!r}); without strict=true bad rows are "
-                                          f"quarantined instead")}
+                        return {"error": (index, first["row"], first["file"],
+                                          f"{column}: {first['reason']} (raw: {first['raw']!r}); without "
+                                          f"strict=true bad rows are quarantined instead"),
+                                "part_lines": part_lines}
                     bad_parts.append(bad)
                     reasons.update(bad.column("reason").to_pylist())
                 rows_in_file += events.num_rows + bad.num_rows
@@ -529,19 +562,22 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
                 if buffered >= _FLUSH_ROWS:
                     flush()
             stats["rows"] += rows_in_file
-            if rows_in_file == 0 and row_groups is None:  # a run of row groups is never the whole file
+            if part:
+                part_lines[index, part.number] = part.lines
+            if rows_in_file == 0 and row_groups is None and part is None:  # a piece is never the whole file
                 if strict:
-                    return {"error": (index, 0, f"{path} is empty (no data rows)")}
+                    return {"error": (index, 0, f"{path} is empty (no data rows)", None), "part_lines": part_lines}
                 stats["empty"].append(path)
                 bad_parts.append(pa.table({"file": [path], "row": [0], "column": [""], "reason": ["empty_file"],
                                            "raw": [""]}, schema=QUARANTINE_SCHEMA))
         flush()
     except FileProblem as exc:
-        return {"error": (index, 0, str(exc))}
+        return {"error": (index, 0, str(exc), None), "part_lines": part_lines}
     if bad_parts:
         _write_parquet(fs_work, storage.join(work, "quarantine", f"task-{task:05d}.parquet"),
                        pa.concat_tables(bad_parts), work=True)
     stats["reasons"] = dict(reasons)
+    stats["part_lines"] = part_lines
     return stats
 
 
@@ -913,13 +949,37 @@ def _stored_config(cfg: PrepareConfig) -> dict[str, Any]:
     return stored
 
 
+class _LineNumbers:
+    """Turns the row numbers of the parse stage into line numbers of the file: those read from a
+    byte range count from the range's first line (see PART_SHIFT), and the line counts of the
+    ranges before it say where that is."""
+
+    def __init__(self, part_lines: dict[tuple[int, int], int]):
+        self._offsets: dict[int, list[int]] = {}
+        for index, number in sorted(part_lines):
+            offsets = self._offsets.setdefault(index, [0])
+            if number == len(offsets) - 1:  # only after an unbroken run of counted parts
+                offsets.append(offsets[-1] + part_lines[index, number])
+
+    def __call__(self, index: int, rows: np.ndarray) -> np.ndarray:
+        offsets = np.asarray(self._offsets.get(index, [0]), dtype=np.int64)
+        return offsets[rows >> PART_SHIFT] + (rows & ((1 << PART_SHIFT) - 1))
+
+    def split_files(self) -> list[int]:
+        return sorted(self._offsets)
+
+
 def _raise_first_error(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The results, or the error of the lowest (file, row) that any task met: every task runs to
     its own first error, so the message does not depend on which task finished first."""
     errors = [r["error"] for r in results if "error" in r]
-    if errors:
-        raise UserError(min(errors)[2])
-    return results
+    if not errors:
+        return results
+    index, row, head, detail = min(errors, key=lambda error: error[:2])
+    if detail is None:
+        raise UserError(head)
+    line = _LineNumbers({k: v for r in results for k, v in r.get("part_lines", {}).items()})
+    raise UserError(f"{head}, row {int(line(index, np.array([row]))[0])}{detail}")
 
 
 def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: list[int], fmt: str, fs, tmp: str,
@@ -944,7 +1004,7 @@ def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: li
     lap("schemas")
 
     # 2. parse + bucket
-    units, unit_sizes = _parse_units(files, sizes, row_groups, runner.workers * 4)
+    units, unit_sizes = _parse_units(files, sizes, row_groups, fmt, runner.workers * 4)
     parse_groups = _balanced(unit_sizes, runner.workers * 4)
     parsed = _raise_first_error(runner.map(_parse_task, [(fs_in, [units[i] for i in g], fmt, cfg.columns, buckets, fs,
                                                           work, t, cfg.strict) for t, g in enumerate(parse_groups)],
@@ -954,6 +1014,7 @@ def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: li
     for r in parsed:
         dropped.update(r["reasons"])
     empty_files = sorted(p for r in parsed for p in r["empty"])
+    line_numbers = _LineNumbers({k: v for r in parsed for k, v in r["part_lines"].items()})
     lap("parse")
 
     # 3. dedup
@@ -1025,7 +1086,7 @@ def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: li
     split_stats = Counter()
     for r in built:
         split_stats.update(r)
-    _merge_quarantine(fs, work, tmp)
+    _merge_quarantine(fs, work, tmp, files, line_numbers)
     lap("build")
 
     if input_rows != interactions + sum(dropped.values()):
@@ -1075,13 +1136,21 @@ def _nonzero(counter: Counter) -> dict[str, int]:
     return {k: v for k, v in sorted(counter.items()) if v}
 
 
-def _merge_quarantine(fs, work: str, tmp: str) -> None:
-    """The tasks' quarantine pieces as sorted, deterministic parts (only when something was quarantined)."""
+def _merge_quarantine(fs, work: str, tmp: str, files: list[str], line_numbers: _LineNumbers) -> None:
+    """The tasks' quarantine pieces as sorted, deterministic parts (only when something was
+    quarantined), with rows read from byte ranges numbered as lines of their file."""
     directory = storage.join(work, "quarantine")
     pieces = sorted(fs.find(directory)) if fs.exists(directory) else []
     if not pieces:
         return
     table = pa.concat_tables([_read_parquet(fs, p) for p in pieces])
+    if line_numbers.split_files():
+        rows = table.column("row").to_numpy().copy()
+        paths = table.column("file").to_numpy(zero_copy_only=False)
+        for index in line_numbers.split_files():
+            mine = paths == files[index]
+            rows[mine] = line_numbers(index, rows[mine])
+        table = table.set_column(table.schema.get_field_index("row"), "row", pa.array(rows))
     table = table.sort_by([(c, "ascending") for c in ("file", "row", "column", "reason", "raw")])
     for part, start in enumerate(range(0, table.num_rows, _QUARANTINE_PART_ROWS)):
         _write_parquet(fs, storage.join(tmp, "quarantine", f"part-{part:05d}.parquet"),

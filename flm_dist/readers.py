@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+from fsspec.utils import infer_compression
 
 from flm_dist.config import require
 from flm_dist.errors import UserError
@@ -361,6 +362,78 @@ def _line_repr(lines: pa.Array) -> Callable[[np.ndarray], list[str]]:
     return lambda where: lines.take(pa.array(where)).to_pylist()
 
 
+# Line-based text formats whose files can be read in byte ranges (`ByteRange`). JSON lines are not:
+# a column missing from the whole file is an error, and a part cannot tell.
+RANGE_FORMATS = ("csv", "tsv", "recbole", "movielens", "pairs-txt", "seq-txt")
+
+
+@dataclass
+class ByteRange:
+    """Part `number` of an uncompressed line-based text file: the lines that start in bytes
+    [start, stop). Parts cut at any offsets tile the file's lines, each line in exactly one part.
+
+    Reading a part numbers its lines from 1 (its first line; the header in part 0) and counts
+    them in `lines`, from which the caller turns those numbers into line numbers of the file.
+    """
+    number: int
+    start: int
+    stop: int
+    lines: int = 0
+
+
+def _line_start(handle, pos: int) -> int:
+    """The first line start at or after byte `pos` (the end of the file when there is none)."""
+    if pos <= 0:
+        return 0
+    handle.seek(pos - 1)
+    at = pos - 1
+    while True:
+        block = handle.read(1 << 16)
+        if not block:
+            return at
+        newline = block.find(b"\n")
+        if newline >= 0:
+            return at + newline + 1
+        at += len(block)
+
+
+class _RangeFile:
+    """A read-only file over the lines of a `ByteRange`, counting the newlines it hands out."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, part: ByteRange):
+        self._handle = fs.open(path, "rb")
+        self.start = _line_start(self._handle, part.start)
+        self.size = _line_start(self._handle, part.stop) - self.start
+        self._left = self.size
+        self._handle.seek(self.start)
+        self._part = part
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._handle.read(size)
+        self._left -= len(data)
+        self._part.lines += data.count(b"\n")
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._handle.close()
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _open_text(fs: fsspec.AbstractFileSystem, path: str, part: ByteRange | None):
+    return fs.open(path, "rb", compression="infer") if part is None else _RangeFile(fs, path, part)
+
+
 # ---------------------------------------------------------------------------------------------
 # Format readers: each yields (events, quarantine) chunks for one file
 
@@ -422,7 +495,8 @@ def _csv_rows(reader, invalid: list[int], first_line: int) -> Iterator[tuple[pa.
         yield pa.Table.from_batches([batch]), lines
 
 
-def _iter_delimited(fs, path, file_index, columns: ColumnMap, chunk_bytes, fmt) -> Iterator[tuple[pa.Table, pa.Table]]:
+def _iter_delimited(fs, path, file_index, columns: ColumnMap, chunk_bytes, fmt,
+                    part: ByteRange | None) -> Iterator[tuple[pa.Table, pa.Table]]:
     """CSV, TSV, RecBole `.inter` (tab, `name:type` header) and MovieLens `ratings.csv`."""
     delimiter = "\t" if fmt in ("tsv", "recbole") else ","
     with fs.open(path, "rb", compression="infer") as handle:
@@ -454,18 +528,22 @@ def _iter_delimited(fs, path, file_index, columns: ColumnMap, chunk_bytes, fmt) 
         return "skip"
 
     wanted = sorted(set(mapping.values()))
-    handle = fs.open(path, "rb", compression="infer")
+    handle = _open_text(fs, path, part)
+    if part is not None and handle.size == 0:  # no line starts in this part
+        handle.close()
+        return
+    header_rows = 0 if part is not None and handle.start > 0 else 1  # the header opens the file, not a part
     try:
         reader = pacsv.open_csv(
             handle,
             read_options=pacsv.ReadOptions(use_threads=False, block_size=chunk_bytes, column_names=names,
-                                           skip_rows=1),
+                                           skip_rows=header_rows),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False,
                                              quote_char='"' if fmt == "csv" else False,
                                              invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                  include_columns=wanted))
-        for table, lines in _csv_rows(reader, invalid, first_line=2):
+        for table, lines in _csv_rows(reader, invalid, first_line=header_rows + 1):
             cols = {field: table.column(name).combine_chunks() for field, name in mapping.items()}
             raw = _Raw(cols, lines, np.zeros(len(lines), dtype=np.int32), _row_repr(table), int_ids, mapping)
             events, bad = _normalise(raw, file_index, path)
@@ -490,11 +568,11 @@ def _split_header(line: str, delimiter: str) -> list[str]:
     return [h.strip().strip('"') for h in line.split(delimiter)]
 
 
-def _iter_lines(fs, path, chunk_bytes) -> Iterator[tuple[pa.Array, np.ndarray]]:
-    """Non-blank lines of a text file in chunks, with their 1-based line numbers."""
+def _iter_lines(fs, path, chunk_bytes, part: ByteRange | None) -> Iterator[tuple[pa.Array, np.ndarray]]:
+    """Non-blank lines of a text file (or part) in chunks, with their 1-based line numbers."""
     line_no = 1
     rest = b""
-    with fs.open(path, "rb", compression="infer") as handle:
+    with _open_text(fs, path, part) as handle:
         while True:
             data = handle.read(chunk_bytes)
             if data:
@@ -522,9 +600,9 @@ def _malformed(path, lines: pa.Array, numbers: np.ndarray, mask: np.ndarray) -> 
     return _quarantine(path, numbers[where], [""] * n, ["malformed"] * n, lines.take(pa.array(where)).to_pylist())
 
 
-def _iter_seq_txt(fs, path, file_index, chunk_bytes) -> Iterator[tuple[pa.Table, pa.Table]]:
+def _iter_seq_txt(fs, path, file_index, chunk_bytes, part: ByteRange | None) -> Iterator[tuple[pa.Table, pa.Table]]:
     """`user item1 item2 ...` per line; the order of items on the line is their time order."""
-    for lines, numbers in _iter_lines(fs, path, chunk_bytes):
+    for lines, numbers in _iter_lines(fs, path, chunk_bytes, part):
         tokens = pc.utf8_split_whitespace(lines)
         count = np.asarray(pc.list_value_length(tokens))
         short = count < 2
@@ -543,10 +621,11 @@ def _iter_seq_txt(fs, path, file_index, chunk_bytes) -> Iterator[tuple[pa.Table,
         yield events, pa.concat_tables([malformed, bad])
 
 
-def _iter_split_lines(fs, path, file_index, chunk_bytes, fmt) -> Iterator[tuple[pa.Table, pa.Table]]:
+def _iter_split_lines(fs, path, file_index, chunk_bytes, fmt,
+                      part: ByteRange | None) -> Iterator[tuple[pa.Table, pa.Table]]:
     """`user item` pair text (file order is time) and MovieLens `ratings.dat` (`u::i::rating::ts`)."""
     fields, splitter = (2, None) if fmt == "pairs-txt" else (4, "::")
-    for lines, numbers in _iter_lines(fs, path, chunk_bytes):
+    for lines, numbers in _iter_lines(fs, path, chunk_bytes, part):
         tokens = (pc.utf8_split_whitespace(lines) if splitter is None
                   else pc.split_pattern(pc.utf8_trim_whitespace(lines), splitter))
         wrong = np.asarray(pc.list_value_length(tokens)) != fields
@@ -576,7 +655,7 @@ def _iter_jsonl(fs, path, file_index, columns: ColumnMap, chunk_bytes) -> Iterat
     mapping = columns.mapped()
     seen: set[str] = set()
     found: set[str] = set()
-    for lines, numbers in _iter_lines(fs, path, chunk_bytes):
+    for lines, numbers in _iter_lines(fs, path, chunk_bytes, None):
         malformed = QUARANTINE_SCHEMA.empty_table()
         try:
             table = pajson.read_json(pa.py_buffer(("\n".join(lines.to_pylist()) + "\n").encode()),
@@ -615,28 +694,38 @@ def _iter_jsonl(fs, path, file_index, columns: ColumnMap, chunk_bytes) -> Iterat
 
 
 def iter_file(fs: fsspec.AbstractFileSystem, path: str, file_index: int, fmt: str, columns: ColumnMap,
-              chunk_rows: int = 1 << 18, chunk_bytes: int = 16 << 20,
-              row_groups: tuple[int, int] | None = None) -> Iterator[tuple[pa.Table, pa.Table]]:
+              chunk_rows: int = 1 << 18, chunk_bytes: int = 16 << 20, row_groups: tuple[int, int] | None = None,
+              byte_range: ByteRange | None = None) -> Iterator[tuple[pa.Table, pa.Table]]:
     """(events, quarantine) chunks of one input file in `fmt`; raises FileProblem for unusable files.
-    `row_groups` = (start, stop) reads only those row groups of a Parquet file (row numbers still
-    count from the file's first row), so that one large file can be parsed by several tasks."""
+    So that one large file can be parsed by several tasks, `row_groups` = (start, stop) reads only
+    those row groups of a Parquet file (row numbers still count from the file's first row), and
+    `byte_range` only the lines of one part of an uncompressed text file in `RANGE_FORMATS` (row
+    numbers count from the part's first line; see `ByteRange`)."""
     if row_groups is not None and fmt != "parquet":
         raise ValueError(f"row_groups applies to Parquet files only, not {fmt!r}")
+    if byte_range is not None and not splittable_text(path, fmt):
+        raise ValueError(f"byte_range applies to uncompressed {', '.join(RANGE_FORMATS)} files, not {path} ({fmt})")
     try:
         if fmt == "parquet":
             yield from _iter_parquet(fs, path, file_index, columns, chunk_rows, row_groups)
         elif fmt in ("csv", "tsv", "recbole") or (fmt == "movielens" and _extension(path) == ".csv"):
-            yield from _iter_delimited(fs, path, file_index, columns, chunk_bytes, fmt)
+            yield from _iter_delimited(fs, path, file_index, columns, chunk_bytes, fmt, byte_range)
         elif fmt in ("pairs-txt", "movielens"):
-            yield from _iter_split_lines(fs, path, file_index, chunk_bytes, fmt)
+            yield from _iter_split_lines(fs, path, file_index, chunk_bytes, fmt, byte_range)
         elif fmt == "seq-txt":
-            yield from _iter_seq_txt(fs, path, file_index, chunk_bytes)
+            yield from _iter_seq_txt(fs, path, file_index, chunk_bytes, byte_range)
         elif fmt == "jsonl":
             yield from _iter_jsonl(fs, path, file_index, columns, chunk_bytes)
         else:
             raise UserError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise FileProblem(f"cannot read {path}: {exc}") from None
+
+
+def splittable_text(path: str, fmt: str) -> bool:
+    """Whether `path` can be read in byte ranges: a line-based text format, not compressed."""
+    return (fmt in RANGE_FORMATS and infer_compression(path) is None
+            and not path.lower().endswith(_COMPRESSION_SUFFIXES))
 
 
 def file_schema(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> str | None:

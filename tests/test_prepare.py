@@ -288,12 +288,96 @@ def test_parse_units_cut_only_large_parquet_files_into_row_group_runs():
     # (never an empty run), a file within its share and a text file stay whole.
     units, sizes = prepare_module._parse_units(["big.parquet", "skewed.parquet", "small.parquet", "log.csv"],
                                                [600, 300, 20, 80], {0: [5] * 12, 1: [10, 10, 1000], 2: [1, 1],
-                                                                    3: None}, parts=4)
+                                                                    3: None}, "parquet", parts=4)
     assert [(u[1], u[2]) for u in units] == [("big.parquet", (0, 4)), ("big.parquet", (4, 8)),
                                              ("big.parquet", (8, 12)), ("skewed.parquet", (0, 2)),
                                              ("skewed.parquet", (2, 3)), ("small.parquet", None), ("log.csv", None)]
     assert [u[0] for u in units] == [0, 0, 0, 1, 1, 2, 3]
     assert sizes == [200, 200, 200, 5, 294, 20, 80]
+
+def test_parse_units_cut_large_uncompressed_text_files_into_byte_ranges(monkeypatch):
+    monkeypatch.setattr(prepare_module, "MIN_RANGE_BYTES", 100)
+    units, sizes = prepare_module._parse_units(["big.csv", "big.csv.gz", "mid.csv", "small.csv"], [1000, 1000, 250, 150],
+                                               {}, "csv", parts=8)
+    # 2400 bytes in 8 parts of 300: 1000 bytes make 4 ranges, 250 bytes make 1 (within its share),
+    # a compressed file cannot be cut, and no range is below MIN_RANGE_BYTES (150 bytes: 1 range).
+    assert [(u.path, u.byte_range) for u in units] == [
+        ("big.csv", (0, 0, 250)), ("big.csv", (1, 250, 500)), ("big.csv", (2, 500, 750)), ("big.csv", (3, 750, 1000)),
+        ("big.csv.gz", None), ("mid.csv", None), ("small.csv", None)]
+    assert sizes == [250, 250, 250, 250, 1000, 250, 150]
+    jsonl, _ = prepare_module._parse_units(["big.jsonl"], [1000], {}, "jsonl", parts=8)
+    assert [u.byte_range for u in jsonl] == [None]
+
+
+def _text_log(fmt: str, rng) -> tuple[str, list[int]]:
+    """A log in `fmt` with CRLF and LF endings, bad rows, duplicates and blank lines; returns the
+    text and the line numbers of the bad rows."""
+    lines, bad = ["user_id,item_id,timestamp"] if fmt == "csv" else [], []
+    for n in range(400):
+        user, item = f"u{rng.integers(0, 30)}", f"i{rng.integers(0, 40)}"
+        if n % 37 == 5:
+            bad.append(len(lines) + 1)
+            lines.append({"csv": f"{user},{item}", "pairs-txt": user, "seq-txt": user}[fmt])  # malformed
+        elif n % 53 == 7 and fmt != "csv":  # a blank line is no row in the line formats, a bad one in CSV
+            lines.append("")
+        else:
+            lines.append({"csv": f"{user},{item},{rng.integers(0, 50)}", "pairs-txt": f"{user} {item}",
+                          "seq-txt": f"{user} {item} i{rng.integers(0, 40)} i{rng.integers(0, 40)}"}[fmt])
+        if n % 41 == 3:
+            lines.append(lines[-1])  # a duplicate row (a duplicate only where there is a timestamp)
+    return "\r\n".join(lines[:200]) + "\r\n" + "\n".join(lines[200:]), bad  # no newline at the end
+
+
+@pytest.mark.parametrize("fmt", ["csv", "pairs-txt", "seq-txt"])
+def test_a_large_text_file_is_parsed_in_byte_ranges_with_the_same_result(mem, monkeypatch, fmt):
+    text, bad_lines = _text_log(fmt, np.random.default_rng(5))
+    units = []
+    parse_task = prepare_module._parse_task
+    monkeypatch.setattr(prepare_module, "_parse_task", lambda fs, files, *rest: units.append(files) or
+                        parse_task(fs, files, *rest))
+    results = {}
+    for layout, min_range in (("whole", 1 << 40), ("split", 100)):
+        monkeypatch.setattr(prepare_module, "MIN_RANGE_BYTES", min_range)
+        path = put(mem, f"{layout}/log.txt", text)
+        units.clear()
+        manifest = run_prepare(config(input=path, output=f"memory://{mem}/{layout}/out", format=fmt, workers=2,
+                                      buckets=2, num_negatives=5))
+        assert accounted(manifest) and manifest["dropped"]["malformed"] == len(bad_lines)
+        pieces = sorted(unit.byte_range or (0, 0, len(text)) for task in units for unit in task)
+        results[layout] = (pieces, manifest, {name: load(MEMORY, f"{mem}/{layout}/out", name)
+                                              for name in ("train", "valid", "test", "vocab/items.parquet",
+                                                           "vocab/users.parquet", "quarantine")})
+    # Whole, one task; split, 8 byte ranges (2 workers x 4) that tile the file; the same output to
+    # the row, and quarantined rows numbered as lines of the file.
+    assert results["whole"][0] == [(0, 0, len(text))]
+    split = results["split"][0]
+    assert [p[0] for p in split] == list(range(8)) and split[0][1] == 0 and split[-1][2] == len(text)
+    assert all(a[2] == b[1] for a, b in zip(split, split[1:]))
+    for key in ("input_rows", "interactions", "users", "items", "dropped", "vocab_hash"):
+        assert results["split"][1][key] == results["whole"][1][key], key
+    for name, rows in results["whole"][2].items():
+        if name == "quarantine":
+            for row in rows + results["split"][2][name]:
+                row["file"] = row["file"].split("/")[-1]
+            assert [r["row"] for r in rows] == bad_lines
+        assert results["split"][2][name] == rows, name
+
+
+def test_strict_names_the_lowest_bad_line_of_a_text_file_read_in_byte_ranges(mem, monkeypatch):
+    text, bad_lines = _text_log("csv", np.random.default_rng(5))
+    monkeypatch.setattr(prepare_module, "MIN_RANGE_BYTES", 100)
+    balanced = prepare_module._balanced
+    monkeypatch.setattr(prepare_module, "_balanced", lambda sizes, parts: balanced(sizes, parts)[::-1])
+    with pytest.raises(UserError, match=rf"log.csv, row {bad_lines[0]}: malformed"):
+        run_prepare(config(input=put(mem, "log.csv", text), output=f"memory://{mem}/out", workers=2, strict=True))
+    # the same with the first bad rows quarantine-free: the first bad line left is in a later range
+    lines = text.split("\n")
+    for line in bad_lines[:4]:
+        lines[line - 1] = lines[line - 2]
+    with pytest.raises(UserError, match=rf"log2.csv, row {bad_lines[4]}: malformed"):
+        run_prepare(config(input=put(mem, "log2.csv", "\n".join(lines)), output=f"memory://{mem}/out2", workers=2,
+                           strict=True))
+
 
 def test_strict_names_file_row_and_column(mem):
     path = put(mem, "log.csv", csv([("u1", "a", 1), ("u1", "b", "noon")]))

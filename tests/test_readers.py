@@ -3,14 +3,15 @@
 import uuid
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from flm_dist.errors import UserError
-from flm_dist.readers import (EVENTS_SCHEMA, ColumnMap, FileProblem, detect_format, list_input, read_file,
-                              resolve_format)
+from flm_dist.readers import (EVENTS_SCHEMA, ByteRange, ColumnMap, FileProblem, detect_format, iter_file, list_input,
+                              read_file, resolve_format, splittable_text)
 
 LOCAL = fsspec.filesystem("file")
 
@@ -209,3 +210,34 @@ def test_compressed_text_input(tmp_path):
     assert detect_format(LOCAL, str(path)) == "seq-txt"
     events, _ = read_file(LOCAL, str(path), "seq-txt")
     assert rows(events, "user", "item") == [("1", "5"), ("1", "6"), ("1", "7"), ("2", "8"), ("2", "9")]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "pairs-txt", "seq-txt"])
+def test_byte_ranges_cut_anywhere_tile_the_lines_of_a_file(tmp_path, fmt):
+    header = "user_id,item_id,timestamp\n" if fmt == "csv" else ""
+    body = {"csv": "u{0},i{1},{0}", "pairs-txt": "u{0} i{1}", "seq-txt": "u{0} i{1} i{0}"}[fmt]
+    lines = [body.format(n, n * 7 % 13) if n % 9 else body.format(n, "x" * (n % 40)) for n in range(1, 120)]
+    lines[30] = "broken"  # a malformed row, numbered by its line
+    path = write(tmp_path / "log.txt", header + "\r\n".join(lines[:50]) + "\r\n" + "\n".join(lines[50:]))
+    whole_events, whole_bad = read_file(LOCAL, path, fmt)
+    size = (tmp_path / "log.txt").stat().st_size
+    rng = np.random.default_rng(0)
+    for cuts in ([0, 1, 2, size - 1, size], [0, len(header), len(header) + 1, size],
+                 [0, *sorted(rng.choice(np.arange(1, size), 9, replace=False)), size]):
+        events, bad, lines_before = [], [], 0
+        for number, (start, stop) in enumerate(zip(cuts, cuts[1:])):
+            part = ByteRange(number, int(start), int(stop))
+            for chunk_events, chunk_bad in iter_file(LOCAL, path, 0, fmt, ColumnMap(), byte_range=part):
+                # line numbers count from the part's first line; the parts before it say where that is
+                events.append(chunk_events.set_column(6, "row", pc.add(chunk_events.column("row"), lines_before)))
+                bad.append(chunk_bad.set_column(1, "row", pc.add(chunk_bad.column("row"), lines_before)))
+            lines_before += part.lines
+        assert pa.concat_tables(events).equals(whole_events), cuts
+        assert pa.concat_tables(bad).to_pylist() == whole_bad.to_pylist() and whole_bad.num_rows == 1
+
+
+def test_byte_ranges_only_for_uncompressed_line_formats(tmp_path):
+    path = write(tmp_path / "log.jsonl", '{"user_id": "u", "item_id": "i", "timestamp": 1}\n')
+    with pytest.raises(ValueError, match="byte_range applies to uncompressed"):
+        list(iter_file(LOCAL, path, 0, "jsonl", ColumnMap(), byte_range=ByteRange(0, 0, 10)))
+    assert splittable_text("s3://b/log.csv", "csv") and not splittable_text("s3://b/log.csv.gz", "csv")
