@@ -69,7 +69,8 @@ from flm_dist import __version__, storage
 from flm_dist.config import require, to_dict
 from flm_dist.errors import UserError
 from flm_dist.readers import (EVENTS_SCHEMA, QUARANTINE_SCHEMA, ROW_REASONS, ByteRange, ColumnMap, FileProblem,
-                              file_schema, iter_file, list_input, resolve_format, row_group_rows, splittable_text)
+                              check_json_keys, file_schema, iter_file, list_input, resolve_format, row_group_rows,
+                              splittable_text)
 
 log = logging.getLogger("flm_dist")
 
@@ -528,6 +529,7 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
         flushes += 1
 
     part_lines: dict[tuple[int, int], int] = {}  # (file index, part number) -> lines of that byte range
+    json_keys: dict[int, set[str]] = {}  # file index -> keys seen in its byte ranges (JSON lines)
     index = files[0].index
     try:
         for index, path, row_groups, byte_range in files:
@@ -564,6 +566,7 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
             stats["rows"] += rows_in_file
             if part:
                 part_lines[index, part.number] = part.lines
+                json_keys.setdefault(index, set()).update(part.keys_seen)
             if rows_in_file == 0 and row_groups is None and part is None:  # a piece is never the whole file
                 if strict:
                     return {"error": (index, 0, f"{path} is empty (no data rows)", None), "part_lines": part_lines}
@@ -577,7 +580,7 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
         _write_parquet(fs_work, storage.join(work, "quarantine", f"task-{task:05d}.parquet"),
                        pa.concat_tables(bad_parts), work=True)
     stats["reasons"] = dict(reasons)
-    stats["part_lines"] = part_lines
+    stats["part_lines"], stats["json_keys"] = part_lines, json_keys
     return stats
 
 
@@ -1015,6 +1018,12 @@ def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: li
         dropped.update(r["reasons"])
     empty_files = sorted(p for r in parsed for p in r["empty"])
     line_numbers = _LineNumbers({k: v for r in parsed for k, v in r["part_lines"].items()})
+    json_keys: dict[int, set[str]] = {}
+    for r in parsed:
+        for index, keys in r["json_keys"].items():
+            json_keys.setdefault(index, set()).update(keys)
+    for index in sorted(json_keys):  # a mapped column that no line of a file has (see ByteRange)
+        check_json_keys(files[index], cfg.columns, json_keys[index])
     lap("parse")
 
     # 3. dedup

@@ -362,9 +362,8 @@ def _line_repr(lines: pa.Array) -> Callable[[np.ndarray], list[str]]:
     return lambda where: lines.take(pa.array(where)).to_pylist()
 
 
-# Line-based text formats whose files can be read in byte ranges (`ByteRange`). JSON lines are not:
-# a column missing from the whole file is an error, and a part cannot tell.
-RANGE_FORMATS = ("csv", "tsv", "recbole", "movielens", "pairs-txt", "seq-txt")
+# Line-based text formats whose files can be read in byte ranges (`ByteRange`).
+RANGE_FORMATS = ("csv", "tsv", "recbole", "movielens", "pairs-txt", "seq-txt", "jsonl")
 
 
 @dataclass
@@ -374,11 +373,15 @@ class ByteRange:
 
     Reading a part numbers its lines from 1 (its first line; the header in part 0) and counts
     them in `lines`, from which the caller turns those numbers into line numbers of the file.
+    JSON lines: a mapped column that no line of the whole file has is an error, which no part can
+    tell alone, so a part records the keys it saw (`keys_seen`) and the caller checks their union
+    with `check_json_keys`.
     """
     number: int
     start: int
     stop: int
     lines: int = 0
+    keys_seen: set[str] = dataclasses.field(default_factory=set)
 
 
 def _line_start(handle, pos: int) -> int:
@@ -650,12 +653,12 @@ def _json_value(value) -> str | None:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _iter_jsonl(fs, path, file_index, columns: ColumnMap, chunk_bytes) -> Iterator[tuple[pa.Table, pa.Table]]:
+def _iter_jsonl(fs, path, file_index, columns: ColumnMap, chunk_bytes,
+                part: ByteRange | None) -> Iterator[tuple[pa.Table, pa.Table]]:
     """One JSON object per line; pyarrow parses clean chunks, Python finds the bad lines otherwise."""
     mapping = columns.mapped()
     seen: set[str] = set()
-    found: set[str] = set()
-    for lines, numbers in _iter_lines(fs, path, chunk_bytes, None):
+    for lines, numbers in _iter_lines(fs, path, chunk_bytes, part):
         malformed = QUARANTINE_SCHEMA.empty_table()
         try:
             table = pajson.read_json(pa.py_buffer(("\n".join(lines.to_pylist()) + "\n").encode()),
@@ -681,15 +684,22 @@ def _iter_jsonl(fs, path, file_index, columns: ColumnMap, chunk_bytes) -> Iterat
             lines, numbers = lines.filter(pa.array(~bad)), numbers[~bad]
             cols = {f: pa.array([_json_value(o.get(n)) for o in objects], pa.string())
                     for f, n in mapping.items() if any(n in o for o in objects)}
-        found.update(mapping[f] for f in cols)
         for field, name in mapping.items():
             if field not in cols:
                 cols[field] = pa.nulls(len(numbers), pa.string())
         raw = _Raw(cols, numbers, np.zeros(len(numbers), dtype=np.int32), _line_repr(lines), names=mapping)
         events, bad_rows = _normalise(raw, file_index, path)
         yield events, pa.concat_tables([malformed, bad_rows])
-    for name in mapping.values():
-        if seen and name not in found:
+    if part is None:
+        check_json_keys(path, columns, seen)
+    else:
+        part.keys_seen |= seen
+
+
+def check_json_keys(path: str, columns: ColumnMap, seen: set[str]) -> None:
+    """Raise FileProblem when the lines of a JSON-lines file had keys but never a mapped column."""
+    for name in columns.mapped().values():
+        if seen and name not in seen:
             raise _missing(path, name, sorted(seen))
 
 
@@ -715,7 +725,7 @@ def iter_file(fs: fsspec.AbstractFileSystem, path: str, file_index: int, fmt: st
         elif fmt == "seq-txt":
             yield from _iter_seq_txt(fs, path, file_index, chunk_bytes, byte_range)
         elif fmt == "jsonl":
-            yield from _iter_jsonl(fs, path, file_index, columns, chunk_bytes)
+            yield from _iter_jsonl(fs, path, file_index, columns, chunk_bytes, byte_range)
         else:
             raise UserError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:

@@ -305,8 +305,8 @@ def test_parse_units_cut_large_uncompressed_text_files_into_byte_ranges(monkeypa
         ("big.csv", (0, 0, 250)), ("big.csv", (1, 250, 500)), ("big.csv", (2, 500, 750)), ("big.csv", (3, 750, 1000)),
         ("big.csv.gz", None), ("mid.csv", None), ("small.csv", None)]
     assert sizes == [250, 250, 250, 250, 1000, 250, 150]
-    jsonl, _ = prepare_module._parse_units(["big.jsonl"], [1000], {}, "jsonl", parts=8)
-    assert [u.byte_range for u in jsonl] == [None]
+    parquet, _ = prepare_module._parse_units(["big.parquet"], [1000], {0: None}, "parquet", parts=8)
+    assert [u.byte_range for u in parquet] == [None]
 
 
 def _text_log(fmt: str, rng) -> tuple[str, list[int]]:
@@ -317,18 +317,21 @@ def _text_log(fmt: str, rng) -> tuple[str, list[int]]:
         user, item = f"u{rng.integers(0, 30)}", f"i{rng.integers(0, 40)}"
         if n % 37 == 5:
             bad.append(len(lines) + 1)
-            lines.append({"csv": f"{user},{item}", "pairs-txt": user, "seq-txt": user}[fmt])  # malformed
+            lines.append({"csv": f"{user},{item}", "pairs-txt": user, "seq-txt": user,
+                          "jsonl": f'{{"user_id": "{user}", "item_id": '}[fmt])  # malformed
         elif n % 53 == 7 and fmt != "csv":  # a blank line is no row in the line formats, a bad one in CSV
             lines.append("")
         else:
             lines.append({"csv": f"{user},{item},{rng.integers(0, 50)}", "pairs-txt": f"{user} {item}",
-                          "seq-txt": f"{user} {item} i{rng.integers(0, 40)} i{rng.integers(0, 40)}"}[fmt])
+                          "seq-txt": f"{user} {item} i{rng.integers(0, 40)} i{rng.integers(0, 40)}",
+                          "jsonl": json.dumps({"user_id": user, "item_id": item, "timestamp": int(rng.integers(0, 50))})
+                          }[fmt])
         if n % 41 == 3:
             lines.append(lines[-1])  # a duplicate row (a duplicate only where there is a timestamp)
     return "\r\n".join(lines[:200]) + "\r\n" + "\n".join(lines[200:]), bad  # no newline at the end
 
 
-@pytest.mark.parametrize("fmt", ["csv", "pairs-txt", "seq-txt"])
+@pytest.mark.parametrize("fmt", ["csv", "pairs-txt", "seq-txt", "jsonl"])
 def test_a_large_text_file_is_parsed_in_byte_ranges_with_the_same_result(mem, monkeypatch, fmt):
     text, bad_lines = _text_log(fmt, np.random.default_rng(5))
     units = []
@@ -361,6 +364,19 @@ def test_a_large_text_file_is_parsed_in_byte_ranges_with_the_same_result(mem, mo
                 row["file"] = row["file"].split("/")[-1]
             assert [r["row"] for r in rows] == bad_lines
         assert results["split"][2][name] == rows, name
+
+
+def test_a_json_column_is_judged_over_the_whole_file_when_read_in_byte_ranges(mem, monkeypatch):
+    monkeypatch.setattr(prepare_module, "MIN_RANGE_BYTES", 100)
+    lines = [json.dumps({"user_id": f"u{n % 7}", "item_id": f"i{n % 5}", "timestamp": n}) for n in range(60)]
+    # the event column only in the last lines: missing from most ranges, present in the file
+    lines[-3:] = [json.dumps({"user_id": "u1", "item_id": "i1", "timestamp": 99 + n, "kind": "buy"}) for n in range(3)]
+    manifest = run_prepare(config(input=put(mem, "log.jsonl", "\n".join(lines)), output=f"memory://{mem}/out",
+                                  workers=2, columns=ColumnMap(event="kind"), num_negatives=0))
+    assert accounted(manifest) and sum(manifest["dropped"].values()) == 0
+    with pytest.raises(UserError, match=r"log.jsonl: column 'weight' not found \(available columns: item_id, kind"):
+        run_prepare(config(input=put(mem, "log.jsonl", "\n".join(lines)), output=f"memory://{mem}/out2", workers=2,
+                           columns=ColumnMap(event="kind", weight="weight")))
 
 
 def test_strict_names_the_lowest_bad_line_of_a_text_file_read_in_byte_ranges(mem, monkeypatch):

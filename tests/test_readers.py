@@ -212,10 +212,11 @@ def test_compressed_text_input(tmp_path):
     assert rows(events, "user", "item") == [("1", "5"), ("1", "6"), ("1", "7"), ("2", "8"), ("2", "9")]
 
 
-@pytest.mark.parametrize("fmt", ["csv", "pairs-txt", "seq-txt"])
+@pytest.mark.parametrize("fmt", ["csv", "pairs-txt", "seq-txt", "jsonl"])
 def test_byte_ranges_cut_anywhere_tile_the_lines_of_a_file(tmp_path, fmt):
     header = "user_id,item_id,timestamp\n" if fmt == "csv" else ""
-    body = {"csv": "u{0},i{1},{0}", "pairs-txt": "u{0} i{1}", "seq-txt": "u{0} i{1} i{0}"}[fmt]
+    body = {"csv": "u{0},i{1},{0}", "pairs-txt": "u{0} i{1}", "seq-txt": "u{0} i{1} i{0}",
+            "jsonl": '{{"user_id": "u{0}", "item_id": "i{1}", "timestamp": {0}}}'}[fmt]
     lines = [body.format(n, n * 7 % 13) if n % 9 else body.format(n, "x" * (n % 40)) for n in range(1, 120)]
     lines[30] = "broken"  # a malformed row, numbered by its line
     path = write(tmp_path / "log.txt", header + "\r\n".join(lines[:50]) + "\r\n" + "\n".join(lines[50:]))
@@ -237,7 +238,8 @@ def test_byte_ranges_cut_anywhere_tile_the_lines_of_a_file(tmp_path, fmt):
 
 
 def test_byte_ranges_only_for_uncompressed_line_formats(tmp_path):
-    path = write(tmp_path / "log.jsonl", '{"user_id": "u", "item_id": "i", "timestamp": 1}\n')
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user_id": ["u"], "item_id": ["i"], "timestamp": [1]}), path)
     with pytest.raises(ValueError, match="byte_range applies to uncompressed"):
-        list(iter_file(LOCAL, path, 0, "jsonl", ColumnMap(), byte_range=ByteRange(0, 0, 10)))
+        list(iter_file(LOCAL, str(path), 0, "parquet", ColumnMap(), byte_range=ByteRange(0, 0, 10)))
     assert splittable_text("s3://b/log.csv", "csv") and not splittable_text("s3://b/log.csv.gz", "csv")
