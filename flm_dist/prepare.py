@@ -566,7 +566,8 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
             stats["rows"] += rows_in_file
             if part:
                 part_lines[index, part.number] = part.lines
-                json_keys.setdefault(index, set()).update(part.keys_seen)
+                if part.keys_seen:
+                    json_keys.setdefault(index, set()).update(part.keys_seen)
             if rows_in_file == 0 and row_groups is None and part is None:  # a piece is never the whole file
                 if strict:
                     return {"error": (index, 0, f"{path} is empty (no data rows)", None), "part_lines": part_lines}
