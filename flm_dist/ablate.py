@@ -31,25 +31,43 @@ against the best other variant.
 Outputs: OUT/ablation.md, OUT/ablation.json, and every run under OUT/runs/. Re-running resumes
 them: a run whose metrics.json records the same config is read back (with its per-user test
 ranks, RUN_DIR/test_user_ranks.npz), any other is started or resumed from its checkpoint.
+
+A seed whose runs have all finished is also written as a seed result (RESULTS/seedN.json with
+its final metrics and RESULTS/seedN.npz with its per-user test ranks; RESULTS is OUT/seeds unless
+`results` says otherwise). A later command reads a seed result back instead of the seed's runs,
+when it was measured with the same settings (`common`, `pretrain`, `finetune`) on the same
+prepared data (vocabulary hashes and split counts): a few hundred kB that outlive the runs'
+checkpoints, so seeds measured on different machines or at different times combine into one
+table by copying those files alone.
+
+With `parallel` > 1 the stages run as Ray tasks, up to `parallel` at once (each fine-tuning
+stage after its seed's pretraining stage): each stage trains in its task's process on one
+device (`scaling.workers=0`), with `scaling.cpus_per_worker` CPUs and `scaling.gpus_per_worker`
+GPUs. Every stage is the same computation wherever it runs, so the table does not depend on
+`parallel`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
+import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from flm_dist import ray_seam
 from flm_dist.config import _deep_merge, from_dict, load_config, require, to_dict
 from flm_dist.errors import UserError
 from flm_dist.evaluate import user_ranks
 from flm_dist.finetune import FinetuneConfig, run_finetune
 from flm_dist.finetune import resolve as finetune_resolve
 from flm_dist.metrics import mean_std, ndcg_at, wilcoxon_p_value
-from flm_dist.pretrain import PretrainConfig, run_pretrain
+from flm_dist.pretrain import PretrainConfig, read_manifest, run_pretrain
 from flm_dist.pretrain import resolve as pretrain_resolve
 
 log = logging.getLogger("flm_dist")
@@ -98,6 +116,12 @@ class AblateConfig:
     """Overrides for pretraining only (the architecture lives here: model.hidden, ...)."""
     finetune: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Overrides for fine-tuning only (e.g. train.epochs, finetune.head)."""
+    parallel: int = 1
+    """Stages run at once. 1: one after another in this process (with any `scaling`); N > 1: as
+    Ray tasks on the cluster's free CPUs or GPUs (needs `common.scaling.workers=0`)."""
+    results: str = ""
+    """Directory of the seed results (seedN.json and seedN.npz); default OUT/seeds. Point it at
+    a directory kept with the code to keep finished seeds when the runs are gone."""
 
     def __post_init__(self):
         require(bool(self.data), "data", "is required")
@@ -109,6 +133,7 @@ class AblateConfig:
         require(set(self.variants) <= set(VARIANTS), "variants", f"must be among {list(VARIANTS)}")
         require(REFERENCE in self.variants and len(set(self.variants)) > 1, "variants",
                 f"must include {REFERENCE} and at least one other")
+        require(self.parallel >= 1, "parallel", "must be >= 1")
 
 
 def seed_range(config: AblateConfig) -> range:
@@ -226,42 +251,153 @@ def _test_user_ranks(run_dir: Path, data: str, recompute: bool) -> dict[str, np.
     return ranks
 
 
+SEED_RESULT_FORMAT = 1
+
+
+def _data_identity(data: str) -> dict[str, Any]:
+    """What identifies prepared data across machines: its vocabularies and splits, not its path."""
+    manifest = read_manifest(data)
+    return {"vocab_hash": manifest["vocab_hash"], "splits": manifest["splits"]}
+
+
+def _settings(config: AblateConfig) -> dict[str, Any]:
+    """The settings a seed result was measured with; it is reused only under equal settings."""
+    return json.loads(json.dumps({"common": config.common, "pretrain": config.pretrain,
+                                  "finetune": config.finetune, "data": _data_identity(config.data)},
+                                 sort_keys=True))
+
+
+def _result_key(variant: str, fraction: float) -> str:
+    return f"{variant}/{fraction:g}"
+
+
+def write_seed_result(directory: Path, seed: int, settings: dict[str, Any],
+                      finals: dict[tuple[str, float], dict[str, float]],
+                      ranks: dict[tuple[str, float], dict[str, np.ndarray]]) -> None:
+    """RESULTS/seedN.npz (per-user test ranks, smallest integer type) then RESULTS/seedN.json,
+    each written under a temporary name and renamed, the JSON last: a seed result is complete
+    exactly when its JSON exists."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for (variant, fraction), by_protocol in ranks.items():
+        for protocol, values in by_protocol.items():
+            arrays[f"{_result_key(variant, fraction)}/{protocol}"] = values.astype(
+                np.min_scalar_type(int(values.max(initial=0))))
+    partial = directory / f"seed{seed}.partial.npz"
+    np.savez_compressed(partial, **arrays)
+    partial.replace(directory / f"seed{seed}.npz")
+    record = {"format": SEED_RESULT_FORMAT, "seed": seed, "settings": settings,
+              "final": {_result_key(v, f): final for (v, f), final in finals.items()},
+              "written": {"utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "torch": torch.__version__, "machine": platform.machine(),
+                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    partial_json = directory / f"seed{seed}.partial.json"
+    partial_json.write_text(json.dumps(record, indent=1, sort_keys=True))
+    partial_json.replace(directory / f"seed{seed}.json")
+
+
+def read_seed_result(directory: Path, seed: int, settings: dict[str, Any], variants: tuple[str, ...],
+                     fractions: tuple[float, ...]):
+    """(finals, ranks) of a stored seed result measured with `settings` that holds every
+    (variant, fraction) asked for; None when there is none, or it was measured otherwise."""
+    path = directory / f"seed{seed}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    wanted = [(v, f) for f in fractions for v in variants]
+    if (record.get("format") != SEED_RESULT_FORMAT or record.get("settings") != settings
+            or any(_result_key(v, f) not in record["final"] for v, f in wanted)):
+        log.info("seed %d: %s was measured with other settings or variants; running the seed", seed, path)
+        return None
+    with np.load(directory / f"seed{seed}.npz") as stored:
+        ranks = {(v, f): {p: stored[f"{_result_key(v, f)}/{p}"].astype(np.int64) for p in PROTOCOLS}
+                 for v, f in wanted}
+    return {(v, f): record["final"][_result_key(v, f)] for v, f in wanted}, ranks
+
+
+def _pretraining_stage(config: PretrainConfig) -> None:
+    """Stage 1 of one objective and seed; a run finished with this config is left as it is."""
+    if _finished_summary(pretrain_resolve(config)) is None:
+        run_pretrain(config)
+
+
+def _finetuning_stage(config: FinetuneConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Stage 2 of one variant, fraction and seed: (final metrics, per-user test ranks)."""
+    summary = _finished_summary(finetune_resolve(config))
+    trained = summary is None
+    if trained:
+        summary = run_finetune(config)
+    return summary["final"], _test_user_ranks(Path(config.output), config.data, recompute=trained)
+
+
+def _stage_calls(config: AblateConfig, seeds: list[int]) -> list[ray_seam.TaskCall]:
+    """Every stage of `seeds` in the sequential order, each fine-tuning stage after its
+    pretraining stage."""
+    output = Path(config.output)
+    objectives = sorted({VARIANTS[v][0] for v in config.variants})
+    calls = []
+    for seed in seeds:
+        root = output / "runs" / f"seed{seed}"
+        for objective in objectives:
+            calls.append(ray_seam.TaskCall(
+                ("pretrain", objective, seed), f"seed {seed}: pretraining {objective}", _pretraining_stage,
+                (_pretrain_config(config, objective, seed, root / f"pretrain-{objective}"),)))
+        for fraction in config.fractions:
+            for variant in config.variants:
+                objective = VARIANTS[variant][0]
+                finetune = _finetune_config(config, variant, fraction, seed, root / f"pretrain-{objective}",
+                                            root / f"fraction{fraction:g}" / variant)
+                calls.append(ray_seam.TaskCall(
+                    (variant, fraction, seed), f"seed {seed} fraction {fraction:g}: fine-tuning {variant}",
+                    _finetuning_stage, (finetune,), after=(("pretrain", objective, seed),)))
+    return calls
+
+
 def run_ablation(config: AblateConfig) -> dict[str, Any]:
     """Run every stage (see the module docstring); writes and returns the report."""
     output = Path(config.output)
-    finals: dict[tuple[str, float, int], dict[str, float]] = {}
-    ranks: dict[tuple[str, float, int], dict[str, np.ndarray]] = {}
-    objectives = sorted({VARIANTS[v][0] for v in config.variants})
+    results = Path(config.results) if config.results else output / "seeds"
     # Every stage's config is built once up front, so a bad override fails before any training.
-    for objective in objectives:
+    for objective in {VARIANTS[v][0] for v in config.variants}:
         _pretrain_config(config, objective, 0, output)
     for variant in config.variants:
-        _finetune_config(config, variant, config.fractions[0], 0, output, output)
-    stages = len(seed_range(config)) * (len(objectives) + len(config.fractions) * len(config.variants))
-    stage = 0
+        scaling = _finetune_config(config, variant, config.fractions[0], 0, output, output).scaling
+        require(config.parallel == 1 or scaling.workers == 0, "parallel",
+                "> 1 runs each stage in one Ray task on one device; set common.scaling.workers=0")
+    settings = _settings(config)
+    finals: dict[tuple[str, float, int], dict[str, float]] = {}
+    ranks: dict[tuple[str, float, int], dict[str, np.ndarray]] = {}
+    to_run = []
     for seed in seed_range(config):
-        root = output / "runs" / f"seed{seed}"
-        for objective in objectives:
-            stage += 1
-            log.info("ablation stage %d/%d, seed %d: pretraining %s", stage, stages, seed, objective)
-            pretrain = _pretrain_config(config, objective, seed, root / f"pretrain-{objective}")
-            if _finished_summary(pretrain_resolve(pretrain)) is None:
-                run_pretrain(pretrain)
-        for fraction in config.fractions:
-            for variant in config.variants:
-                stage += 1
-                log.info("ablation stage %d/%d, seed %d fraction %g: fine-tuning %s", stage, stages, seed,
-                         fraction, variant)
-                run_dir = root / f"fraction{fraction:g}" / variant
-                pretrained = root / f"pretrain-{VARIANTS[variant][0]}"
-                finetune = _finetune_config(config, variant, fraction, seed, pretrained, run_dir)
-                summary = _finished_summary(finetune_resolve(finetune))
-                trained = summary is None
-                if trained:
-                    summary = run_finetune(finetune)
-                finals[variant, fraction, seed] = summary["final"]
-                ranks[variant, fraction, seed] = _test_user_ranks(run_dir, config.data, recompute=trained)
+        stored = read_seed_result(results, seed, settings, config.variants, config.fractions)
+        if stored is None:
+            to_run.append(seed)
+            continue
+        log.info("seed %d: read back from %s (its runs are not needed)", seed, results / f"seed{seed}.json")
+        for (variant, fraction), final in stored[0].items():
+            finals[variant, fraction, seed] = final
+            ranks[variant, fraction, seed] = stored[1][variant, fraction]
+
+    def finished(key, result) -> None:
+        if key[0] == "pretrain":
+            return
+        finals[key], ranks[key] = result
+        seed = key[2]
+        mine = [(v, f) for f in config.fractions for v in config.variants]
+        if all((v, f, seed) in finals for v, f in mine):
+            write_seed_result(results, seed, settings, {k: finals[(*k, seed)] for k in mine},
+                              {k: ranks[(*k, seed)] for k in mine})
+
+    calls = _stage_calls(config, to_run)
+    if config.parallel == 1:
+        for index, call in enumerate(calls, 1):
+            log.info("ablation stage %d/%d, %s", index, len(calls), call.label)
+            finished(call.key, call.function(*call.args))
+    else:
+        ray_seam.run_in_parallel(calls, config.parallel, scaling.cpus_per_worker, scaling.gpus_per_worker,
+                                 on_finished=finished, describe="ablation stage", address=scaling.address)
     report = summarize(config, finals, ranks)
+    output.mkdir(parents=True, exist_ok=True)
     (output / "ablation.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (output / "ablation.md").write_text(markdown_table(report))
     return report

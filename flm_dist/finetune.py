@@ -438,7 +438,7 @@ def _cmd_ablate(args) -> None:
 
     config = from_dict(AblateConfig, _config_data(args, {
         "data": args.data, "output": args.output, "seeds": args.seeds, "first_seed": args.first_seed,
-        "fractions": args.fractions}))
+        "fractions": args.fractions, "parallel": args.parallel, "results": args.results}))
     run_ablation(config)
     print((Path(config.output) / "ablation.md").read_text())
 
@@ -484,5 +484,8 @@ def add_commands(commands) -> None:
     ablate.add_argument("--first-seed", type=int, help="the first seed (default 0)")
     ablate.add_argument("--fractions", type=_fractions,
                         help="fine-tuning user fractions, comma separated (default 1.0,0.1)")
+    ablate.add_argument("--parallel", type=int,
+                        help="stages at once, as Ray tasks (default 1: one after another here)")
+    ablate.add_argument("--results", help="directory of the seed results (default OUTPUT/seeds)")
     _add_config_arguments(ablate)
     ablate.set_defaults(run=_cmd_ablate)

@@ -68,7 +68,8 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage("flm_dist.evaluate", "EvaluateConfig", "run_evaluate", inputs=("checkpoint", "data")),
     "finetune": Stage("flm_dist.finetune", "FinetuneConfig", "run_finetune", inputs=("pretrained", "data")),
     "export": Stage("flm_dist.export", "ExportConfig", "run_export", inputs=("checkpoint", "data")),
-    "ablate": Stage("flm_dist.ablate", "AblateConfig", "run_ablation", inputs=("data",)),
+    "ablate": Stage("flm_dist.ablate", "AblateConfig", "run_ablation", inputs=("data",),
+                    outputs=("output", "results")),
     # Without `output` the page is written into `directory`, so both are outputs.
     "report": Stage("flm_dist.report", "ReportConfig", "run_report", outputs=("directory", "output")),
 }

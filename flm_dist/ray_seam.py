@@ -6,10 +6,14 @@ checkpoints; model and training-step code never import Ray.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-from typing import Any
+from typing import Any, Callable, Hashable
 
 from flm_dist.errors import UserError
+
+log = logging.getLogger("flm_dist")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -27,6 +31,72 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskCall:
+    """One call of `run_in_parallel`: `function(*args)` in a Ray task, after the calls `after`."""
+
+    key: Hashable
+    label: str
+    """How the log names it."""
+    function: Callable[..., Any]
+    """A module-level function of the installed package (Ray workers import it by name)."""
+    args: tuple[Any, ...]
+    after: tuple[Hashable, ...] = ()
+
+
+def run_in_parallel(calls: list[TaskCall], parallel: int, num_cpus: float, num_gpus: float,
+                    on_finished: Callable[[Hashable, Any], None], describe: str = "task",
+                    address: str | None = None) -> None:
+    """Run `calls` as Ray tasks of `num_cpus` CPUs and `num_gpus` GPUs, at most `parallel` at once,
+    started in list order as their `after` calls finish; `on_finished(key, result)` runs here as
+    each one ends. A task is not retried: when one fails, no further call starts, the running
+    ones finish (so their work is kept), and the first error is raised."""
+    import ray
+
+    ensure_ray(address)
+    threads = max(1, int(num_cpus))
+    remote = {}
+    pending, running, done = list(calls), {}, set()
+    failure: BaseException | None = None
+    while pending or running:
+        for call in [c for c in pending if failure is None and all(a in done for a in c.after)]:
+            if len(running) >= parallel:
+                break
+            if call.function not in remote:
+                remote[call.function] = ray.remote(_call_with_threads).options(
+                    num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+            log.info("%s %d/%d started: %s", describe, len(calls) - len(pending) + 1, len(calls), call.label)
+            running[remote[call.function].remote(call.function, threads, *call.args)] = call
+            pending.remove(call)
+        if not running:
+            break
+        (ready,), _ = ray.wait(list(running), num_returns=1)
+        call = running.pop(ready)
+        try:
+            result = ray.get(ready)
+        except Exception as exc:  # Ray wraps the task's error; keep a user mistake one clear line
+            log.error("%s failed: %s", call.label, _user_error_in(exc) or exc)
+            failure = failure or exc
+            continue
+        done.add(call.key)
+        log.info("%s finished: %s (%d of %d done)", describe, call.label, len(done), len(calls))
+        on_finished(call.key, result)
+    if failure is not None:
+        user_error = _user_error_in(failure)
+        if user_error:
+            raise UserError(user_error) from None
+        raise failure
+
+
+def _call_with_threads(function: Callable[..., Any], threads: int, *args: Any) -> Any:
+    # A Ray worker process may have imported torch with another thread count; pin it to the
+    # task's CPUs, as `OMP_NUM_THREADS` does for a process of its own.
+    import torch
+
+    torch.set_num_threads(threads)
+    return function(*args)
 
 
 RUN_NAME = "ray_train"

@@ -2,6 +2,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -36,12 +37,16 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys, caplog):
         (output / "runs" / "seed1").glob("**/test_user_ranks.npz"))
     assert len(seed1_files) == len({v[0] for v in VARIANTS.values()}) + 2 * len(VARIANTS) * 2
     written = {path: path.stat().st_mtime_ns for path in seed1_files}
+    assert {p.name for p in (output / "seeds").iterdir()} == {"seed1.json", "seed1.npz"}
     capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="flm_dist"):
         _flm_cli(common + ["--seeds", "2"] + overrides)
-    stages = 2 * (len({v[0] for v in VARIANTS.values()}) + 2 * len(VARIANTS))
+    # Seed 1 comes from its seed result; only seed 0's stages run.
+    stages = len({v[0] for v in VARIANTS.values()}) + 2 * len(VARIANTS)
+    assert f"seed 1: read back from {output / 'seeds' / 'seed1.json'}" in caplog.text
     assert f"ablation stage 1/{stages}, seed 0: pretraining " in caplog.text
-    assert f"ablation stage {stages}/{stages}, seed 1 fraction 0.5: fine-tuning {list(VARIANTS)[-1]}" in caplog.text
+    assert f"ablation stage {stages}/{stages}, seed 0 fraction 0.5: fine-tuning {list(VARIANTS)[-1]}" in caplog.text
+    assert "seed 1 fraction" not in caplog.text
     table = (output / "ablation.md").read_text()
     assert table in capsys.readouterr().out
     report = json.loads((output / "ablation.json").read_text())
@@ -79,6 +84,46 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys, caplog):
         per_user = ndcg_at(ranks[protocol], 10)
         assert per_user.mean() == pytest.approx(final[f"test/ndcg@10/{protocol}"], abs=1e-9)
         assert row[f"ndcg@10/{protocol}"]["per_seed"][1] == final[f"test/ndcg@10/{protocol}"]
+
+
+def test_seed_results_outlive_the_runs_and_parallel_stages_match(tiny_data, tmp_path, caplog):
+    """Stages as Ray tasks, two at a time, give the sequential table; the seed results alone
+    rebuild it with the runs deleted, for the same settings only."""
+    settings = {"common": {"scaling": {"workers": 0}, "train": {"epochs": 1, "max_steps": 2, "batch_size": 64,
+                                                                "warmup_steps": 1},
+                           "eval": {"batch_size": 128}},
+                "pretrain": {"model": {"hidden": 16, "max_len": 12, "flow_hidden": 16, "flow_layers": 2}},
+                "variants": ("sasrec", "flm"), "fractions": (0.5,), "seeds": 1}
+    sequential = run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "one"), **settings))
+    results = tmp_path / "kept"
+    with caplog.at_level(logging.INFO, logger="flm_dist"):
+        parallel = run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "two"), parallel=2,
+                                             results=str(results), **settings))
+    assert "ablation stage 4/4 started" in caplog.text
+    assert parallel["results"] == sequential["results"]
+    assert parallel["significance"] == sequential["significance"]
+
+    shutil.rmtree(tmp_path / "two")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flm_dist"):
+        again = run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "two"), results=str(results),
+                                          **settings))
+    assert "ablation stage" not in caplog.text and not (tmp_path / "two" / "runs").exists()
+    assert again["results"] == sequential["results"]
+    # Other settings, or a variant the seed result lacks, run the seed instead of reusing it.
+    from flm_dist.ablate import _settings, read_seed_result
+    config = AblateConfig(data=tiny_data, output="o", **settings)
+    assert read_seed_result(results, 0, _settings(config), config.variants, config.fractions) is not None
+    longer = dataclasses.replace(config, finetune={"train": {"epochs": 2}})
+    assert read_seed_result(results, 0, _settings(longer), config.variants, config.fractions) is None
+    assert read_seed_result(results, 0, _settings(config), ("mf", "flm"), config.fractions) is None
+    assert read_seed_result(results, 0, _settings(config), config.variants, (1.0,)) is None
+    assert read_seed_result(results, 1, _settings(config), config.variants, config.fractions) is None
+
+
+def test_parallel_stages_need_in_task_training():
+    with pytest.raises(ConfigKeyError, match="parallel"):
+        run_ablation(AblateConfig(data="d", output="o", parallel=2))
 
 
 def test_variant_configs(tmp_path):
