@@ -65,7 +65,7 @@ def run_in_parallel(calls: list[TaskCall], parallel: int, num_cpus: float, num_g
             if len(running) >= parallel:
                 break
             if call.function not in remote:
-                remote[call.function] = ray.remote(_call_with_threads).options(
+                remote[call.function] = ray.remote(_run_task).options(
                     num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
             log.info("%s %d/%d started: %s", describe, len(calls) - len(pending) + 1, len(calls), call.label)
             running[remote[call.function].remote(call.function, threads, *call.args)] = call
@@ -90,11 +90,15 @@ def run_in_parallel(calls: list[TaskCall], parallel: int, num_cpus: float, num_g
         raise failure
 
 
-def _call_with_threads(function: Callable[..., Any], threads: int, *args: Any) -> Any:
-    # A Ray worker process may have imported torch with another thread count; pin it to the
-    # task's CPUs, as `OMP_NUM_THREADS` does for a process of its own.
+def _run_task(function: Callable[..., Any], threads: int, *args: Any) -> Any:
     import torch
 
+    from flm_dist.logs import setup_logging
+
+    # Ray forwards the task's stderr to the driver, so its progress lines show there.
+    setup_logging()
+    # A Ray worker process may have imported torch with another thread count; pin it to the
+    # task's CPUs, as `OMP_NUM_THREADS` does for a process of its own.
     torch.set_num_threads(threads)
     return function(*args)
 
