@@ -36,7 +36,7 @@ A seed whose runs have all finished is also written as a seed result (RESULTS/se
 its final metrics and RESULTS/seedN.npz with its per-user test ranks; RESULTS is OUT/seeds unless
 `results` says otherwise). A later command reads a seed result back instead of the seed's runs,
 when it was measured with the same settings (`common`, `pretrain`, `finetune`) on the same
-prepared data (vocabulary hashes and split counts): a few hundred kB that outlive the runs'
+prepared data (vocabulary hashes and split counts): about 1 MB that outlives the runs'
 checkpoints, so seeds measured on different machines or at different times combine into one
 table by copying those files alone.
 

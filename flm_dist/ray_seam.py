@@ -57,18 +57,15 @@ def run_in_parallel(calls: list[TaskCall], parallel: int, num_cpus: float, num_g
 
     ensure_ray(address)
     threads = max(1, int(num_cpus))
-    remote = {}
+    task = ray.remote(_run_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
     pending, running, done = list(calls), {}, set()
     failure: BaseException | None = None
     while pending or running:
         for call in [c for c in pending if failure is None and all(a in done for a in c.after)]:
             if len(running) >= parallel:
                 break
-            if call.function not in remote:
-                remote[call.function] = ray.remote(_run_task).options(
-                    num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
             log.info("%s %d/%d started: %s", describe, len(calls) - len(pending) + 1, len(calls), call.label)
-            running[remote[call.function].remote(call.function, threads, *call.args)] = call
+            running[task.remote(call.function, threads, *call.args)] = call
             pending.remove(call)
         if not running:
             break
