@@ -148,13 +148,11 @@ def _worker(rank: int, world: int, init_method: str, settings: dict[str, Any], r
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    distributed.start_process_group(rank, world, init_method, "nccl" if device.type == "cuda" else "gloo")
-    try:
+    with distributed.process_group(rank, world, init_method, "nccl" if device.type == "cuda" else "gloo"):
         result = _measure(device, settings)
         if rank == 0:
             Path(result_path).write_text(json.dumps(result))
-    finally:
-        distributed.stop_process_group()
+    distributed.exit_rank_process()
 
 
 def run_bench_comm(items: int, dim: int = 64, workers: int = 2, batch_size: int = 64, max_len: int = 50,

@@ -112,14 +112,12 @@ def _train(users_of_rank: slice) -> dict[str, torch.Tensor]:
 
 def _rank(rank: int, world: int, init_method: str, result_path: str) -> None:
     torch.set_num_threads(1)
-    distributed.start_process_group(rank, world, init_method)
-    try:
+    with distributed.process_group(rank, world, init_method):
         half = BATCH // world
         parameters = _train(slice(rank * half, (rank + 1) * half))
         if rank == 0:
             torch.save(parameters, result_path)
-    finally:
-        distributed.stop_process_group()
+    distributed.exit_rank_process()
 
 
 def test_sparse_user_table_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
