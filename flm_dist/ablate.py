@@ -33,12 +33,12 @@ them: a run whose metrics.json records the same config is read back (with its pe
 ranks, RUN_DIR/test_user_ranks.npz), any other is started or resumed from its checkpoint.
 
 A seed whose runs have all finished is also written as a seed result (RESULTS/seedN.json with
-its final metrics and RESULTS/seedN.npz with its per-user test ranks; RESULTS is OUT/seeds unless
-`results` says otherwise). A later command reads a seed result back instead of the seed's runs,
-when it was measured with the same settings (`common`, `pretrain`, `finetune`) on the same
-prepared data (vocabulary hashes and split counts): about 1 MB that outlives the runs'
-checkpoints, so seeds measured on different machines or at different times combine into one
-table by copying those files alone.
+the final metrics of its fine-tuned and pretraining runs, RESULTS/seedN.npz with the fine-tuned
+runs' per-user test ranks; RESULTS is OUT/seeds unless `results` says otherwise). A later
+command reads a seed result back instead of the seed's runs, when it was measured with the same
+settings (`common`, `pretrain`, `finetune`) on the same prepared data (vocabulary hashes and
+split counts): about 1 MB that outlives the runs' checkpoints, so seeds measured on different
+machines or at different times combine into one table by copying those files alone.
 
 With `parallel` > 1 the stages run as Ray tasks, up to `parallel` at once (each fine-tuning
 stage after its seed's pretraining stage): each stage trains in its task's process on one
@@ -167,9 +167,10 @@ def _finetune_config(config: AblateConfig, variant: str, fraction: float, seed: 
 
 
 def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[str, float]],
-              ranks: dict[tuple[str, float, int], dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Mean ± std over seeds per (variant, fraction, protocol) and, per protocol, the paired tests
-    of flm against the rest."""
+              ranks: dict[tuple[str, float, int], dict[str, np.ndarray]],
+              pretraining: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Mean ± std over seeds per (variant, fraction, protocol), per protocol the paired tests of
+    flm against the rest, and each seed's pretraining runs' test metrics (where kept)."""
     seeds = seed_range(config)
     others = [v for v in config.variants if v != REFERENCE]
     results, significance = [], {}
@@ -192,7 +193,11 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
                 "mean_difference": float(np.mean(per_user[REFERENCE] - per_user[best])),
                 "test": f"two-sided Wilcoxon signed-rank on per-user test ndcg@{K}/{protocol} (mean over seeds)"}
         results += [rows[v] for v in config.variants]
-    return {"results": results, "significance": significance, "seeds": list(seeds),
+    kept = [f"test/{m}/{p}" for p in PROTOCOLS for m in METRICS]
+    pretrained = {str(seed): {objective: {name: final[name] for name in kept if name in final}
+                              for objective, final in sorted(pretraining.get(seed, {}).items())}
+                  for seed in seeds}
+    return {"results": results, "significance": significance, "pretraining": pretrained, "seeds": list(seeds),
             "fractions": list(config.fractions), "protocols": list(PROTOCOLS),
             "variants": {v: dict(zip(("objective", "source", "flow", "init"), VARIANTS[v])) for v in config.variants},
             "config": to_dict(config)}
@@ -220,6 +225,19 @@ def markdown_table(report: dict[str, Any]) -> str:
         values = [cell(row[f"{m}/{p}"]) for p in PROTOCOLS for m in METRICS]
         lines.append(f"| {row['variant']} | {row['fraction']} | " + " | ".join(values) + " | "
                      + " | ".join(p_cell(row, p) for p in PROTOCOLS) + " |")
+    seeds = [str(seed) for seed in report["seeds"]]
+    objectives = sorted({o for seed in seeds for o in report["pretraining"][seed]})
+    if objectives:
+        lines += ["", f"Pretraining runs, test NDCG@{K} by the vector each is validated on, "
+                  + " / ".join(PROTOCOLS) + " (— where the seed result predates kept pretraining metrics):", "",
+                  "| objective | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+                  "| --- " * (1 + len(seeds)) + "|"]
+        for objective in objectives:
+            cells = []
+            for seed in seeds:
+                final = report["pretraining"][seed].get(objective)
+                cells.append(" / ".join(f"{final[f'test/ndcg@{K}/{p}']:.4f}" for p in PROTOCOLS) if final else "—")
+            lines.append(f"| {objective} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,7 +291,8 @@ def _result_key(variant: str, fraction: float) -> str:
 
 def write_seed_result(directory: Path, seed: int, settings: dict[str, Any],
                       finals: dict[tuple[str, float], dict[str, float]],
-                      ranks: dict[tuple[str, float], dict[str, np.ndarray]]) -> None:
+                      ranks: dict[tuple[str, float], dict[str, np.ndarray]],
+                      pretraining: dict[str, dict[str, float]]) -> None:
     """RESULTS/seedN.npz (per-user test ranks, smallest integer type) then RESULTS/seedN.json,
     each written under a temporary name and renamed, the JSON last: a seed result is complete
     exactly when its JSON exists."""
@@ -288,6 +307,7 @@ def write_seed_result(directory: Path, seed: int, settings: dict[str, Any],
     partial.replace(directory / f"seed{seed}.npz")
     record = {"format": SEED_RESULT_FORMAT, "seed": seed, "settings": settings,
               "final": {_result_key(v, f): final for (v, f), final in finals.items()},
+              "pretraining": pretraining,
               "written": {"utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "torch": torch.__version__, "machine": platform.machine(),
                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
@@ -298,8 +318,9 @@ def write_seed_result(directory: Path, seed: int, settings: dict[str, Any],
 
 def read_seed_result(directory: Path, seed: int, settings: dict[str, Any], variants: tuple[str, ...],
                      fractions: tuple[float, ...]):
-    """(finals, ranks) of a stored seed result measured with `settings` that holds every
-    (variant, fraction) asked for; None when there is none, or it was measured otherwise."""
+    """(finals, ranks, pretraining finals by objective) of a stored seed result measured with
+    `settings` that holds every (variant, fraction) asked for; None when there is none, or it was
+    measured otherwise. Seed results written before pretraining finals were kept have none."""
     path = directory / f"seed{seed}.json"
     if not path.is_file():
         return None
@@ -312,13 +333,15 @@ def read_seed_result(directory: Path, seed: int, settings: dict[str, Any], varia
     with np.load(directory / f"seed{seed}.npz") as stored:
         ranks = {(v, f): {p: stored[f"{_result_key(v, f)}/{p}"].astype(np.int64) for p in PROTOCOLS}
                  for v, f in wanted}
-    return {(v, f): record["final"][_result_key(v, f)] for v, f in wanted}, ranks
+    return ({(v, f): record["final"][_result_key(v, f)] for v, f in wanted}, ranks,
+            record.get("pretraining", {}))
 
 
-def _pretraining_stage(config: PretrainConfig) -> None:
-    """Stage 1 of one objective and seed; a run finished with this config is left as it is."""
-    if _finished_summary(pretrain_resolve(config)) is None:
-        run_pretrain(config)
+def _pretraining_stage(config: PretrainConfig) -> dict[str, float]:
+    """Stage 1 of one objective and seed (a run finished with this config is left as it is);
+    returns the run's final metrics."""
+    summary = _finished_summary(pretrain_resolve(config)) or run_pretrain(config)
+    return summary["final"]
 
 
 def _finetuning_stage(config: FinetuneConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -367,6 +390,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
     settings = _settings(config)
     finals: dict[tuple[str, float, int], dict[str, float]] = {}
     ranks: dict[tuple[str, float, int], dict[str, np.ndarray]] = {}
+    pretraining: dict[int, dict[str, dict[str, float]]] = {seed: {} for seed in seed_range(config)}
     to_run = []
     for seed in seed_range(config):
         stored = read_seed_result(results, seed, settings, config.variants, config.fractions)
@@ -377,16 +401,18 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
         for (variant, fraction), final in stored[0].items():
             finals[variant, fraction, seed] = final
             ranks[variant, fraction, seed] = stored[1][variant, fraction]
+        pretraining[seed] = stored[2]
 
     def finished(key, result) -> None:
         if key[0] == "pretrain":
+            pretraining[key[2]][key[1]] = result
             return
         finals[key], ranks[key] = result
         seed = key[2]
         mine = [(v, f) for f in config.fractions for v in config.variants]
         if all((v, f, seed) in finals for v, f in mine):
             write_seed_result(results, seed, settings, {k: finals[(*k, seed)] for k in mine},
-                              {k: ranks[(*k, seed)] for k in mine})
+                              {k: ranks[(*k, seed)] for k in mine}, pretraining[seed])
 
     calls = _stage_calls(config, to_run)
     if config.parallel == 1:
@@ -396,7 +422,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
     else:
         ray_seam.run_in_parallel(calls, config.parallel, scaling.cpus_per_worker, scaling.gpus_per_worker,
                                  on_finished=finished, describe="ablation stage", address=scaling.address)
-    report = summarize(config, finals, ranks)
+    report = summarize(config, finals, ranks, pretraining)
     output.mkdir(parents=True, exist_ok=True)
     (output / "ablation.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (output / "ablation.md").write_text(markdown_table(report))

@@ -110,6 +110,23 @@ def test_seed_results_outlive_the_runs_and_parallel_stages_match(tiny_data, tmp_
                                           **settings))
     assert "ablation stage" not in caplog.text and not (tmp_path / "two" / "runs").exists()
     assert again["results"] == sequential["results"]
+    # The pretraining runs' test metrics outlive them too: those of their own metrics.json.
+    assert again["pretraining"] == parallel["pretraining"] == sequential["pretraining"]
+    for objective in ("sasrec", "flm"):
+        final = json.loads((tmp_path / "one" / "runs" / "seed0" / f"pretrain-{objective}" / "metrics.json").read_text())["final"]
+        kept = again["pretraining"]["0"][objective]
+        assert set(kept) == {f"test/{m}@10/{p}" for m in ("ndcg", "hr") for p in ("full", "full_nomask")}
+        assert all(kept[name] == final[name] for name in kept)
+        cells = " / ".join(f"{final[f'test/ndcg@10/{p}']:.4f}" for p in ("full_nomask", "full"))
+        assert f"| {objective} | {cells} |" in (tmp_path / "two" / "ablation.md").read_text()
+    # A seed result from before pretraining metrics were kept still reads back, without them.
+    record = json.loads((results / "seed0.json").read_text())
+    del record["pretraining"]
+    (results / "seed0.json").write_text(json.dumps(record))
+    older = run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "two"), results=str(results),
+                                      **settings))
+    assert older["results"] == sequential["results"] and older["pretraining"] == {"0": {}}
+    assert "Pretraining runs" not in (tmp_path / "two" / "ablation.md").read_text()
     # Other settings, or a variant the seed result lacks, run the seed instead of reusing it.
     from flm_dist.ablate import _settings, read_seed_result
     config = AblateConfig(data=tiny_data, output="o", **settings)
