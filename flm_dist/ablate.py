@@ -195,7 +195,7 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
         results += [rows[v] for v in config.variants]
     kept = [f"test/{m}/{p}" for p in PROTOCOLS for m in METRICS]
     pretrained = {str(seed): {objective: {name: final[name] for name in kept if name in final}
-                              for objective, final in sorted(pretraining.get(seed, {}).items())}
+                              for objective, final in sorted(pretraining[seed].items())}
                   for seed in seeds}
     return {"results": results, "significance": significance, "pretraining": pretrained, "seeds": list(seeds),
             "fractions": list(config.fractions), "protocols": list(PROTOCOLS),
@@ -228,8 +228,10 @@ def markdown_table(report: dict[str, Any]) -> str:
     seeds = [str(seed) for seed in report["seeds"]]
     objectives = sorted({o for seed in seeds for o in report["pretraining"][seed]})
     if objectives:
+        missing = any(objective not in report["pretraining"][seed] for seed in seeds for objective in objectives)
         lines += ["", f"Pretraining runs, test NDCG@{K} by the vector each is validated on, "
-                  + " / ".join(PROTOCOLS) + " (— where the seed result predates kept pretraining metrics):", "",
+                  + " / ".join(PROTOCOLS)
+                  + (" (— where the seed result predates kept pretraining metrics):" if missing else ":"), "",
                   "| objective | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
                   "| --- " * (1 + len(seeds)) + "|"]
         for objective in objectives:

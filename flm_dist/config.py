@@ -230,6 +230,11 @@ class ModelConfig:
     fitted to all of the user's training items), or `history`, item-based factorisation (a
     learned linear map of the mean of the shared item rows the user has seen so far: no row per
     user, and nothing after the position it predicts from)."""
+    user_head: Literal["none", "linear"] = "none"
+    """Map from the sequence encoder's state to the vector scored against the items: `none`, the
+    state itself (SASRec), or `linear`, an identity-initialised W h + b, whose bias b scores every
+    item by b . e_i (a learned popularity term). Every use of the sequence state goes through it:
+    the sequence loss, the fusion, ranking and the representation fine-tuning reads."""
     fusion: Literal["concat", "sum", "gate"] = "concat"
     """How the CF user vector and the sequence state become one user representation."""
     flow_layers: int = 4

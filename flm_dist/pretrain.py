@@ -104,7 +104,8 @@ def build_model(config: ModelConfig, num_users: int, num_items: int) -> FLMModel
                     dropout=config.dropout, encoder=config.encoder, fusion=config.fusion,
                     flow_layers=config.flow_layers, flow_hidden=config.flow_hidden,
                     flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient,
-                    positions=config.positions, norm=config.norm, cf_user=config.cf_user)
+                    positions=config.positions, norm=config.norm, cf_user=config.cf_user,
+                    user_head=config.user_head)
 
 
 def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):

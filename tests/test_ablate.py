@@ -119,6 +119,11 @@ def test_seed_results_outlive_the_runs_and_parallel_stages_match(tiny_data, tmp_
         assert all(kept[name] == final[name] for name in kept)
         cells = " / ".join(f"{final[f'test/ndcg@10/{p}']:.4f}" for p in ("full_nomask", "full"))
         assert f"| {objective} | {cells} |" in (tmp_path / "two" / "ablation.md").read_text()
+    assert "predates" not in (tmp_path / "two" / "ablation.md").read_text()
+    from flm_dist.ablate import markdown_table
+    with_older_seed = markdown_table(dict(again, seeds=[0, 1], pretraining={**again["pretraining"], "1": {}}))
+    assert "predates kept pretraining metrics" in with_older_seed and "| sasrec | " in with_older_seed
+    assert with_older_seed.count("| —") == 2  # sasrec and flm of seed 1
     # A seed result from before pretraining metrics were kept still reads back, without them.
     record = json.loads((results / "seed0.json").read_text())
     del record["pretraining"]

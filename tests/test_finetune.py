@@ -106,6 +106,26 @@ def test_weights_are_the_pretrained_ones_mapped_by_original_id(pretrained, shift
         assert fresh.std().item() == pytest.approx(hidden ** -0.5, rel=0.3)  # the pretrained tables' init
 
 
+def test_a_pretrained_user_head_is_loaded_and_ranks_as_it_did(tiny_data, tmp_path):
+    pretrained = tmp_path / "headed"
+    run_pretrain(load_config(PretrainConfig, None, [f"data={tiny_data}", f"output={pretrained}", *SMALL,
+                                                    "scaling.workers=0", "train.epochs=1", "train.max_steps=4",
+                                                    "train.lr=0.05", "model.user_head=linear"]))
+    head = load_checkpoint(pretrained / "best")[0]["model"]
+    assert not torch.equal(head["sequence_head.weight"], torch.eye(16))  # it trained
+    model, _ = _initial_recommender(_finetune(pretrained, tiny_data, tmp_path / "ft", "finetune.head=identity",
+                                              "finetune.flow=none", "finetune.source=sequence",
+                                              "eval.user_source=sequence"))
+    for name in ("sequence_head.weight", "sequence_head.bias"):
+        assert torch.equal(model.backbone.state_dict()[name], head[name]), name
+    pretrained_model, _, _ = load_model_for_data(str(pretrained / "best"), tiny_data, torch.device("cpu"))
+    arrays = build_eval_arrays(pq.read_table(Path(tiny_data) / "test"), 12)
+    model.eval(), pretrained_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_all(arrays.user, arrays.input),
+                                   pretrained_model.score_all(arrays.user, arrays.input, source="sequence"))
+
+
 def test_random_init_loads_no_pretrained_weight(pretrained, tiny_data, tmp_path):
     config = _finetune(pretrained, tiny_data, tmp_path / "ft", "finetune.init=random")
     model, counts = _initial_recommender(config)

@@ -379,6 +379,24 @@ def test_representation_sources_and_flow_outputs():
         model.user_representation(batch["user"], batch["input"], "item")
 
 
+def test_linear_user_head_starts_as_the_identity_and_its_bias_scores_items_alike_for_every_user():
+    plain, headed = make_model().eval(), make_model(user_head="linear").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(headed.sequence_states(batch["input"]), plain.sequence_states(batch["input"]))
+        popularity = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
+        headed.sequence_head.bias.copy_(popularity)
+        shift = (headed.score_all(batch["user"], batch["input"], "sequence")
+                 - plain.score_all(batch["user"], batch["input"], "sequence"))[:, 1:]
+    # The bias adds b . e_i to item i's score, the same for every user: a popularity term.
+    expected = (headed.item_table()[1:] @ popularity).expand_as(shift)
+    torch.testing.assert_close(shift, expected)
+    headed.train().losses(batch, {"seq": 1.0, "fused": 1.0})["total"].backward()
+    assert headed.sequence_head.weight.grad.abs().sum() > 0 and headed.sequence_head.bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown user_head"):
+        make_model(user_head="mlp")
+
+
 def test_bf16_autocast_losses_are_finite_and_flow_is_fp32():
     model = make_model()
     batch = make_batch()

@@ -36,6 +36,7 @@ from flm_dist.models.sequence import (
 )
 
 FusionKind = Literal["concat", "sum", "gate"]
+UserHeadKind = Literal["none", "linear"]
 RepresentationSource = Literal["fused", "sequence", "cf"]
 LOSS_TERMS = ("seq", "cf", "fused", "flow", "contrast")
 
@@ -66,6 +67,24 @@ class Fusion(nn.Module):
         return gate * cf_vector + (1 - gate) * sequence_vector
 
 
+def sequence_head(kind: UserHeadKind, hidden: int) -> nn.Module:
+    """The map from the sequence encoder's state to the vector scored against the items.
+
+    none: the state itself (SASRec). linear: W h + b, starting at W = I, b = 0. The bias gives
+    every item the score b . e_i whatever the history, a learned popularity term that the
+    final LayerNorm of a pre-LN encoder cannot express on its own.
+    """
+    if kind == "none":
+        return nn.Identity()
+    if kind != "linear":
+        raise ValueError(f"unknown user_head {kind!r}; expected 'none' or 'linear'")
+    head = nn.Linear(hidden, hidden)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(hidden))
+        head.bias.zero_()
+    return head
+
+
 class FLMModel(nn.Module):
     """Pretraining-FLM: CF + sequence encoder over a shared item table, fused user vectors, and a
     normalising flow giving an exact density of the fused user representation.
@@ -80,7 +99,7 @@ class FLMModel(nn.Module):
                  fusion: FusionKind = "concat", flow_layers: int = 4, flow_hidden: int = 128,
                  flow_kind: FlowKind = "affine", flow_stop_gradient: bool = True,
                  positions: PositionOrigin = "last", norm: NormPlacement = "pre",
-                 cf_user: CFUserKind = "table"):
+                 cf_user: CFUserKind = "table", user_head: UserHeadKind = "none"):
         super().__init__()
         self.num_items = num_items
         self.hidden = hidden
@@ -90,6 +109,7 @@ class FLMModel(nn.Module):
         self.sequence = SequenceEncoder(num_items, hidden, max_len, layers, heads, dropout,
                                         kind=encoder, item_embedding=self.item_embedding,
                                         positions=positions, norm=norm)
+        self.sequence_head = sequence_head(user_head, hidden)
         self.fusion = Fusion(fusion, hidden)
         self.flow = NormalizingFlow(hidden, flow_layers, flow_hidden, flow_kind)
 
@@ -98,8 +118,8 @@ class FLMModel(nn.Module):
         return self.item_embedding.weight
 
     def sequence_states(self, input: torch.Tensor) -> torch.Tensor:
-        """Long[B, L] left-padded -> [B, L, H] causal state per position."""
-        return self.sequence(input)
+        """Long[B, L] left-padded -> [B, L, H] causal state per position (after the user head)."""
+        return self.sequence_head(self.sequence(input))
 
     def user_representation(self, user: torch.Tensor, input: torch.Tensor,
                             source: RepresentationSource = "fused") -> torch.Tensor:
