@@ -70,9 +70,9 @@ class Fusion(nn.Module):
 def sequence_head(kind: UserHeadKind, hidden: int) -> nn.Module:
     """The map from the sequence encoder's state to the vector scored against the items.
 
-    none: the state itself (SASRec). linear: W h + b, starting at W = I, b = 0. The bias gives
-    every item the score b . e_i whatever the history, a learned popularity term that the
-    final LayerNorm of a pre-LN encoder cannot express on its own.
+    none: the state itself (SASRec). linear: W h + b, starting at W = I, b = 0; W decouples the
+    query space from the tied item table, and b gives every item the score b . e_i whatever the
+    history (a popularity term).
     """
     if kind == "none":
         return nn.Identity()
