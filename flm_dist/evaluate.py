@@ -4,6 +4,9 @@ Protocols, each in the metric name (`test/ndcg@10/full`):
 - `full`: the target ranked against every item, the user's earlier items removed;
 - `full_nomask`: against every item, nothing removed (comparable with RecBole's setting);
 - `sampledN`: against the N negatives fixed on disk by `prepare` (for comparison with papers).
+`{split}/top1_in_history/full_nomask` is a diagnostic, not a ranking metric: the share of users
+whose best-scoring item, nothing removed, is one of their own history items. Where targets are
+never repeats (the Amazon sets), each such user's hit can at best rank second.
 Each rank scores its own users; sums and counts are all-reduced, never per-rank means.
 """
 
@@ -47,6 +50,7 @@ def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: Eva
     nothing = torch.zeros(0, dtype=torch.long, device=device)
     for protocol in ("full", "full_nomask", sampled):
         accumulator.add(protocol, nothing, 1)
+    accumulator.add_mean("top1_in_history", "full_nomask", nothing)
     item_table = model.item_table()
     num_items = item_table.shape[0] - 1
     for start in range(0, len(arrays), config.batch_size):
@@ -57,6 +61,7 @@ def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: Eva
         chunk_size = item_chunk_size(stop - start, num_items, config.max_score_elements)
         ranks = rank_targets(vectors, item_table, target, arrays.history_pairs(start, stop), chunk_size)
         accumulator.add("full_nomask", ranks.unmasked, num_items)
+        accumulator.add_mean("top1_in_history", "full_nomask", ranks.top_in_history)
         accumulator.add("full", ranks.masked, ranks.candidates)
         candidates = torch.cat([target.view(-1, 1), arrays.negatives[start:stop]], dim=1)
         accumulator.add(sampled, target_ranks(candidate_scores(vectors, item_table, candidates),

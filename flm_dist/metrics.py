@@ -61,6 +61,13 @@ class RankingAccumulator:
         count = self.counts.setdefault(protocol, torch.zeros((), dtype=torch.float64, device=self.device))
         count += ranks.numel()
 
+    def add_mean(self, metric: str, protocol: str, values: torch.Tensor) -> None:
+        """Add per-user values of a plain metric, averaged over the users `add` counts for
+        `protocol` (so add the same users to both)."""
+        name = f"{self.split}/{metric}/{protocol}"
+        total = self.sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=self.device))
+        total += values.to(torch.float64).sum()
+
     def compute(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
         """Global metrics: every rank must call this (it all-reduces), in the same protocol order."""
         names = sorted(self.sums)

@@ -89,6 +89,9 @@ class TargetRanks:
     itself a history item, which is never treated specially."""
     candidates: torch.Tensor
     """Items left after removing the history (the target included): N minus distinct history items."""
+    top_in_history: torch.Tensor
+    """Whether the best-scoring item of the unmasked ranking is one of the user's own history
+    items (ties count as history)."""
 
 
 def _items_above(scores: torch.Tensor, first: int, target: torch.Tensor,
@@ -114,24 +117,31 @@ def rank_targets(vectors: torch.Tensor, item_table: torch.Tensor, target: torch.
 
     Removing history never touches the score blocks: the masked rank is the unmasked one minus
     the distinct history items that score above the target (a target that is itself a history
-    item is a miss whatever the count).
+    item is a miss whatever the count, and is never counted above itself: the matmul may round
+    its score an ulp away from `target_score`, as in `_items_above`).
     """
     num_items = item_table.shape[0] - 1
     keys = torch.unique(history[0] * (num_items + 1) + history[1])
     rows, items = keys // (num_items + 1), keys % (num_items + 1)
     target_score = (vectors.float() * item_table[target].float()).sum(dim=1)
-    target_seen = torch.zeros_like(target).index_add_(0, rows, (items == target[rows]).long()) > 0
+    is_target = items == target[rows]
+    target_seen = torch.zeros_like(target).index_add_(0, rows, is_target.long()) > 0
     removed = torch.bincount(rows, minlength=target.shape[0])
     unmasked = torch.zeros_like(target)
     history_above = torch.zeros_like(target)
+    best = torch.full(target.shape, -math.inf, device=vectors.device)
+    best_history = best.clone()
     for first, scores in _item_chunks(vectors, item_table, chunk_size):
         unmasked += _items_above(scores, first, target, target_score)
         columns = items - first
         inside = (columns >= 0) & (columns < scores.shape[1])
         pair_scores = scores[rows, columns.clamp(0, scores.shape[1] - 1)]
-        history_above.index_add_(0, rows, (inside & (pair_scores > target_score[rows])).long())
+        history_above.index_add_(0, rows, (inside & ~is_target & (pair_scores > target_score[rows])).long())
+        best = torch.maximum(best, scores.amax(dim=1))
+        best_history.scatter_reduce_(0, rows, torch.where(inside, pair_scores, -math.inf), "amax")
     masked = torch.where(target_seen, torch.full_like(target, num_items + 1), unmasked - history_above)
-    return TargetRanks(unmasked=unmasked, masked=masked, candidates=num_items - removed)
+    return TargetRanks(unmasked=unmasked, masked=masked, candidates=num_items - removed,
+                       top_in_history=best_history >= best)
 
 
 def candidate_scores(vectors: torch.Tensor, item_table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

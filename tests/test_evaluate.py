@@ -52,6 +52,8 @@ def test_protocols_by_hand():
     # full_nomask ranks (0-based): item 3 -> 2, item 5 -> 4, item 4 -> 3
     assert metrics["test/hr@3/full_nomask"] == 1 / 3
     assert math.isclose(metrics["test/ndcg@3/full_nomask"], (1 / math.log2(4)) / 3)
+    # the best item, nothing removed, is item 1: in user 0's history only
+    assert math.isclose(metrics["test/top1_in_history/full_nomask"], 1 / 3)
     # full: history removed. user 0: items 1,2 gone -> item 3 ranks first; user 1: its target is
     # in its history -> a miss (the target is never treated specially); user 2: item 3 gone -> 2.
     assert metrics["test/hr@1/full"] == 1 / 3
@@ -72,6 +74,7 @@ def whole_matrix_metrics(model, arrays, split, config, num_negatives):
     sampled = f"sampled{num_negatives}"
     for protocol in ("full", "full_nomask", sampled):
         accumulator.add(protocol, torch.zeros(0, dtype=torch.long), 1)
+    accumulator.add_mean("top1_in_history", "full_nomask", torch.zeros(0))
     for start in range(0, len(arrays), config.batch_size):
         stop = min(start + config.batch_size, len(arrays))
         scores = model.score_all(arrays.user[start:stop], arrays.input[start:stop],
@@ -79,10 +82,14 @@ def whole_matrix_metrics(model, arrays, split, config, num_negatives):
         target = arrays.target[start:stop]
         num_items = scores.shape[1] - 1
         accumulator.add("full_nomask", target_ranks(scores, target), num_items)
+        rows, items = arrays.history_pairs(start, stop)
+        in_history = torch.zeros_like(scores, dtype=torch.bool)
+        in_history[rows, items] = True
+        best = scores.amax(dim=1, keepdim=True)  # ties with a history item count as history
+        accumulator.add_mean("top1_in_history", "full_nomask", (in_history & (scores == best)).any(dim=1))
         candidates = torch.cat([target.view(-1, 1), arrays.negatives[start:stop]], dim=1)
         accumulator.add(sampled, target_ranks(scores.gather(1, candidates), torch.zeros_like(target)),
                         1 + (candidates[:, 1:] != 0).sum(dim=1))
-        rows, items = arrays.history_pairs(start, stop)
         scores[rows, items] = float("-inf")
         unmasked = num_items - torch.isneginf(scores[:, 1:]).sum(dim=1)
         accumulator.add("full", target_ranks(scores, target), unmasked)

@@ -48,3 +48,4 @@ def test_rank_targets_by_hand():
         assert ranks.unmasked.tolist() == [3, 1]
         assert ranks.masked.tolist() == [2, 6]  # item 1 removed for user 0; user 1: a miss
         assert ranks.candidates.tolist() == [3, 4]
+        assert ranks.top_in_history.tolist() == [True, False]  # item 1, in user 0's history only
