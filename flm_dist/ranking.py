@@ -117,15 +117,13 @@ def rank_targets(vectors: torch.Tensor, item_table: torch.Tensor, target: torch.
 
     Removing history never touches the score blocks: the masked rank is the unmasked one minus
     the distinct history items that score above the target (a target that is itself a history
-    item is a miss whatever the count, and is never counted above itself: the matmul may round
-    its score an ulp away from `target_score`, as in `_items_above`).
+    item is a miss whatever the count).
     """
     num_items = item_table.shape[0] - 1
     keys = torch.unique(history[0] * (num_items + 1) + history[1])
     rows, items = keys // (num_items + 1), keys % (num_items + 1)
     target_score = (vectors.float() * item_table[target].float()).sum(dim=1)
-    is_target = items == target[rows]
-    target_seen = torch.zeros_like(target).index_add_(0, rows, is_target.long()) > 0
+    target_seen = torch.zeros_like(target).index_add_(0, rows, (items == target[rows]).long()) > 0
     removed = torch.bincount(rows, minlength=target.shape[0])
     unmasked = torch.zeros_like(target)
     history_above = torch.zeros_like(target)
@@ -136,7 +134,7 @@ def rank_targets(vectors: torch.Tensor, item_table: torch.Tensor, target: torch.
         columns = items - first
         inside = (columns >= 0) & (columns < scores.shape[1])
         pair_scores = scores[rows, columns.clamp(0, scores.shape[1] - 1)]
-        history_above.index_add_(0, rows, (inside & ~is_target & (pair_scores > target_score[rows])).long())
+        history_above.index_add_(0, rows, (inside & (pair_scores > target_score[rows])).long())
         best = torch.maximum(best, scores.amax(dim=1))
         best_history.scatter_reduce_(0, rows, torch.where(inside, pair_scores, -math.inf), "amax")
     masked = torch.where(target_seen, torch.full_like(target, num_items + 1), unmasked - history_above)
