@@ -55,9 +55,7 @@ class RankingAccumulator:
             values[f"recall@{k}"] = hit
             values[f"ndcg@{k}"] = hit / torch.log2(ranks + 2.0)
         for metric, value in values.items():
-            name = f"{self.split}/{metric}/{protocol}"
-            total = self.sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=self.device))
-            total += value.sum()
+            self.add_mean(metric, protocol, value)
         count = self.counts.setdefault(protocol, torch.zeros((), dtype=torch.float64, device=self.device))
         count += ranks.numel()
 
