@@ -20,6 +20,9 @@ overrides, e.g. train.epochs), the same seeds and, per seed and fraction, the sa
     (d) flm           from flm, source fused, flow latent (the full method)
     (e) whiten        from flm, source fused, flow whiten (the flow's latent replaced by a fixed
                       ZCA whitening of the fused representations)
+  and, when asked for by `variants` (not run by default):
+        flm_sequence  from flm, source sequence, flow none (the jointly pretrained model fine-tuned
+                      from its sequence encoder's state, as sasrec is from its own)
 
 Each fine-tuned best checkpoint is scored on the test split by full ranking under both protocols:
 `full_nomask` (history not masked, comparable with RecBole) and `full` (the user's earlier items
@@ -27,7 +30,7 @@ removed). Reported per variant, fraction and protocol: test NDCG@10 and HR@10, m
 seeds. Significance, per protocol: per test user, NDCG@10 averaged over seeds, (d) against each
 other variant with the Wilcoxon signed-rank test (two-sided, pairs by user; scipy's when
 installed, else its normal approximation with tie correction); the headline p-value is (d)
-against the best other variant.
+against the best other variant. `reference` names another variant to test instead of (d).
 Outputs: OUT/ablation.md, OUT/ablation.json, and every run under OUT/runs/. Re-running resumes
 them: a run whose metrics.json records the same config is read back (with its per-user test
 ranks, RUN_DIR/test_user_ranks.npz), any other is started or resumed from its checkpoint.
@@ -89,8 +92,10 @@ VARIANTS: dict[str, tuple[str, str, str, str]] = {
     "joint_noflow": ("noflow", "fused", "none", "pretrained"),
     "flm": ("flm", "fused", "latent", "pretrained"),
     "whiten": ("flm", "fused", "whiten", "pretrained"),
+    "flm_sequence": ("flm", "sequence", "none", "pretrained"),
 }
-REFERENCE = "flm"
+# The issue's variants (a) to (e); flm_sequence is asked for by name.
+DEFAULT_VARIANTS = ("scratch", "sasrec", "mf", "joint_noflow", "flm", "whiten")
 
 
 @dataclasses.dataclass
@@ -108,8 +113,11 @@ class AblateConfig:
     runs and writes the combined table."""
     fractions: tuple[float, ...] = (1.0, 0.1)
     """Fine-tuning data fractions (finetune.data_fraction)."""
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    """Variants to run; must include flm and one other."""
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    """Variants to run (see the module docstring); must include `reference` and one other."""
+    reference: str = "flm"
+    """The variant tested against every other (the p columns, and the headline test against the
+    best other)."""
     common: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Overrides for both stages, e.g. {train: {batch_size: 128}, scaling: {workers: 0}}."""
     pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -131,8 +139,9 @@ class AblateConfig:
         require(len(self.fractions) > 0 and all(0 < f <= 1 for f in self.fractions), "fractions",
                 "must be in (0, 1]")
         require(set(self.variants) <= set(VARIANTS), "variants", f"must be among {list(VARIANTS)}")
-        require(REFERENCE in self.variants and len(set(self.variants)) > 1, "variants",
-                f"must include {REFERENCE} and at least one other")
+        require(self.reference in VARIANTS, "reference", f"must be among {list(VARIANTS)}")
+        require(self.reference in self.variants and len(set(self.variants)) > 1, "variants",
+                f"must include the reference ({self.reference}) and at least one other")
         require(self.parallel >= 1, "parallel", "must be >= 1")
 
 
@@ -170,12 +179,14 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
               ranks: dict[tuple[str, float, int], dict[str, np.ndarray]],
               pretraining: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any]:
     """Mean ± std over seeds per (variant, fraction, protocol), per protocol the paired tests of
-    flm against the rest, and each seed's pretraining runs' test metrics (where kept)."""
+    the reference variant against the rest, and each seed's pretraining runs' test metrics (where
+    kept)."""
     seeds = seed_range(config)
-    others = [v for v in config.variants if v != REFERENCE]
+    reference = config.reference
+    others = [v for v in config.variants if v != reference]
     results, significance = [], {}
     for fraction in config.fractions:
-        rows = {v: {"variant": v, "fraction": fraction, "p_value_vs_flm": {}} for v in config.variants}
+        rows = {v: {"variant": v, "fraction": fraction, "p_value_vs_reference": {}} for v in config.variants}
         significance[str(fraction)] = {}
         for protocol in PROTOCOLS:
             per_user = {v: np.mean([ndcg_at(ranks[v, fraction, s][protocol], K) for s in seeds], axis=0)
@@ -184,20 +195,21 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
                 for m in METRICS:
                     rows[v][f"{m}/{protocol}"] = mean_std([finals[v, fraction, s][f"test/{m}/{protocol}"]
                                                             for s in seeds])
-                rows[v]["p_value_vs_flm"][protocol] = (
-                    None if v == REFERENCE else wilcoxon_p_value(per_user[REFERENCE], per_user[v]))
+                rows[v]["p_value_vs_reference"][protocol] = (
+                    None if v == reference else wilcoxon_p_value(per_user[reference], per_user[v]))
             best = max(others, key=lambda v: rows[v][f"{METRICS[0]}/{protocol}"]["mean"])
             significance[str(fraction)][protocol] = {
-                "best_other": best, "p_value": rows[best]["p_value_vs_flm"][protocol],
-                "users": len(per_user[REFERENCE]),
-                "mean_difference": float(np.mean(per_user[REFERENCE] - per_user[best])),
+                "best_other": best, "p_value": rows[best]["p_value_vs_reference"][protocol],
+                "users": len(per_user[reference]),
+                "mean_difference": float(np.mean(per_user[reference] - per_user[best])),
                 "test": f"two-sided Wilcoxon signed-rank on per-user test ndcg@{K}/{protocol} (mean over seeds)"}
         results += [rows[v] for v in config.variants]
     kept = [f"test/{m}/{p}" for p in PROTOCOLS for m in METRICS]
     pretrained = {str(seed): {objective: {name: final[name] for name in kept if name in final}
                               for objective, final in sorted(pretraining[seed].items())}
                   for seed in seeds}
-    return {"results": results, "significance": significance, "pretraining": pretrained, "seeds": list(seeds),
+    return {"results": results, "reference": reference, "significance": significance, "pretraining": pretrained,
+            "seeds": list(seeds),
             "fractions": list(config.fractions), "protocols": list(PROTOCOLS),
             "variants": {v: dict(zip(("objective", "source", "flow", "init"), VARIANTS[v])) for v in config.variants},
             "config": to_dict(config)}
@@ -207,18 +219,20 @@ def markdown_table(report: dict[str, Any]) -> str:
     def cell(stats: dict[str, Any]) -> str:
         return f"{stats['mean']:.4f} ± {stats['std']:.4f}"
 
+    reference = report["reference"]
+
     def p_cell(row: dict[str, Any], protocol: str) -> str:
-        if row["variant"] != REFERENCE:
-            return f"{row['p_value_vs_flm'][protocol]:.3g}"
+        if row["variant"] != reference:
+            return f"{row['p_value_vs_reference'][protocol]:.3g}"
         test = report["significance"][str(row["fraction"])][protocol]
         return f"{test['p_value']:.3g} vs {test['best_other']}"
 
     columns = [f"{m.upper()} {p}" for p in PROTOCOLS for m in METRICS]
     lines = [f"# Ablation ({len(report['seeds'])} seeds)", "",
              "Test split, full ranking: `full_nomask` keeps the user's history in the ranking, `full` removes "
-             "it; mean ± std over seeds. p: two-sided Wilcoxon signed-rank test of flm against the variant, "
-             f"paired by user on test NDCG@{K} of that protocol (mean over seeds); on the flm row, against the "
-             "best other variant.", "",
+             f"it; mean ± std over seeds. p: two-sided Wilcoxon signed-rank test of {reference} against the "
+             f"variant, paired by user on test NDCG@{K} of that protocol (mean over seeds); on the {reference} "
+             "row, against the best other variant.", "",
              "| variant | fraction | " + " | ".join(columns) + " | " + " | ".join(f"p {p}" for p in PROTOCOLS) + " |",
              "| --- " * (2 + len(columns) + len(PROTOCOLS)) + "|"]
     for row in report["results"]:

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from flm_dist.ablate import (VARIANTS, AblateConfig, _finetune_config, _finished_summary, _pretrain_config,
+from flm_dist.ablate import (DEFAULT_VARIANTS, VARIANTS, AblateConfig, _finetune_config, _finished_summary, _pretrain_config,
                              run_ablation)
 from flm_dist.evaluate import user_ranks
 from flm_dist.metrics import ndcg_at, wilcoxon_normal_p_value, wilcoxon_p_value
@@ -35,22 +35,22 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys, caplog):
     assert seed1_alone["seeds"] == [1] and not (output / "runs" / "seed0").exists()
     seed1_files = sorted((output / "runs" / "seed1").glob("**/metrics.json")) + sorted(
         (output / "runs" / "seed1").glob("**/test_user_ranks.npz"))
-    assert len(seed1_files) == len({v[0] for v in VARIANTS.values()}) + 2 * len(VARIANTS) * 2
+    assert len(seed1_files) == len({VARIANTS[v][0] for v in DEFAULT_VARIANTS}) + 2 * len(DEFAULT_VARIANTS) * 2
     written = {path: path.stat().st_mtime_ns for path in seed1_files}
     assert {p.name for p in (output / "seeds").iterdir()} == {"seed1.json", "seed1.npz"}
     capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="flm_dist"):
         _flm_cli(common + ["--seeds", "2"] + overrides)
     # Seed 1 comes from its seed result; only seed 0's stages run.
-    stages = len({v[0] for v in VARIANTS.values()}) + 2 * len(VARIANTS)
+    stages = len({VARIANTS[v][0] for v in DEFAULT_VARIANTS}) + 2 * len(DEFAULT_VARIANTS)
     assert f"seed 1: read back from {output / 'seeds' / 'seed1.json'}" in caplog.text
     assert f"ablation stage 1/{stages}, seed 0: pretraining " in caplog.text
-    assert f"ablation stage {stages}/{stages}, seed 0 fraction 0.5: fine-tuning {list(VARIANTS)[-1]}" in caplog.text
+    assert f"ablation stage {stages}/{stages}, seed 0 fraction 0.5: fine-tuning {DEFAULT_VARIANTS[-1]}" in caplog.text
     assert "seed 1 fraction" not in caplog.text
     table = (output / "ablation.md").read_text()
     assert table in capsys.readouterr().out
     report = json.loads((output / "ablation.json").read_text())
-    assert len(report["results"]) == len(VARIANTS) * 2
+    assert len(report["results"]) == len(DEFAULT_VARIANTS) * 2 and report["reference"] == "flm"
     for row in report["results"]:
         assert f"| {row['variant']} | {row['fraction']} |" in table
         alone = next(r for r in seed1_alone["results"]
@@ -59,7 +59,7 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys, caplog):
             for metric in (f"ndcg@10/{protocol}", f"hr@10/{protocol}"):
                 assert len(row[metric]["per_seed"]) == 2 and 0.0 <= row[metric]["mean"] <= 1.0
                 assert row[metric]["per_seed"][1] == alone[metric]["per_seed"][0]
-            assert row["variant"] == "flm" or 0.0 <= row["p_value_vs_flm"][protocol] <= 1.0
+            assert row["variant"] == "flm" or 0.0 <= row["p_value_vs_reference"][protocol] <= 1.0
     # Seed 1's finished runs were read back, neither trained nor scored again.
     assert {path: path.stat().st_mtime_ns for path in seed1_files} == written
     run = output / "runs" / "seed1" / "fraction0.5" / "whiten"
@@ -70,7 +70,7 @@ def test_ablation_end_to_end(tiny_data, tmp_path, capsys, caplog):
     for fraction in ("1.0", "0.5"):
         for protocol in ("full", "full_nomask"):
             test = report["significance"][fraction][protocol]
-            assert test["best_other"] in VARIANTS and test["best_other"] != "flm" and 0.0 <= test["p_value"] <= 1.0
+            assert test["best_other"] in DEFAULT_VARIANTS and test["best_other"] != "flm" and 0.0 <= test["p_value"] <= 1.0
             rows = {r["variant"]: r for r in report["results"] if str(r["fraction"]) == fraction}
             best = max((v for v in rows if v != "flm"), key=lambda v: rows[v][f"ndcg@10/{protocol}"]["mean"])
             assert test["best_other"] == best
@@ -142,6 +142,32 @@ def test_seed_results_outlive_the_runs_and_parallel_stages_match(tiny_data, tmp_
     assert read_seed_result(results, 0, _settings(config), config.variants, (1.0,)) is None
     assert read_seed_result(results, 1, _settings(config), config.variants, config.fractions) is None
 
+    # A variant added to finished runs trains alone; the reference moves to it.
+    finished = {path: path.stat().st_mtime_ns for path in (tmp_path / "one" / "runs").glob("**/metrics.json")}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flm_dist"):
+        extended = run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "one"), reference="flm_sequence",
+                                             **dict(settings, variants=("sasrec", "flm", "flm_sequence"))))
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished
+    added = tmp_path / "one" / "runs" / "seed0" / "fraction0.5" / "flm_sequence"
+    recorded = from_dict(FinetuneConfig, json.loads((added / "metrics.json").read_text())["config"])
+    assert recorded.pretrained == str(tmp_path / "one" / "runs" / "seed0" / "pretrain-flm" / "best")
+    assert (recorded.finetune.source, recorded.finetune.flow, recorded.eval.user_source) == ("sequence", "none", "sequence")
+    rows = {r["variant"]: r for r in extended["results"]}
+    before = {r["variant"]: r for r in sequential["results"]}
+    for variant in ("sasrec", "flm"):  # read back, not retrained
+        assert all(rows[variant][f"{m}@10/{p}"] == before[variant][f"{m}@10/{p}"]
+                   for m in ("ndcg", "hr") for p in ("full", "full_nomask"))
+    assert rows["flm_sequence"]["p_value_vs_reference"] == {"full_nomask": None, "full": None}
+    assert all(0.0 <= rows[v]["p_value_vs_reference"]["full"] <= 1.0 for v in ("sasrec", "flm"))
+    assert extended["reference"] == "flm_sequence"
+    assert extended["significance"]["0.5"]["full"]["best_other"] in ("sasrec", "flm")
+    assert "Wilcoxon signed-rank test of flm_sequence against" in (tmp_path / "one" / "ablation.md").read_text()
+    # The seed result now holds the added variant too, and still serves the smaller set.
+    seeds = tmp_path / "one" / "seeds"
+    assert read_seed_result(seeds, 0, _settings(config), ("sasrec", "flm", "flm_sequence"), (0.5,)) is not None
+    assert read_seed_result(seeds, 0, _settings(config), config.variants, (0.5,)) is not None
+
 
 def test_parallel_stages_need_in_task_training():
     with pytest.raises(ConfigKeyError, match="parallel"):
@@ -171,6 +197,16 @@ def test_variant_configs(tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigKeyError, match="variants"):
         AblateConfig(data="d", output="o", variants=("sasrec", "mf"))
+    with pytest.raises(ConfigKeyError, match="variants"):
+        AblateConfig(data="d", output="o", variants=("sasrec", "flm"), reference="mf")
+    with pytest.raises(ConfigKeyError, match="reference"):
+        AblateConfig(data="d", output="o", reference="flow")
+    assert "flm_sequence" not in AblateConfig(data="d", output="o").variants
+    # The joint model fine-tuned from its sequence state: flm's pretraining, sasrec's path.
+    joint_sequence = _finetune_config(config, "flm_sequence", 0.1, 1, tmp_path / "p", tmp_path / "f")
+    assert (joint_sequence.finetune.init, joint_sequence.finetune.source, joint_sequence.finetune.flow,
+            joint_sequence.eval.user_source) == ("pretrained", "sequence", "none", "sequence")
+    assert joint_sequence.train == sasrec_ft.train
 
 
 def test_wilcoxon_fallback_matches_scipy():
