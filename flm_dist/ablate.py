@@ -209,8 +209,7 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
                               for objective, final in sorted(pretraining[seed].items())}
                   for seed in seeds}
     return {"results": results, "reference": reference, "significance": significance, "pretraining": pretrained,
-            "seeds": list(seeds),
-            "fractions": list(config.fractions), "protocols": list(PROTOCOLS),
+            "seeds": list(seeds), "fractions": list(config.fractions), "protocols": list(PROTOCOLS),
             "variants": {v: dict(zip(("objective", "source", "flow", "init"), VARIANTS[v])) for v in config.variants},
             "config": to_dict(config)}
 
