@@ -144,10 +144,8 @@ def test_seed_results_outlive_the_runs_and_parallel_stages_match(tiny_data, tmp_
 
     # A variant added to finished runs trains alone; the reference moves to it.
     finished = {path: path.stat().st_mtime_ns for path in (tmp_path / "one" / "runs").glob("**/metrics.json")}
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="flm_dist"):
-        extended = run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "one"), reference="flm_sequence",
-                                             **dict(settings, variants=("sasrec", "flm", "flm_sequence"))))
+    extended = run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "one"), reference="flm_sequence",
+                                         **dict(settings, variants=("sasrec", "flm", "flm_sequence"))))
     assert {path: path.stat().st_mtime_ns for path in finished} == finished
     added = tmp_path / "one" / "runs" / "seed0" / "fraction0.5" / "flm_sequence"
     recorded = from_dict(FinetuneConfig, json.loads((added / "metrics.json").read_text())["config"])
