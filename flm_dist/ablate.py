@@ -48,6 +48,12 @@ stage after its seed's pretraining stage): each stage trains in its task's proce
 device (`scaling.workers=0`), with `scaling.cpus_per_worker` CPUs and `scaling.gpus_per_worker`
 GPUs. Every stage is the same computation wherever it runs, so the table does not depend on
 `parallel`.
+
+`baseline_results` and `baseline_variants` put variants of another ablation's seed results into
+the table and the tests without training them, labelled `VARIANT (baseline)`: for instance
+SASRec from scratch of an ablation pretrained without `model.user_head`, beside one pretrained
+with it. The two must share the prepared data, the seeds, and the `common` and `finetune`
+settings, so that the runs pair user by user; only `pretrain` may differ.
 """
 
 from __future__ import annotations
@@ -130,6 +136,12 @@ class AblateConfig:
     results: str = ""
     """Directory of the seed results (seedN.json and seedN.npz); default OUT/seeds. Point it at
     a directory kept with the code to keep finished seeds when the runs are gone."""
+    baseline_results: str = ""
+    """Seed results of another ablation on the same data and seeds, with the same `common` and
+    `finetune` settings (its `pretrain` may differ), to read `baseline_variants` from."""
+    baseline_variants: tuple[str, ...] = ()
+    """Variants read from `baseline_results` for every seed and fraction, never trained; they join
+    the table and the tests as `VARIANT (baseline)`."""
 
     def __post_init__(self):
         require(bool(self.data), "data", "is required")
@@ -143,6 +155,18 @@ class AblateConfig:
         require(self.reference in self.variants and len(set(self.variants)) > 1, "variants",
                 f"must include the reference ({self.reference}) and at least one other")
         require(self.parallel >= 1, "parallel", "must be >= 1")
+        require(set(self.baseline_variants) <= set(VARIANTS), "baseline_variants",
+                f"must be among {list(VARIANTS)}")
+        require(bool(self.baseline_results) == bool(self.baseline_variants), "baseline_variants",
+                "and baseline_results go together")
+
+
+BASELINE = " (baseline)"
+
+
+def compared_variants(config: AblateConfig) -> list[str]:
+    """The table's rows per fraction: the variants run here, then the baselines' labels."""
+    return list(config.variants) + [v + BASELINE for v in config.baseline_variants]
 
 
 def seed_range(config: AblateConfig) -> range:
@@ -183,15 +207,16 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
     kept)."""
     seeds = seed_range(config)
     reference = config.reference
-    others = [v for v in config.variants if v != reference]
+    variants = compared_variants(config)
+    others = [v for v in variants if v != reference]
     results, significance = [], {}
     for fraction in config.fractions:
-        rows = {v: {"variant": v, "fraction": fraction, "p_value_vs_reference": {}} for v in config.variants}
+        rows = {v: {"variant": v, "fraction": fraction, "p_value_vs_reference": {}} for v in variants}
         significance[str(fraction)] = {}
         for protocol in PROTOCOLS:
             per_user = {v: np.mean([ndcg_at(ranks[v, fraction, s][protocol], K) for s in seeds], axis=0)
-                        for v in config.variants}
-            for v in config.variants:
+                        for v in variants}
+            for v in variants:
                 for m in METRICS:
                     rows[v][f"{m}/{protocol}"] = mean_std([finals[v, fraction, s][f"test/{m}/{protocol}"]
                                                             for s in seeds])
@@ -203,14 +228,15 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
                 "users": len(per_user[reference]),
                 "mean_difference": float(np.mean(per_user[reference] - per_user[best])),
                 "test": f"two-sided Wilcoxon signed-rank on per-user test ndcg@{K}/{protocol} (mean over seeds)"}
-        results += [rows[v] for v in config.variants]
+        results += [rows[v] for v in variants]
     kept = [f"test/{m}/{p}" for p in PROTOCOLS for m in METRICS]
     pretrained = {str(seed): {objective: {name: final[name] for name in kept if name in final}
                               for objective, final in sorted(pretraining[seed].items())}
                   for seed in seeds}
     return {"results": results, "reference": reference, "significance": significance, "pretraining": pretrained,
             "seeds": list(seeds), "fractions": list(config.fractions), "protocols": list(PROTOCOLS),
-            "variants": {v: dict(zip(("objective", "source", "flow", "init"), VARIANTS[v])) for v in config.variants},
+            "variants": {v: dict(zip(("objective", "source", "flow", "init"), VARIANTS[v.removesuffix(BASELINE)]))
+                         for v in variants},
             "config": to_dict(config)}
 
 
@@ -293,6 +319,9 @@ def _data_identity(data: str) -> dict[str, Any]:
     return {"vocab_hash": manifest["vocab_hash"], "splits": manifest["splits"]}
 
 
+SETTINGS = ("common", "pretrain", "finetune", "data")
+
+
 def _settings(config: AblateConfig) -> dict[str, Any]:
     """The settings a seed result was measured with; it is reused only under equal settings."""
     return json.loads(json.dumps({"common": config.common, "pretrain": config.pretrain,
@@ -331,25 +360,56 @@ def write_seed_result(directory: Path, seed: int, settings: dict[str, Any],
     partial_json.replace(directory / f"seed{seed}.json")
 
 
-def read_seed_result(directory: Path, seed: int, settings: dict[str, Any], variants: tuple[str, ...],
-                     fractions: tuple[float, ...]):
-    """(finals, ranks, pretraining finals by objective) of a stored seed result measured with
-    `settings` that holds every (variant, fraction) asked for; None when there is none, or it was
-    measured otherwise. Seed results written before pretraining finals were kept have none."""
+def _stored_pairs(directory: Path, seed: int, settings: dict[str, Any],
+                  compared: tuple[str, ...]) -> list[tuple[str, float]] | None:
+    """The (variant, fraction) pairs of the stored seed result, when it was measured with the same
+    `compared` parts of `settings`; else None."""
     path = directory / f"seed{seed}.json"
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    wanted = [(v, f) for f in fractions for v in variants]
-    if (record.get("format") != SEED_RESULT_FORMAT or record.get("settings") != settings
-            or any(_result_key(v, f) not in record["final"] for v, f in wanted)):
-        log.info("seed %d: %s was measured with other settings or variants; running the seed", seed, path)
+    stored = record.get("settings", {})
+    if record.get("format") != SEED_RESULT_FORMAT or any(stored.get(k) != settings[k] for k in compared):
         return None
+    return [(key.rsplit("/", 1)[0], float(key.rsplit("/", 1)[1])) for key in record["final"]]
+
+
+def read_seed_result(directory: Path, seed: int, settings: dict[str, Any], variants: tuple[str, ...] | None,
+                     fractions: tuple[float, ...], compared: tuple[str, ...] = tuple(SETTINGS)):
+    """(finals, ranks, pretraining finals by objective) of a stored seed result measured with
+    `settings` (the `compared` parts of them) that holds every (variant, fraction) asked for
+    (variants None: all it holds); None when there is none, or it was measured otherwise. Seed
+    results written before pretraining finals were kept have none."""
+    pairs = _stored_pairs(directory, seed, settings, compared)
+    wanted = pairs if variants is None else [(v, f) for f in fractions for v in variants]
+    if pairs is None or not set(wanted) <= set(pairs):
+        if (directory / f"seed{seed}.json").is_file():
+            log.info("seed %d: %s was measured with other settings or variants", seed, directory / f"seed{seed}.json")
+        return None
+    record = json.loads((directory / f"seed{seed}.json").read_text())
     with np.load(directory / f"seed{seed}.npz") as stored:
         ranks = {(v, f): {p: stored[f"{_result_key(v, f)}/{p}"].astype(np.int64) for p in PROTOCOLS}
                  for v, f in wanted}
     return ({(v, f): record["final"][_result_key(v, f)] for v, f in wanted}, ranks,
             record.get("pretraining", {}))
+
+
+def _read_baselines(config: AblateConfig, settings: dict[str, Any]):
+    """finals and ranks of the baseline variants, keyed by (label, fraction, seed)."""
+    directory = Path(config.baseline_results)
+    finals, ranks = {}, {}
+    for seed in seed_range(config):
+        stored = read_seed_result(directory, seed, settings, config.baseline_variants, config.fractions,
+                                  compared=("common", "finetune", "data"))
+        if stored is None:
+            raise UserError(
+                f"{directory / f'seed{seed}.json'}: baseline_results needs a seed result of seed {seed} holding "
+                f"{list(config.baseline_variants)} at fractions {list(config.fractions)}, measured on this data "
+                "with this ablation's common and finetune settings")
+        for (variant, fraction), final in stored[0].items():
+            finals[variant + BASELINE, fraction, seed] = final
+            ranks[variant + BASELINE, fraction, seed] = stored[1][variant, fraction]
+    return finals, ranks
 
 
 def _pretraining_stage(config: PretrainConfig) -> dict[str, float]:
@@ -403,6 +463,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
         require(config.parallel == 1 or scaling.workers == 0, "parallel",
                 "> 1 runs each stage in one Ray task on one device; set common.scaling.workers=0")
     settings = _settings(config)
+    baseline_finals, baseline_ranks = _read_baselines(config, settings) if config.baseline_variants else ({}, {})
     finals: dict[tuple[str, float, int], dict[str, float]] = {}
     ranks: dict[tuple[str, float, int], dict[str, np.ndarray]] = {}
     pretraining: dict[int, dict[str, dict[str, float]]] = {seed: {} for seed in seed_range(config)}
@@ -426,8 +487,11 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
         seed = key[2]
         mine = [(v, f) for f in config.fractions for v in config.variants]
         if all((v, f, seed) in finals for v, f in mine):
-            write_seed_result(results, seed, settings, {k: finals[(*k, seed)] for k in mine},
-                              {k: ranks[(*k, seed)] for k in mine}, pretraining[seed])
+            # What an earlier command measured of this seed under the same settings stays in it.
+            earlier = read_seed_result(results, seed, settings, None, config.fractions) or ({}, {}, {})
+            write_seed_result(results, seed, settings, {**earlier[0], **{k: finals[(*k, seed)] for k in mine}},
+                              {**earlier[1], **{k: ranks[(*k, seed)] for k in mine}},
+                              {**earlier[2], **pretraining[seed]})
 
     calls = _stage_calls(config, to_run)
     if config.parallel == 1:
@@ -437,7 +501,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
     else:
         ray_seam.run_in_parallel(calls, config.parallel, scaling.cpus_per_worker, scaling.gpus_per_worker,
                                  on_finished=finished, describe="ablation stage", address=scaling.address)
-    report = summarize(config, finals, ranks, pretraining)
+    report = summarize(config, {**finals, **baseline_finals}, {**ranks, **baseline_ranks}, pretraining)
     output.mkdir(parents=True, exist_ok=True)
     (output / "ablation.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (output / "ablation.md").write_text(markdown_table(report))

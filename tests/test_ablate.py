@@ -12,6 +12,7 @@ from flm_dist.ablate import (DEFAULT_VARIANTS, VARIANTS, AblateConfig, _finetune
 from flm_dist.evaluate import user_ranks
 from flm_dist.metrics import ndcg_at, wilcoxon_normal_p_value, wilcoxon_p_value
 from flm_dist.config import ConfigKeyError, from_dict
+from flm_dist.errors import UserError
 from flm_dist.finetune import FinetuneConfig, add_commands
 
 
@@ -165,6 +166,36 @@ def test_seed_results_outlive_the_runs_and_parallel_stages_match(tiny_data, tmp_
     seeds = tmp_path / "one" / "seeds"
     assert read_seed_result(seeds, 0, _settings(config), ("sasrec", "flm", "flm_sequence"), (0.5,)) is not None
     assert read_seed_result(seeds, 0, _settings(config), config.variants, (0.5,)) is not None
+    # A later command with fewer variants keeps what the seed result held.
+    run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "one"), **dict(settings, variants=("flm", "whiten"))))
+    assert read_seed_result(seeds, 0, _settings(config), ("sasrec", "flm", "flm_sequence", "whiten"), (0.5,)) is not None
+
+    # Baselines: another ablation's seed results join the table untrained, paired by user.
+    headed = dict(settings, pretrain={**settings["pretrain"], "model": {**settings["pretrain"]["model"],
+                                                                        "user_head": "linear"}})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flm_dist"):
+        mixed = run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "head"), baseline_results=str(seeds),
+                                          baseline_variants=("sasrec", "flm_sequence"), **headed))
+    assert "fine-tuning sasrec" in caplog.text and "fine-tuning flm_sequence" not in caplog.text
+    rows = {r["variant"]: r for r in mixed["results"]}
+    assert list(rows) == ["sasrec", "flm", "sasrec (baseline)", "flm_sequence (baseline)"]
+    assert rows["sasrec (baseline)"]["ndcg@10/full"] == before["sasrec"]["ndcg@10/full"]
+    assert rows["sasrec"]["ndcg@10/full"] != before["sasrec"]["ndcg@10/full"]  # pretrained with the head
+    with np.load(tmp_path / "head" / "seeds" / "seed0.npz") as head_ranks, np.load(seeds / "seed0.npz") as base:
+        for protocol in ("full", "full_nomask"):
+            expected = wilcoxon_p_value(ndcg_at(head_ranks[f"flm/0.5/{protocol}"], 10),
+                                        ndcg_at(base[f"flm_sequence/0.5/{protocol}"], 10))
+            assert rows["flm_sequence (baseline)"]["p_value_vs_reference"][protocol] == expected
+    assert "| sasrec (baseline) | 0.5 |" in (tmp_path / "head" / "ablation.md").read_text()
+    assert mixed["variants"]["flm_sequence (baseline)"]["source"] == "sequence"
+    # Only the pretraining settings may differ.
+    with pytest.raises(UserError, match="seed0.json: baseline_results needs"):
+        run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "head"), baseline_results=str(seeds),
+                                  baseline_variants=("sasrec",), **dict(headed, finetune={"train": {"lr": 0.01}})))
+    with pytest.raises(UserError, match="seed0.json: baseline_results needs"):
+        run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "head"), baseline_results=str(seeds),
+                                  baseline_variants=("mf",), **headed))
 
 
 def test_parallel_stages_need_in_task_training():
@@ -200,6 +231,10 @@ def test_variant_configs(tmp_path):
     with pytest.raises(ConfigKeyError, match="reference"):
         AblateConfig(data="d", output="o", reference="flow")
     assert "flm_sequence" not in AblateConfig(data="d", output="o").variants
+    with pytest.raises(ConfigKeyError, match="baseline_variants"):
+        AblateConfig(data="d", output="o", baseline_variants=("scratch",))
+    with pytest.raises(ConfigKeyError, match="baseline_variants"):
+        AblateConfig(data="d", output="o", baseline_results="r", baseline_variants=("sasrec", "flow"))
     # The joint model fine-tuned from its sequence state: flm's pretraining, sasrec's path.
     joint_sequence = _finetune_config(config, "flm_sequence", 0.1, 1, tmp_path / "p", tmp_path / "f")
     assert (joint_sequence.finetune.init, joint_sequence.finetune.source, joint_sequence.finetune.flow,
