@@ -230,8 +230,10 @@ def summarize(config: AblateConfig, finals: dict[tuple[str, float, int], dict[st
                 "test": f"two-sided Wilcoxon signed-rank on per-user test ndcg@{K}/{protocol} (mean over seeds)"}
         results += [rows[v] for v in variants]
     kept = [f"test/{m}/{p}" for p in PROTOCOLS for m in METRICS]
+    # A seed result may hold more objectives than this command's variants use.
+    objectives = {VARIANTS[v][0] for v in config.variants}
     pretrained = {str(seed): {objective: {name: final[name] for name in kept if name in final}
-                              for objective, final in sorted(pretraining[seed].items())}
+                              for objective, final in sorted(pretraining[seed].items()) if objective in objectives}
                   for seed in seeds}
     return {"results": results, "reference": reference, "significance": significance, "pretraining": pretrained,
             "seeds": list(seeds), "fractions": list(config.fractions), "protocols": list(PROTOCOLS),

@@ -169,6 +169,8 @@ def test_seed_results_outlive_the_runs_and_parallel_stages_match(tiny_data, tmp_
     # A later command with fewer variants keeps what the seed result held.
     run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "one"), **dict(settings, variants=("flm", "whiten"))))
     assert read_seed_result(seeds, 0, _settings(config), ("sasrec", "flm", "flm_sequence", "whiten"), (0.5,)) is not None
+    fewer = run_ablation(AblateConfig(data=tiny_data, output=str(tmp_path / "one"), **dict(settings, variants=("flm", "whiten"))))
+    assert list(fewer["pretraining"]["0"]) == ["flm"]  # sasrec's pretraining is kept, but not this table's
 
     # Baselines: another ablation's seed results join the table untrained, paired by user.
     headed = dict(settings, pretrain={**settings["pretrain"], "model": {**settings["pretrain"]["model"],
