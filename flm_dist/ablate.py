@@ -362,10 +362,10 @@ def write_seed_result(directory: Path, seed: int, settings: dict[str, Any],
     partial_json.replace(directory / f"seed{seed}.json")
 
 
-def _stored_pairs(directory: Path, seed: int, settings: dict[str, Any],
-                  compared: tuple[str, ...]) -> list[tuple[str, float]] | None:
-    """The (variant, fraction) pairs of the stored seed result, when it was measured with the same
-    `compared` parts of `settings`; else None."""
+def _matching_record(directory: Path, seed: int, settings: dict[str, Any],
+                     compared: tuple[str, ...]) -> dict[str, Any] | None:
+    """The stored seed result's JSON record, when it was measured with the same `compared` parts
+    of `settings`; else None."""
     path = directory / f"seed{seed}.json"
     if not path.is_file():
         return None
@@ -373,22 +373,22 @@ def _stored_pairs(directory: Path, seed: int, settings: dict[str, Any],
     stored = record.get("settings", {})
     if record.get("format") != SEED_RESULT_FORMAT or any(stored.get(k) != settings[k] for k in compared):
         return None
-    return [(key.rsplit("/", 1)[0], float(key.rsplit("/", 1)[1])) for key in record["final"]]
+    return record
 
 
 def read_seed_result(directory: Path, seed: int, settings: dict[str, Any], variants: tuple[str, ...] | None,
-                     fractions: tuple[float, ...], compared: tuple[str, ...] = tuple(SETTINGS)):
+                     fractions: tuple[float, ...], compared: tuple[str, ...] = SETTINGS):
     """(finals, ranks, pretraining finals by objective) of a stored seed result measured with
     `settings` (the `compared` parts of them) that holds every (variant, fraction) asked for
     (variants None: all it holds); None when there is none, or it was measured otherwise. Seed
     results written before pretraining finals were kept have none."""
-    pairs = _stored_pairs(directory, seed, settings, compared)
-    wanted = pairs if variants is None else [(v, f) for f in fractions for v in variants]
-    if pairs is None or not set(wanted) <= set(pairs):
+    record = _matching_record(directory, seed, settings, compared)
+    stored_pairs = [] if record is None else [(k.rsplit("/", 1)[0], float(k.rsplit("/", 1)[1])) for k in record["final"]]
+    wanted = stored_pairs if variants is None else [(v, f) for f in fractions for v in variants]
+    if record is None or not set(wanted) <= set(stored_pairs):
         if (directory / f"seed{seed}.json").is_file():
             log.info("seed %d: %s was measured with other settings or variants", seed, directory / f"seed{seed}.json")
         return None
-    record = json.loads((directory / f"seed{seed}.json").read_text())
     with np.load(directory / f"seed{seed}.npz") as stored:
         ranks = {(v, f): {p: stored[f"{_result_key(v, f)}/{p}"].astype(np.int64) for p in PROTOCOLS}
                  for v, f in wanted}
