@@ -335,6 +335,11 @@ def _result_key(variant: str, fraction: float) -> str:
     return f"{variant}/{fraction:g}"
 
 
+def _parse_result_key(key: str) -> tuple[str, float]:
+    variant, fraction = key.rsplit("/", 1)
+    return variant, float(fraction)
+
+
 def write_seed_result(directory: Path, seed: int, settings: dict[str, Any],
                       finals: dict[tuple[str, float], dict[str, float]],
                       ranks: dict[tuple[str, float], dict[str, np.ndarray]],
@@ -383,7 +388,7 @@ def read_seed_result(directory: Path, seed: int, settings: dict[str, Any], varia
     (variants None: all it holds); None when there is none, or it was measured otherwise. Seed
     results written before pretraining finals were kept have none."""
     record = _matching_record(directory, seed, settings, compared)
-    stored_pairs = [] if record is None else [(k.rsplit("/", 1)[0], float(k.rsplit("/", 1)[1])) for k in record["final"]]
+    stored_pairs = [] if record is None else [_parse_result_key(key) for key in record["final"]]
     wanted = stored_pairs if variants is None else [(v, f) for f in fractions for v in variants]
     if record is None or not set(wanted) <= set(stored_pairs):
         if (directory / f"seed{seed}.json").is_file():
