@@ -205,7 +205,18 @@ class TuneOptions:
     max_failures: int = 2
     """Restarts of a failed trial (an error or a lost process) before it is reported as errored;
     a restarted trial resumes from its own newest checkpoint, and the sweep goes on either way."""
+    seed: int = 0
+    """Seed of the search: the same seed and space draw the same trial configurations, in the
+    same order. Each trial's own training seed is `train.seed` of the base config."""
     resume: bool = False
+
+
+def search_algorithm(options: TuneOptions):
+    """Random and grid search over the space, seeded so that a sweep draws the same trials again,
+    with at most `concurrent` trials running at once."""
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=options.concurrent, random_state=options.seed)
 
 
 def run_tune(options: TuneOptions) -> dict[str, Any]:
@@ -247,6 +258,8 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
     elif options.resume:
         raise UserError(f"--resume: {experiment} holds no Tune experiment to resume")
     else:
+        log.info("sweep: %d samples of %s, %d at a time, search seed %d", options.samples,
+                 ", ".join(options.space), options.concurrent, options.seed)
         # max_t one past the last epoch: ASHA stops a trial that reaches max_t right after its
         # report, which would cut off the final valid/test evaluation and metrics.json.
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
@@ -255,7 +268,7 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
         tuner = tune.Tuner(
             trainable, param_space=tune_space(options.space),
             tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler,
-                                        num_samples=options.samples, max_concurrent_trials=options.concurrent,
+                                        search_alg=search_algorithm(options), num_samples=options.samples,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tune_dir), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=options.max_failures)))
@@ -391,7 +404,7 @@ def _cmd_tune(args) -> None:
     options = TuneOptions(output=args.output, space=load_space(args.space, data), base=data,
                           samples=args.samples, concurrent=args.concurrent, cpus_per_trial=args.cpus_per_trial,
                           gpus_per_trial=args.gpus_per_trial, grace_period=args.grace_period,
-                          max_failures=args.max_failures, resume=args.resume)
+                          max_failures=args.max_failures, seed=args.seed, resume=args.resume)
     best = run_tune(options)
     print((Path(args.output) / "results.md").read_text())
     print(f"best: {json.dumps(best['params'], sort_keys=True)} {best['metric']}={best['best_value']:.4f}")
@@ -419,6 +432,7 @@ def add_commands(commands) -> None:
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
     parser.add_argument("--max-failures", type=int, default=2,
                         help="restarts of a failed trial before it is reported as errored")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the search: the same seed draws the same trials")
     parser.add_argument("--resume", action="store_true", help="resume the experiment in TUNE_DIR")
     parser.add_argument("--config", help="YAML preset of the base fine-tuning config")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="base fine-tuning config overrides")

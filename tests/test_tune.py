@@ -10,7 +10,7 @@ import pytest
 from flm_dist.config import load_config
 from flm_dist.errors import UserError
 from flm_dist.pretrain import PretrainConfig, run_pretrain
-from flm_dist.tune import TuneOptions, add_commands, load_space, parse_space, run_tune
+from flm_dist.tune import TuneOptions, add_commands, load_space, parse_space, run_tune, search_algorithm, tune_space
 
 SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hidden=16",
          "model.flow_layers=2", "train.batch_size=64", "train.warmup_steps=2", "eval.batch_size=128"]
@@ -56,6 +56,32 @@ def test_cli_registers_tune():
     args = commands.choices["tune"].parse_args(["--pretrained", "p", "--data", "d", "--space", "s", "--output", "o",
                                                 "--cpus-per-trial", "0.5", "train.epochs=2"])
     assert args.cpus_per_trial == 0.5 and args.overrides == ["train.epochs=2"] and not args.resume
+    assert args.seed == 0 and commands.choices["tune"].parse_args(
+        ["--pretrained", "p", "--data", "d", "--space", "s", "--output", "o", "--seed", "3"]).seed == 3
+
+
+def _drawn_trials(space: dict, seed: int, samples: int) -> list[dict]:
+    from ray.tune.experiment import Experiment
+
+    # No trial finishes here, so `concurrent` must admit them all for next_trial to draw them.
+    search = search_algorithm(TuneOptions(output="o", space=space, base={}, samples=samples,
+                                          concurrent=64, seed=seed))
+    search.add_configurations([Experiment("sweep", run=lambda config: None, config=tune_space(space),
+                                          num_samples=samples)])
+    trials = []
+    while (trial := search.next_trial()) is not None:
+        trials.append(trial.config)
+    return trials
+
+
+def test_the_same_seed_draws_the_same_trials():
+    space = parse_space({"train.lr": {"loguniform": [5e-4, 5e-3]}, "finetune.flow": {"choice": ["latent", "none"]},
+                         "finetune.head": {"grid": ["linear", "mlp"]}})
+    first = _drawn_trials(space, seed=0, samples=3)
+    assert len(first) == 6  # 3 samples of each grid point
+    assert first == _drawn_trials(space, seed=0, samples=3)
+    assert first != _drawn_trials(space, seed=1, samples=3)
+    assert len({trial["train.lr"] for trial in first}) == 6
 
 
 @pytest.fixture(scope="module")
