@@ -104,6 +104,15 @@ RUN_NAME = "ray_train"
 """Ray Train's run name under RUN_DIR: its checkpoints are RUN_DIR/ray_train/checkpoint_*."""
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every report at INFO with all its metrics, about a hundred per epoch here,
+    from a logger named by its module's file. flm_dist logs a readable line per epoch itself, so
+    this worker keeps Ray's line for warnings and errors only."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 class RaySession:
     """The training-loop session inside a Ray Train worker (see `flm_dist.session.Session`).
 
@@ -112,6 +121,7 @@ class RaySession:
 
     def __init__(self, run_dir: str | None = None):
         self.run_dir = run_dir
+        _quiet_report_log()
 
     def read_split(self, name: str):
         from flm_dist.data import concat_tables

@@ -98,8 +98,16 @@ def test_dataset_jobs_use_the_agreed_settings(dataset):
         if kind == "sasrec":
             assert (pretrain.loss.cf, pretrain.loss.fused, pretrain.loss.flow) == (0.0, 0.0, 0.0)
             assert pretrain.loss.seq > 0 and pretrain.eval.user_source == "sequence"
-        else:
+        else:  # the recipe measured best (README "Pretraining"), then fine-tuning from it
             assert pretrain.loss.cf > 0 and pretrain.eval.user_source == "fused"
+            assert (pretrain.model.cf_user, pretrain.model.user_head, pretrain.train.windows) == (
+                "history", "linear", "prefixes")
+            finetune = spec.step("finetune").config
+            assert [s.stage for s in spec.steps] == ["prepare", "pretrain", "finetune"]
+            assert finetune.pretrained == pretrain.output and finetune.data == prepare.output
+            assert (finetune.finetune.source, finetune.finetune.flow, finetune.eval.user_source) == (
+                "sequence", "none", "sequence")
+            assert finetune.train.windows == pretrain.train.windows
 
 
 def test_demo_chains_its_steps():

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -233,3 +234,15 @@ def test_decayed_loss_weights_follow_the_step_and_the_others_stay(tiny_data, tmp
     assert seen[-1]["cf"] > 0  # still in the graph at the last step
     factors = [record["loss/decay_factor"] for record in summary["history"]]
     assert factors[0] == pytest.approx(0.5, abs=0.05) and factors[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ray_train_workers_log_reports_only_as_warnings():
+    """Ray Train's INFO line per report carries every metric; a worker's session silences it."""
+    from ray.train.v2._internal.execution import context
+
+    from flm_dist.ray_seam import RaySession
+
+    report_log = logging.getLogger(context.__file__)
+    report_log.setLevel(logging.INFO)
+    RaySession("run")
+    assert not report_log.isEnabledFor(logging.INFO) and report_log.isEnabledFor(logging.WARNING)
