@@ -9,6 +9,7 @@ averaged over the seeds (as `flm ablate` tests). Prints markdown rows:
 variant | fraction | Beauty unmasked / masked | Toys unmasked / masked.
 """
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ ROWS = (
 BASELINE = ROWS[0]
 
 
+@functools.cache  # SASRec from scratch is the baseline of every row: read its seeds once
 def per_user_ndcg(ablation: str, variant: str, fraction: str, protocol: str) -> np.ndarray:
     runs = []
     for seed in SEEDS:
