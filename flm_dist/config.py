@@ -1,7 +1,8 @@
 """Typed configs: dataclasses with a docstring per field, YAML presets, `key.sub=value` overrides.
 
-Every job config is a dataclass validated in `__post_init__`. `load_config` merges, in order:
-the dataclass defaults, a YAML preset, then command-line overrides, and rejects unknown keys and
+Every job config is a dataclass validated in `__post_init__`. `merged_settings` is the one place
+settings are merged, in order: the dataclass defaults, YAML presets (several compose, later ones
+win), command-line flags, then `key.sub=value` overrides; `from_dict` rejects unknown keys and
 wrong types with one line naming the key.
 """
 
@@ -14,7 +15,7 @@ import math
 import re
 import types
 import typing
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 
@@ -180,21 +181,38 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[T], yaml_path: str | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> T:
-    """Defaults <- `base` <- YAML preset <- overrides, validated into `cls`."""
+def merged_settings(presets: str | Sequence[str] | None = None, flags: dict[str, Any] | None = None,
+                    overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one merge path of every config, as plain data: `base` <- YAML presets (in order, each
+    deep-merged over the last, so a dataset file and a recipe file compose) <- flags (dotted keys;
+    None means not given) <- `key.sub=value` overrides."""
     data: dict[str, Any] = dict(base or {})
-    if yaml_path:
-        data = _deep_merge(data, read_yaml(yaml_path))
-    data = apply_overrides(data, overrides or [])
-    return from_dict(cls, data)
+    for path in [presets] if isinstance(presets, str) else list(presets or []):
+        data = deep_merge(data, read_yaml(path))
+    given = {}
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        node = given
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return apply_overrides(deep_merge(data, given), list(overrides))
 
 
-def _deep_merge(left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
+def load_config(cls: type[T], presets: str | Sequence[str] | None = None, overrides: Sequence[str] = (),
+                base: dict[str, Any] | None = None, flags: dict[str, Any] | None = None) -> T:
+    """`merged_settings(...)` validated into `cls` (defaults for everything not given)."""
+    return from_dict(cls, merged_settings(presets, flags, overrides or (), base))
+
+
+def deep_merge(left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
+    """`left` with `right` laid over it; mappings merge key by key, anything else is replaced."""
     merged = dict(left)
     for key, value in right.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -114,7 +114,7 @@ def _quiet_report_log() -> None:
 
 
 class RaySession:
-    """The training-loop session inside a Ray Train worker (see `flm_dist.session.Session`).
+    """The training-loop session inside a Ray Train worker (see `flm_dist.train.session.Session`).
 
     `run_dir` (the run's storage path) is where `latest_checkpoint` looks for checkpoints.
     """
@@ -124,8 +124,9 @@ class RaySession:
         _quiet_report_log()
 
     def read_split(self, name: str):
-        from flm_dist.data import concat_tables
         import ray.train
+
+        from flm_dist.data.batches import concat_tables
 
         shard = ray.train.get_dataset_shard(name)
         table = concat_tables(list(shard.iter_batches(batch_size=65536, batch_format="pyarrow")))
@@ -163,7 +164,7 @@ def _latest_ray_checkpoint(run_dir: str | None):
     import pyarrow.fs
     import ray.train
 
-    from flm_dist.checkpoint import newest_valid
+    from flm_dist.train.checkpoint import newest_valid
 
     @contextlib.contextmanager
     def context():

@@ -74,8 +74,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, ray_session) -> str:
     """A learnable synthetic log (300 users, 120 items), prepared once for the whole session."""
-    from flm_dist.prepare import PrepareConfig, run_prepare
-    from flm_dist.synth import SynthConfig, run_synth
+    from flm_dist.data.prepare import PrepareConfig, run_prepare
+    from flm_dist.data.synth import SynthConfig, run_synth
 
     root = tmp_path_factory.mktemp("tiny")
     run_synth(SynthConfig(output=str(root / "log"), users=300, items=120, interactions=6000, seed=1))

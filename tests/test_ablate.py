@@ -1,4 +1,3 @@
-import argparse
 import dataclasses
 import json
 import logging
@@ -9,19 +8,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flm_dist.ablate import (DEFAULT_VARIANTS, VARIANTS, AblateConfig, _finetune_config, _finished_summary, _pretrain_config,
-                             run_ablation)
-from flm_dist.evaluate import user_ranks
-from flm_dist.metrics import ndcg_at, wilcoxon_normal_p_value, wilcoxon_p_value
+from flm_dist.cli.main import build_parser
 from flm_dist.config import ConfigKeyError, from_dict
 from flm_dist.errors import UserError
-from flm_dist.finetune import FinetuneConfig, add_commands
+from flm_dist.eval.evaluate import user_ranks
+from flm_dist.eval.metrics import ndcg_at, wilcoxon_normal_p_value, wilcoxon_p_value
+from flm_dist.experiments.ablate import (
+    DEFAULT_VARIANTS,
+    VARIANTS,
+    AblateConfig,
+    _finetune_config,
+    _finished_summary,
+    _pretrain_config,
+    run_ablation,
+)
+from flm_dist.train.configs import FinetuneConfig
 
 
 def _flm_cli(argv):
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.run(args)
 
 
@@ -123,7 +128,7 @@ def test_seed_results_outlive_the_runs_and_parallel_stages_match(tiny_data, tmp_
         cells = " / ".join(f"{final[f'test/ndcg@10/{p}']:.4f}" for p in ("full_nomask", "full"))
         assert f"| {objective} | {cells} |" in (tmp_path / "two" / "ablation.md").read_text()
     assert "predates" not in (tmp_path / "two" / "ablation.md").read_text()
-    from flm_dist.ablate import markdown_table
+    from flm_dist.experiments.ablate import markdown_table
     with_older_seed = markdown_table(dict(again, seeds=[0, 1], pretraining={**again["pretraining"], "1": {}}))
     assert "predates kept pretraining metrics" in with_older_seed and "| sasrec | " in with_older_seed
     assert with_older_seed.count("| —") == 2  # sasrec and flm of seed 1
@@ -136,7 +141,7 @@ def test_seed_results_outlive_the_runs_and_parallel_stages_match(tiny_data, tmp_
     assert older["results"] == sequential["results"] and older["pretraining"] == {"0": {}}
     assert "Pretraining runs" not in (tmp_path / "two" / "ablation.md").read_text()
     # Other settings, or a variant the seed result lacks, run the seed instead of reusing it.
-    from flm_dist.ablate import _settings, read_seed_result
+    from flm_dist.experiments.ablate import _settings, read_seed_result
     config = AblateConfig(data=tiny_data, output="o", **settings)
     assert read_seed_result(results, 0, _settings(config), config.variants, config.fractions) is not None
     longer = dataclasses.replace(config, finetune={"train": {"epochs": 2}})

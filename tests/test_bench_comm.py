@@ -1,8 +1,8 @@
 import pytest
 
-from flm_dist.bench_comm import run_bench_comm
+from flm_dist.bench.comm import run_bench_comm
 from flm_dist.config import ConfigKeyError, load_config
-from flm_dist.pretrain import PretrainConfig
+from flm_dist.train.configs import PretrainConfig
 
 
 def test_rows_exchange_reproduces_dense_ddp_on_two_processes(capsys):

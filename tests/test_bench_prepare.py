@@ -3,7 +3,7 @@
 import json
 import math
 
-from flm_dist.bench_prepare import run_bench_prepare
+from flm_dist.bench.prepare import run_bench_prepare
 
 
 def test_bench_prepare_smoke(ray_session, tmp_path, capsys):

@@ -1,7 +1,7 @@
 import json
 
-from flm_dist.bench_topk import run_bench_topk
-from flm_dist.cli import main
+from flm_dist.bench.topk import run_bench_topk
+from flm_dist.cli.main import main
 
 
 def test_bench_topk_prints_sane_numbers(capsys):

@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from flm_dist.bench_train import run_bench_train, step_flops
+from flm_dist.bench.train import run_bench_train, step_flops
 from flm_dist.config import load_config
-from flm_dist.pretrain import PretrainConfig
+from flm_dist.train.configs import PretrainConfig
 
 
 def _config(data, output, *overrides):

@@ -4,8 +4,7 @@ import pickle
 import pytest
 import torch
 
-from flm_dist.checkpoint import (CheckpointError, load_checkpoint, newest_valid, save_checkpoint,
-                                 verify_checkpoint)
+from flm_dist.train.checkpoint import CheckpointError, load_checkpoint, newest_valid, save_checkpoint, verify_checkpoint
 
 
 def _save(path, step):
@@ -41,7 +40,8 @@ def test_malicious_pickle_is_refused(tmp_path):
     with open(directory / "state.pt", "wb") as handle:
         pickle.dump({"model": _Exploit()}, handle)
     # Re-sign the file so only the unpickling guard stands between the payload and execution.
-    import hashlib, json
+    import hashlib
+    import json
     meta = json.loads((directory / "checkpoint.json").read_text())
     data = (directory / "state.pt").read_bytes()
     meta["files"]["state.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from flm_dist.cli import main
+from flm_dist.cli.main import main
 from flm_dist.config import load_config
-from flm_dist.pretrain import PretrainConfig, run_pretrain
+from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.pretrain import run_pretrain
 
 SMALL = ["model.hidden=16", "model.max_len=12", "model.flow_hidden=16", "model.flow_layers=2", "train.batch_size=64",
          "train.warmup_steps=1", "eval.batch_size=128", "scaling.workers=0", "train.epochs=1",

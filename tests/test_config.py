@@ -2,7 +2,7 @@ import pytest
 
 from flm_dist.config import ConfigKeyError, ModelConfig, from_dict, load_config, to_dict
 from flm_dist.errors import UserError
-from flm_dist.pretrain import PretrainConfig
+from flm_dist.train.configs import PretrainConfig
 
 
 def test_overrides_nested_and_typed(tmp_path):

@@ -1,7 +1,7 @@
 import pyarrow as pa
 import torch
 
-from flm_dist.data import build_eval_arrays, build_train_arrays
+from flm_dist.data.batches import build_eval_arrays, build_train_arrays
 
 
 def _train_table(sequences):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from flm_dist.config import EvalConfig
-from flm_dist.data import build_eval_arrays
-from flm_dist.evaluate import evaluate_split
-from flm_dist.metrics import RankingAccumulator, target_ranks
+from flm_dist.data.batches import build_eval_arrays
+from flm_dist.eval.evaluate import evaluate_split
+from flm_dist.eval.metrics import RankingAccumulator, target_ranks
 from flm_dist.models import FLMModel
 
 

@@ -4,12 +4,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flm_dist.checkpoint import load_checkpoint
 from flm_dist.config import load_config
 from flm_dist.errors import UserError
-from flm_dist.export import ExportConfig, run_export
-from flm_dist.finetune import FinetuneConfig, run_finetune
-from flm_dist.pretrain import PretrainConfig, run_pretrain
+from flm_dist.eval.export import ExportConfig, run_export
+from flm_dist.train.checkpoint import load_checkpoint
+from flm_dist.train.configs import FinetuneConfig, PretrainConfig
+from flm_dist.train.finetune import run_finetune
+from flm_dist.train.pretrain import run_pretrain
 
 SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hidden=16", "model.flow_layers=2",
          "train.batch_size=64", "train.warmup_steps=1", "eval.batch_size=128", "scaling.workers=0", "train.epochs=1"]

@@ -14,9 +14,10 @@ import pytest
 import torch
 from local_cluster import started_cluster
 
-from flm_dist.checkpoint import load_checkpoint
 from flm_dist.config import load_config
-from flm_dist.pretrain import PretrainConfig, run_pretrain
+from flm_dist.train.checkpoint import load_checkpoint
+from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.pretrain import run_pretrain
 
 SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hidden=16", "model.flow_layers=2",
          "train.batch_size=32", "train.warmup_steps=2", "train.epochs=2", "train.checkpoint_every_steps=4",

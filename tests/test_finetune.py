@@ -1,4 +1,3 @@
-import argparse
 import dataclasses
 import json
 import math
@@ -11,13 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flm_dist.checkpoint import load_checkpoint
+from flm_dist.cli.main import build_parser
 from flm_dist.config import ConfigKeyError, load_config
-from flm_dist.data import build_eval_arrays, build_train_arrays
+from flm_dist.data.batches import build_eval_arrays, build_train_arrays
 from flm_dist.errors import UserError
-from flm_dist.finetune import (FinetuneConfig, add_commands, build_recommender, fraction_of_users, resolve,
-                               run_finetune)
-from flm_dist.pretrain import PretrainConfig, build_model, load_model_for_data, read_manifest, run_pretrain
+from flm_dist.runs import build_model, load_model_for_data, read_manifest
+from flm_dist.train.checkpoint import load_checkpoint
+from flm_dist.train.configs import FinetuneConfig, PretrainConfig
+from flm_dist.train.finetune import build_recommender, fraction_of_users, resolve, run_finetune
+from flm_dist.train.pretrain import run_pretrain
 
 SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hidden=16",
          "model.flow_layers=2", "train.batch_size=64", "train.warmup_steps=2", "eval.batch_size=128"]
@@ -42,7 +43,7 @@ def pretrained(tiny_data, tmp_path_factory) -> Path:
 def shifted_data(tiny_data, tmp_path_factory) -> str:
     """The tiny log prepared again with some users dropped, some users and items renamed (new ids):
     its own vocabulary, partly overlapping the pretrained one, in a different index order."""
-    from flm_dist.prepare import PrepareConfig, run_prepare
+    from flm_dist.data.prepare import PrepareConfig, run_prepare
 
     log = pq.read_table(Path(tiny_data).parent / "log")
     log = log.filter(pc.not_equal(pc.bit_wise_and(log.column("user_id"), 7), 0))
@@ -255,7 +256,7 @@ def test_frozen_fraction_finetuning_on_new_vocabulary(pretrained, shifted_data, 
 
 
 def test_data_fraction_keeps_the_chosen_users_only(pretrained, tiny_data, tmp_path):
-    from flm_dist.finetune import _train_filter
+    from flm_dist.train.finetune import _train_filter
 
     users = read_manifest(tiny_data)["users"]
     chosen = fraction_of_users(users, 0.3, seed=7)
@@ -307,9 +308,7 @@ def test_finetune_on_two_ray_workers(pretrained, shifted_data, tmp_path):
 
 
 def _flm(argv):
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.run(args)
 
 
@@ -320,7 +319,7 @@ def test_command_lines(pretrained, tiny_data, tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["finetune"]["head"] == "mlp"
 
     exported = []
-    monkeypatch.setattr("flm_dist.export.run_export", lambda config: exported.append(config) or {})
+    monkeypatch.setattr("flm_dist.eval.export.run_export", lambda config: exported.append(config) or {})
     _flm(["export", "--checkpoint", str(tmp_path / "ft" / "best"), "--data", tiny_data, "--output",
           str(tmp_path / "out"), "--k", "7", "batch_size=64"])
     assert (exported[0].k, exported[0].split, exported[0].batch_size) == (7, "test", 64)

@@ -15,9 +15,17 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flm_dist.cli.jobs import (
+    OUTPUT_ROOTS_ENV,
+    STAGES,
+    JobError,
+    PathEscapeError,
+    load_job,
+    parse_job,
+    resolve_input_path,
+    resolve_output_path,
+)
 from flm_dist.errors import UserError
-from flm_dist.jobs import (OUTPUT_ROOTS_ENV, STAGES, JobError, PathEscapeError, load_job, parse_job,
-                           resolve_input_path, resolve_output_path)
 
 REPO = Path(__file__).resolve().parents[1]
 # Search spaces for `flm tune` live beside the jobs; tests/test_tune.py validates them.
@@ -25,7 +33,7 @@ JOB_FILES = sorted(p for p in (REPO / "jobs").glob("*.yaml") if not p.name.endsw
 
 
 def _parser() -> argparse.ArgumentParser:
-    from flm_dist.submit import add_commands
+    from flm_dist.cli.submit import add_commands
 
     parser = argparse.ArgumentParser(prog="flm")
     add_commands(parser.add_subparsers(dest="command", required=True))
@@ -294,7 +302,7 @@ def test_flm_run_dry_run_and_step_selection(tmp_path, monkeypatch, capsys):
 
 
 def test_overrides_may_follow_options_and_keep_their_order(capsys):
-    from flm_dist.cli import parse_arguments
+    from flm_dist.cli.main import parse_arguments
 
     args = parse_arguments(["run", "--dry-run", "jobs/tiny.yaml", "synth.users=50", "--steps", "synth",
                             "synth.users=70", "synth.seed=3"])
@@ -309,9 +317,9 @@ def test_overrides_may_follow_options_and_keep_their_order(capsys):
 
 def test_flm_run_synth_then_prepare(tmp_path, monkeypatch, capsys, ray_session):
     try:
-        importlib.import_module("flm_dist.prepare")
+        importlib.import_module("flm_dist.data.prepare")
     except Exception as exc:  # noqa: BLE001 - prepare is written in parallel
-        pytest.skip(f"flm_dist.prepare not importable yet: {exc}")
+        pytest.skip(f"flm_dist.data.prepare not importable yet: {exc}")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "tiny.yaml").write_text(TINY)

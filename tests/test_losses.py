@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flm_dist.losses import (
+from flm_dist.models.losses import (
     ItemDistribution,
     bpr_loss,
     full_softmax_ce,

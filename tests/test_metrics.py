@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from flm_dist.metrics import RankingAccumulator, target_ranks
+from flm_dist.eval.metrics import RankingAccumulator, target_ranks
 
 
 def test_ranks_hand_computed():

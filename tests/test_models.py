@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from flm_dist.losses import ItemDistribution, full_softmax_ce, two_view_info_nce
 from flm_dist.models import FLMModel, MatrixFactorization, NormalizingFlow, SequenceEncoder
 from flm_dist.models.cf import HistoryCF
+from flm_dist.models.losses import ItemDistribution, full_softmax_ce, two_view_info_nce
 
 NUM_USERS = 12
 NUM_ITEMS = 30
@@ -216,7 +216,7 @@ def test_prefix_windows_train_the_same_next_item_loss_as_whole_windows():
     position of every prefix window gives exactly the whole windows' next-item loss."""
     import pyarrow as pa
 
-    from flm_dist.data import build_train_arrays
+    from flm_dist.data.batches import build_train_arrays
 
     generator = torch.Generator().manual_seed(3)
     sequences = [torch.randint(1, NUM_ITEMS + 1, (n,), generator=generator).tolist() for n in (2, 5, MAX_LEN + 1)]

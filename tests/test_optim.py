@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from flm_dist import distributed
 from flm_dist.config import LossConfig
 from flm_dist.models import FLMModel
-from flm_dist.optim import LazyRowAdamW, clip_grad_norm_
-from flm_dist.pretrain import forward_backward
+from flm_dist.train import distributed
+from flm_dist.train.loop import forward_backward
+from flm_dist.train.optim import LazyRowAdamW, clip_grad_norm_
 
 
 def _lookup_loss(table: nn.Embedding, head: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ def test_sparse_user_table_on_two_ranks_equals_one_process_on_the_whole_batch(tm
 
 
 def test_bench_optim_prints_both_step_times(capsys):
-    from flm_dist.cli import main
+    from flm_dist.cli.main import main
 
     main(["bench", "optim", "--rows", "5000", "--dim", "8", "--batch", "64", "--steps", "2", "--warmup", "1"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

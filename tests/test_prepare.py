@@ -17,10 +17,10 @@ import pytest
 
 from flm_dist import prepare as prepare_module
 from flm_dist.config import ConfigKeyError, from_dict
+from flm_dist.data.prepare import PrepareConfig, draw_negatives, run_prepare
+from flm_dist.data.readers import ColumnMap
+from flm_dist.data.synth import SynthConfig, run_synth
 from flm_dist.errors import UserError
-from flm_dist.prepare import PrepareConfig, draw_negatives, run_prepare
-from flm_dist.readers import ColumnMap
-from flm_dist.synth import SynthConfig, run_synth
 
 MEMORY = fsspec.filesystem("memory")
 
@@ -558,7 +558,7 @@ def test_publish_between_our_renames_is_not_merged(tmp_path, monkeypatch):
     aside and renaming ours into place. Ours then replaces it whole; nothing is nested or mixed."""
     import os
 
-    from flm_dist import storage
+    from flm_dist.data import storage
 
     fs = fsspec.filesystem("file")
     final = tmp_path / "out"

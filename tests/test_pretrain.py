@@ -6,12 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from flm_dist.checkpoint import load_checkpoint
 from flm_dist.config import ConfigKeyError, load_config
-from flm_dist.evaluate import EvaluateConfig, run_evaluate
-from flm_dist.optim import clip_grad_norm_
-from flm_dist.pretrain import PretrainConfig, forward_backward, run_pretrain, setup_training, train_loop
-from flm_dist.session import LocalSession
+from flm_dist.eval.evaluate import EvaluateConfig, run_evaluate
+from flm_dist.train.checkpoint import load_checkpoint
+from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.loop import forward_backward, setup_training, train_loop
+from flm_dist.train.optim import clip_grad_norm_
+from flm_dist.train.pretrain import run_pretrain
+from flm_dist.train.session import LocalSession
 
 SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hidden=16",
          "model.flow_layers=2", "train.batch_size=64", "train.warmup_steps=2", "eval.batch_size=128"]
@@ -174,8 +176,8 @@ def test_two_ray_workers_pretrain_and_evaluate_exactly_as_one_worker_and_in_proc
 def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch):
     import errno
 
-    import flm_dist.checkpoint as checkpoint_module
-    from flm_dist.checkpoint import CheckpointError, verify_checkpoint
+    import flm_dist.train.checkpoint as checkpoint_module
+    from flm_dist.train.checkpoint import CheckpointError, verify_checkpoint
 
     real_save = torch.save
     calls = {"n": 0}
@@ -213,7 +215,7 @@ def test_an_epoch_cut_short_logs_the_mean_loss_of_the_steps_it_ran(tiny_data, tm
 
 
 def test_decayed_loss_weights_follow_the_step_and_the_others_stay(tiny_data, tmp_path, monkeypatch):
-    import flm_dist.pretrain as pretrain_module
+    import flm_dist.train.pretrain as pretrain_module
 
     seen = []
     real_forward_backward = pretrain_module.forward_backward

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flm_dist.data.readers import ColumnMap, read_file
 from flm_dist.errors import UserError
-from flm_dist.readers import ColumnMap, read_file
 
 MEMORY = fsspec.filesystem("memory")
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

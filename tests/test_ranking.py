@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from flm_dist.ranking import item_chunk_size, rank_targets, top_k
+from flm_dist.eval.ranking import item_chunk_size, rank_targets, top_k
 
 
 def test_chunk_size_follows_the_budget_and_keeps_small_catalogs_whole():

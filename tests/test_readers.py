@@ -9,9 +9,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from flm_dist.data.readers import (
+    EVENTS_SCHEMA,
+    ByteRange,
+    ColumnMap,
+    FileProblem,
+    detect_format,
+    iter_file,
+    list_input,
+    read_file,
+    resolve_format,
+    splittable_text,
+)
 from flm_dist.errors import UserError
-from flm_dist.readers import (EVENTS_SCHEMA, ByteRange, ColumnMap, FileProblem, detect_format, iter_file, list_input,
-                              read_file, resolve_format, splittable_text)
 
 LOCAL = fsspec.filesystem("file")
 

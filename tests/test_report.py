@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flm_dist.cli import main
+from flm_dist.cli.main import main
 from flm_dist.config import load_config
 from flm_dist.errors import UserError
-from flm_dist.pretrain import PretrainConfig, run_pretrain
-from flm_dist.report import ReportConfig, run_report
+from flm_dist.experiments.report import ReportConfig, run_report
+from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.pretrain import run_pretrain
 
 SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hidden=16",
          "model.flow_layers=2", "train.batch_size=64", "train.warmup_steps=2", "eval.batch_size=128"]
@@ -120,7 +121,7 @@ def test_wrong_directory_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tune_report_has_every_trial(tiny_run, tiny_data, tmp_path):
-    from flm_dist.tune import TuneOptions, parse_space, run_tune
+    from flm_dist.experiments.tune import TuneOptions, parse_space, run_tune
 
     base = {"pretrained": str(tiny_run), "data": tiny_data,
             "train": {"epochs": 2, "batch_size": 64, "warmup_steps": 1, "windows": "last"},

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-from flm_dist.errors import UserError
-from flm_dist.submit import add_commands, build_submission
 from local_cluster import started_cluster
+
+from flm_dist.cli.submit import add_commands, build_submission
+from flm_dist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +24,7 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_add_commands_registers_run_submit_jobs():
-    from flm_dist.submit import cmd_jobs, cmd_run, cmd_submit
+    from flm_dist.cli.submit import cmd_jobs, cmd_run, cmd_submit
 
     assert _parse("run", "jobs/demo.yaml", "pretrain.train.epochs=1").run is cmd_run
     args = _parse("submit", "jobs/demo.yaml", "--address", "http://h:8265", "--follow", "--pip", "x==1")
@@ -136,28 +135,18 @@ def local_cluster():
         cluster.stop()
 
 
-def _cli_has_run() -> bool:
-    from flm_dist.cli import build_parser
-
-    try:
-        build_parser().parse_args(["run", "jobs/demo.yaml", "--dry-run"])
-    except SystemExit:
-        return False
-    return True
-
-
 @pytest.mark.slow
 def test_local_two_node_cluster_runs_a_submitted_job(tmp_path, local_cluster, capsys, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 
-    from flm_dist.submit import wait
+    from flm_dist.cli.submit import wait
 
     started = time.monotonic()
     project = tmp_path / "project"
     (project / "jobs").mkdir(parents=True)
     (project / "jobs" / "tiny.yaml").write_text(TINY_JOB)
     overrides = ["pretrain.train.epochs=1", "pretrain.scaling.workers=1", "pretrain.scaling.cpus_per_worker=0.5"]
-    command = "flm" if _cli_has_run() else f"{sys.executable} -m flm_dist.submit"  # until cli.py registers run
+    command = "flm"
     submission = build_submission(str(project / "jobs" / "tiny.yaml"), overrides, working_dir=str(project), pip=[],
                                   entrypoint_command=command)
     assert submission["entrypoint"] == f"{command} run jobs/tiny.yaml " + " ".join(shlex.quote(o) for o in overrides)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flm_dist.config import ConfigKeyError
-from flm_dist.synth import MARKER, SCHEMA, SynthConfig, embedded_default, run_synth
+from flm_dist.data.synth import MARKER, SCHEMA, SynthConfig, embedded_default, run_synth
 
 
 def read(path) -> dict[str, np.ndarray]:

@@ -9,8 +9,9 @@ import pytest
 
 from flm_dist.config import load_config
 from flm_dist.errors import UserError
-from flm_dist.pretrain import PretrainConfig, run_pretrain
-from flm_dist.tune import TuneOptions, add_commands, load_space, parse_space, run_tune, search_algorithm, tune_space
+from flm_dist.experiments.tune import TuneOptions, load_space, parse_space, run_tune, search_algorithm, tune_space
+from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.pretrain import run_pretrain
 
 SMALL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flow_hidden=16",
          "model.flow_layers=2", "train.batch_size=64", "train.warmup_steps=2", "eval.batch_size=128"]
@@ -49,15 +50,14 @@ def test_shipped_space_is_valid():
 
 
 def test_cli_registers_tune():
-    import argparse
+    from flm_dist.cli.main import build_parser
 
-    commands = argparse.ArgumentParser().add_subparsers()
-    add_commands(commands)
-    args = commands.choices["tune"].parse_args(["--pretrained", "p", "--data", "d", "--space", "s", "--output", "o",
-                                                "--cpus-per-trial", "0.5", "train.epochs=2"])
+    parser = build_parser()
+    args = parser.parse_args(["tune", "--pretrained", "p", "--data", "d", "--space", "s", "--output", "o",
+                              "--cpus-per-trial", "0.5", "train.epochs=2"])
     assert args.cpus_per_trial == 0.5 and args.overrides == ["train.epochs=2"] and not args.resume
-    assert args.seed == 0 and commands.choices["tune"].parse_args(
-        ["--pretrained", "p", "--data", "d", "--space", "s", "--output", "o", "--seed", "3"]).seed == 3
+    assert args.seed == 0 and parser.parse_args(
+        ["tune", "--pretrained", "p", "--data", "d", "--space", "s", "--output", "o", "--seed", "3"]).seed == 3
 
 
 def _drawn_trials(space: dict, seed: int, samples: int) -> list[dict]:

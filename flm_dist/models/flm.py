@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flm_dist.losses import (
+from flm_dist.models.cf import CFUserKind, cf_encoder
+from flm_dist.models.flow import FlowKind, NormalizingFlow
+from flm_dist.models.losses import (
     ItemDistribution,
     bpr_loss,
     full_softmax_ce,
@@ -25,8 +27,6 @@ from flm_dist.losses import (
     sampled_softmax_ce,
     two_view_info_nce,
 )
-from flm_dist.models.cf import CFUserKind, cf_encoder
-from flm_dist.models.flow import FlowKind, NormalizingFlow
 from flm_dist.models.sequence import (
     EncoderKind,
     NormPlacement,

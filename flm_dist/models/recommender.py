@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flm_dist.losses import ItemDistribution, full_softmax_ce, sampled_softmax_ce
 from flm_dist.models.flm import LOSS_TERMS, FLMModel
+from flm_dist.models.losses import ItemDistribution, full_softmax_ce, sampled_softmax_ce
 
 FlowUse = Literal["none", "latent", "density", "whiten"]
 HeadKind = Literal["linear", "mlp", "identity"]

@@ -1,8 +1,14 @@
-"""`flm pretrain`: joint CF + sequence + flow pretraining, one recipe from setup to the last report.
+"""The training loop shared by `flm pretrain` and `flm finetune`, read top to bottom.
 
-Reading order: `PretrainConfig` -> `run_pretrain` (driver) -> `train_loop` (every worker):
-setup, resume, the epoch loop (steps, checkpoints, validation, early stopping), the final test
-evaluation of the best checkpoint and `metrics.json`.
+`setup_training` (data on the device, model, optimiser, schedule) -> `train_loop` (resume, the
+epoch loop with steps, checkpoints, validation and early stopping, then the final test of the best
+checkpoint and `metrics.json`) -> `launch_training` (the driver: in this process with
+`scaling.workers=0`, else on Ray Train). The recipes (`pretrain.py`, `finetune.py`) only say which
+model to build and which users to train on.
+
+Distributed concerns stay behind `flm_dist.train.distributed` (ranks, all-reduce) and the
+session (`flm_dist.train.session.LocalSession` or `flm_dist.ray_seam.RaySession`: data shards,
+reports, checkpoints).
 """
 
 from __future__ import annotations
@@ -22,27 +28,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from flm_dist import distributed
-from flm_dist.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    publish_directory,
-    save_checkpoint,
-)
-from flm_dist.config import (
-    EvalConfig,
-    LossConfig,
-    ModelConfig,
-    ScalingConfig,
-    TrainConfig,
-    cosine_decay,
-    from_dict,
-    require,
-    require_sampled_softmax_for_item_rows,
-    require_user_table_for_sparse_users,
-    to_dict,
-)
-from flm_dist.data import (
+from flm_dist import ray_seam
+from flm_dist.config import TrainConfig, cosine_decay, to_dict
+from flm_dist.data.batches import (
     TrainArrays,
     build_eval_arrays,
     build_train_arrays,
@@ -51,78 +39,17 @@ from flm_dist.data import (
     window_widths,
 )
 from flm_dist.errors import UserError
-from flm_dist.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
-from flm_dist.losses import ItemDistribution
-from flm_dist.logs import setup_logging
+from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
 from flm_dist.models import FLMModel
-from flm_dist.optim import LazyRowAdamW, clip_grad_norm_
+from flm_dist.models.losses import ItemDistribution
+from flm_dist.runs import build_model, read_manifest
+from flm_dist.train import distributed
+from flm_dist.train.checkpoint import CheckpointError, load_checkpoint, publish_directory, save_checkpoint
+from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.optim import LazyRowAdamW, clip_grad_norm_
+from flm_dist.train.session import LocalSession
 
 log = logging.getLogger("flm_dist")
-
-
-@dataclasses.dataclass
-class PretrainConfig:
-    data: str = ""
-    """Prepared data directory (the output of `flm prepare`)."""
-    output: str = ""
-    """Run directory: Ray checkpoints, `best/`, `metrics.json`, `tensorboard/`."""
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    """Encoders, fusion and flow."""
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    """Loss terms and their weights."""
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    """Optimisation, precision, checkpointing, early stopping."""
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    """Ranking protocol used for validation and the final test."""
-    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
-    """Workers and resources."""
-
-    def __post_init__(self):
-        require(bool(self.data), "data", "is required (a directory written by `flm prepare`)")
-        require(bool(self.output), "output", "is required (the run directory)")
-        require_sampled_softmax_for_item_rows(self.train, self.loss)
-        require_user_table_for_sparse_users(self.train, self.model)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data and model
-# ---------------------------------------------------------------------------------------------
-
-
-def read_manifest(data_dir: str) -> dict[str, Any]:
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise UserError(f"{data_dir} is not prepared data (no manifest.json); run `flm prepare` first")
-    manifest = json.loads(path.read_text())
-    manifest["num_negatives"] = manifest["config"]["num_negatives"]
-    return manifest
-
-
-def build_model(config: ModelConfig, num_users: int, num_items: int) -> FLMModel:
-    return FLMModel(num_users=num_users, num_items=num_items, hidden=config.hidden,
-                    max_len=config.max_len, layers=config.layers, heads=config.heads,
-                    dropout=config.dropout, encoder=config.encoder, fusion=config.fusion,
-                    flow_layers=config.flow_layers, flow_hidden=config.flow_hidden,
-                    flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient,
-                    positions=config.positions, norm=config.norm, cf_user=config.cf_user,
-                    user_head=config.user_head)
-
-
-def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):
-    """The model of a checkpoint (pretrained or fine-tuned), checked against `data_dir`'s vocabulary."""
-    state, meta = load_checkpoint(checkpoint_dir, map_location="cpu")
-    manifest = read_manifest(data_dir)
-    if meta["vocab_hash"] != manifest["vocab_hash"]:
-        raise UserError(f"{checkpoint_dir} was trained on another vocabulary than {data_dir} "
-                        f"(vocab hashes differ)")
-    if meta.get("kind", "pretrain") == "pretrain":
-        model = build_model(from_dict(ModelConfig, meta["config"]["model"]), manifest["users"], manifest["items"])
-    else:
-        from flm_dist.finetune import rebuild_model
-
-        model = rebuild_model(meta, manifest)
-    model.load_state_dict(state["model"])
-    return model.to(device), manifest, meta
 
 
 def loss_options(config: PretrainConfig, device: torch.device) -> dict[str, Any]:
@@ -192,11 +119,6 @@ def _lr_lambda(warmup: int, total: int, floor: float):
     return factor
 
 
-# ---------------------------------------------------------------------------------------------
-# State: what a checkpoint holds
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Progress:
     """Where training stands; all of it goes into every checkpoint."""
@@ -234,11 +156,6 @@ def _write_checkpoint(directory: Path, model, optimizer, scheduler, progress: Pr
     meta = {"step": progress.step, "epoch": progress.epoch, "config": to_dict(config),
             "vocab_hash": manifest["vocab_hash"], "metrics": metrics, "kind": kind}
     save_checkpoint(directory, state, meta)
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop every worker runs
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -503,40 +420,10 @@ def _log_epoch(record: dict[str, Any], monitor: str) -> None:
              validation, record["epoch_seconds"], record["sequences_per_second"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------------
-
-
-def train_worker(payload: dict[str, Any]) -> None:
-    """Ray Train entry point: rebuild the config from plain data and run the loop."""
-    from flm_dist.ray_seam import RaySession
-
-    setup_logging()
-    config = from_dict(PretrainConfig, payload["config"])
-    train_loop(config, RaySession(config.output))
-
-
-def resolve(config: PretrainConfig) -> PretrainConfig:
-    """`config` as the run records it: absolute paths, since Ray workers do not share the
-    driver's working directory."""
-    from flm_dist.ray_seam import absolute_storage_path
-
-    return dataclasses.replace(config, data=absolute_storage_path(config.data),
-                               output=absolute_storage_path(config.output))
-
-
-def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
-    """Pretrain on Ray Train (or in this process with `scaling.workers=0`); returns metrics.json."""
-    return launch_training(resolve(config), "pretrain", train_loop, train_worker)
-
-
 def launch_training(config, kind: str, local_loop, ray_worker) -> dict[str, Any]:
     """The driver shared by pretrain and finetune: prepare RUN_DIR, then train in this process
     (`scaling.workers=0`, `local_loop(config, session)`) or on Ray Train (`ray_worker(payload)`
     on every worker). Returns the run's metrics.json."""
-    from flm_dist.session import LocalSession
-
     manifest = read_manifest(config.data)
     run_dir = Path(config.output)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -547,8 +434,6 @@ def launch_training(config, kind: str, local_loop, ray_worker) -> dict[str, Any]
     log.info("%s config:\n%s", kind, json.dumps(to_dict(config), indent=2, sort_keys=True))
     if config.scaling.workers == 0:
         return local_loop(config, LocalSession(config.data, str(run_dir)))
-    from flm_dist import ray_seam
-
     ray_seam.ensure_ray(config.scaling.address)
     ray_seam.run_trainer(ray_worker, {"config": to_dict(config)},
                          ray_seam.read_parquet_datasets(config.data, ["train", "valid", "test"]),
@@ -559,15 +444,3 @@ def launch_training(config, kind: str, local_loop, ray_worker) -> dict[str, Any]
                          placement_strategy=config.scaling.placement_strategy)
     return json.loads((run_dir / "metrics.json").read_text())
 
-
-def final_metrics_table(metrics: dict[str, float], ks: tuple[int, ...] = (10,)) -> str:
-    """Readable table of the headline metrics per split and protocol."""
-    rows = []
-    protocols = sorted({k.rsplit("/", 1)[1] for k in metrics if k.count("/") == 2 and "@" in k})
-    for split in ("valid", "test"):
-        for protocol in protocols:
-            cells = [f"{metrics.get(f'{split}/{m}@{k}/{protocol}', float('nan')):.4f}"
-                     for k in ks for m in ("hr", "ndcg")]
-            rows.append(f"{split:<6} {protocol:<12} " + " ".join(f"{c:>8}" for c in cells))
-    header = f"{'split':<6} {'protocol':<12} " + " ".join(f"{m + '@' + str(k):>8}" for k in ks for m in ("hr", "ndcg"))
-    return "\n".join([header, *rows])

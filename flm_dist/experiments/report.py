@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from flm_dist.checkpoint import META_FILE, load_checkpoint, newest_valid, read_meta
 from flm_dist.config import require
 from flm_dist.errors import UserError
+from flm_dist.train.checkpoint import META_FILE, load_checkpoint, newest_valid, read_meta
 
 log = logging.getLogger("flm_dist")
 
@@ -159,8 +159,8 @@ def latent_projection(checkpoint: Path, data_dir: str, max_users: int = MAX_USER
     import pyarrow.parquet as pq
     import torch
 
-    from flm_dist.data import build_eval_arrays
-    from flm_dist.pretrain import load_model_for_data
+    from flm_dist.data.batches import build_eval_arrays
+    from flm_dist.runs import load_model_for_data
 
     model, _, meta = load_model_for_data(str(checkpoint), data_dir, torch.device("cpu"))
     model.eval()
@@ -530,22 +530,3 @@ def run_report(config: ReportConfig) -> Path:
     os.replace(staging, path)  # a reader never sees half a page
     log.info("report written to %s (%.0f kB)", path, path.stat().st_size / 1024)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def _cmd_report(args) -> None:
-    config = ReportConfig(directory=args.directory, output=args.output, max_users=args.max_users)
-    print(f"report: {run_report(config)}")
-
-
-def add_commands(commands) -> None:
-    """Register `report` on the `flm` subparsers."""
-    parser = commands.add_parser("report", help="a self-contained HTML report of a run or tune directory")
-    parser.add_argument("directory", metavar="RUN_OR_TUNE_DIR", help="a pretrain/finetune run or a tune directory")
-    parser.add_argument("--output", help="HTML file to write (default RUN_OR_TUNE_DIR/report.html)")
-    parser.add_argument("--max-users", type=int, default=MAX_USERS, help="users drawn for the latent picture")
-    parser.set_defaults(run=_cmd_report)

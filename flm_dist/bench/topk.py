@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from flm_dist.ranking import item_chunk_size, rank_targets, top_k
+from flm_dist.eval.ranking import item_chunk_size, rank_targets, top_k
 
 
 def _peak_bytes(device: torch.device) -> int:

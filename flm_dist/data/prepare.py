@@ -65,12 +65,25 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from flm_dist import __version__, storage
+from flm_dist import __version__
 from flm_dist.config import require, to_dict
+from flm_dist.data import storage
+from flm_dist.data.readers import (
+    EVENTS_SCHEMA,
+    QUARANTINE_SCHEMA,
+    ROW_REASONS,
+    ByteRange,
+    ColumnMap,
+    FileProblem,
+    check_json_keys,
+    file_schema,
+    iter_file,
+    list_input,
+    resolve_format,
+    row_group_rows,
+    splittable_text,
+)
 from flm_dist.errors import UserError
-from flm_dist.readers import (EVENTS_SCHEMA, QUARANTINE_SCHEMA, ROW_REASONS, ByteRange, ColumnMap, FileProblem,
-                              check_json_keys, file_schema, iter_file, list_input, resolve_format, row_group_rows,
-                              splittable_text)
 
 log = logging.getLogger("flm_dist")
 
@@ -818,7 +831,7 @@ def _id_order(ids: pa.Array) -> np.ndarray:
     return pc.sort_indices(ids).to_numpy()
 
 
-def _table_hash(table: pa.Table) -> str:
+def table_hash(table: pa.Table) -> str:
     """sha256 of a table's column values (not of the file bytes)."""
     digest = hashlib.sha256()
     for column in table.columns:
@@ -1121,7 +1134,7 @@ def _run(cfg: PrepareConfig, runner: _Runner, fs_in, files: list[str], sizes: li
         "kcore": {"min_user_interactions": cfg.min_user_interactions,
                   "min_item_interactions": cfg.min_item_interactions, "iterations": iterations},
         "splits": splits, "num_negatives": cfg.num_negatives,
-        "vocab_hash": {"items": _table_hash(items), "users": _table_hash(users_table)},
+        "vocab_hash": {"items": table_hash(items), "users": table_hash(users_table)},
     }
 
 

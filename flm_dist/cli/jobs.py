@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from flm_dist.config import ConfigKeyError, from_dict, parse_override, read_yaml, to_dict
+from flm_dist.config import ConfigKeyError, apply_overrides, from_dict, parse_override, read_yaml, to_dict
 from flm_dist.errors import UserError
 
 log = logging.getLogger("flm_dist")
@@ -40,7 +40,7 @@ log = logging.getLogger("flm_dist")
 OUTPUT_ROOTS_ENV = "FLM_OUTPUT_ROOTS"
 _STEP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|API_KEY", re.IGNORECASE)
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|API_KEY", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +62,16 @@ class Stage:
 
 # One line per stage. Later stages (finetune, tune, ...) are added the same way.
 STAGES: dict[str, Stage] = {
-    "synth": Stage("flm_dist.synth", "SynthConfig", "run_synth"),
-    "prepare": Stage("flm_dist.prepare", "PrepareConfig", "run_prepare", inputs=("input",)),
-    "pretrain": Stage("flm_dist.pretrain", "PretrainConfig", "run_pretrain", inputs=("data",)),
-    "evaluate": Stage("flm_dist.evaluate", "EvaluateConfig", "run_evaluate", inputs=("checkpoint", "data")),
-    "finetune": Stage("flm_dist.finetune", "FinetuneConfig", "run_finetune", inputs=("pretrained", "data")),
-    "export": Stage("flm_dist.export", "ExportConfig", "run_export", inputs=("checkpoint", "data")),
-    "ablate": Stage("flm_dist.ablate", "AblateConfig", "run_ablation", inputs=("data",),
+    "synth": Stage("flm_dist.data.synth", "SynthConfig", "run_synth"),
+    "prepare": Stage("flm_dist.data.prepare", "PrepareConfig", "run_prepare", inputs=("input",)),
+    "pretrain": Stage("flm_dist.train.pretrain", "PretrainConfig", "run_pretrain", inputs=("data",)),
+    "evaluate": Stage("flm_dist.eval.evaluate", "EvaluateConfig", "run_evaluate", inputs=("checkpoint", "data")),
+    "finetune": Stage("flm_dist.train.finetune", "FinetuneConfig", "run_finetune", inputs=("pretrained", "data")),
+    "export": Stage("flm_dist.eval.export", "ExportConfig", "run_export", inputs=("checkpoint", "data")),
+    "ablate": Stage("flm_dist.experiments.ablate", "AblateConfig", "run_ablation", inputs=("data",),
                     outputs=("output", "results")),
     # Without `output` the page is written into `directory`, so both are outputs.
-    "report": Stage("flm_dist.report", "ReportConfig", "run_report", outputs=("directory", "output")),
+    "report": Stage("flm_dist.experiments.report", "ReportConfig", "run_report", outputs=("directory", "output")),
 }
 
 
@@ -174,7 +174,7 @@ class RuntimeSpec:
         for name in self.env:
             if name == OUTPUT_ROOTS_ENV:
                 raise ConfigKeyError(f"env.{name}", "is set by the cluster operator, not by job files")
-            if _SECRET_NAME.search(name):
+            if SECRET_NAME.search(name):
                 raise ConfigKeyError(f"env.{name}", "looks like a credential; job files must not hold "
                                                    "secrets (set it in the cluster's environment)")
 
@@ -236,8 +236,6 @@ def _raw_steps(path: str, data: dict[str, Any]) -> list[tuple[str, str, dict[str
 
 def _apply_step_overrides(path: str, raw: list[tuple[str, str, dict[str, Any]]],
                           overrides: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    from flm_dist.config import apply_overrides
-
     by_step: dict[str, list[str]] = {name: [] for name, _, _ in raw}
     for text in overrides:
         keys, _ = parse_override(text)

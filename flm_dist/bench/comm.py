@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from flm_dist import distributed
 from flm_dist.config import LossConfig
 from flm_dist.errors import UserError
 from flm_dist.models import FLMModel
-from flm_dist.pretrain import forward_backward
+from flm_dist.train import distributed
+from flm_dist.train.loop import forward_backward
 
 
 def _random_batch(rank: int, step: int, batch_size: int, max_len: int, items: int, seed: int,

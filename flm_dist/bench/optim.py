@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flm_dist.optim import LazyRowAdamW
+from flm_dist.train.optim import LazyRowAdamW
 
 
 def _synchronize(device: torch.device) -> None:

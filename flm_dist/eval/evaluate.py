@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from flm_dist import distributed
 from flm_dist.config import EvalConfig, ScalingConfig, from_dict, require, to_dict
-from flm_dist.data import EvalArrays, build_eval_arrays
+from flm_dist.data.batches import EvalArrays, build_eval_arrays
 from flm_dist.errors import UserError
-from flm_dist.metrics import RankingAccumulator, target_ranks
-from flm_dist.ranking import candidate_scores, item_chunk_size, rank_targets
+from flm_dist.eval.metrics import RankingAccumulator, target_ranks
+from flm_dist.eval.ranking import candidate_scores, item_chunk_size, rank_targets
+from flm_dist.train import distributed
 
 log = logging.getLogger("flm_dist")
 
@@ -93,7 +93,7 @@ class EvaluateConfig:
 
 
 def evaluate_with_session(config: EvaluateConfig, session) -> dict[str, float]:
-    from flm_dist.pretrain import load_model_for_data
+    from flm_dist.runs import load_model_for_data
 
     device = session.device()
     model, manifest, meta = load_model_for_data(config.checkpoint, config.data, device)
@@ -123,7 +123,7 @@ def user_ranks(checkpoint: str | Path, data: str, split: str = "test", batch_siz
     """0-based rank of each user's target (users in index order) per full-ranking protocol,
     `full` (history removed) and `full_nomask`: the values behind metrics.json's
     `{split}/*/full` and `{split}/*/full_nomask`, kept per user for paired tests."""
-    from flm_dist.pretrain import load_model_for_data
+    from flm_dist.runs import load_model_for_data
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, meta = load_model_for_data(str(checkpoint), data, device)
@@ -147,7 +147,7 @@ def user_ranks(checkpoint: str | Path, data: str, split: str = "test", batch_siz
 def run_evaluate(config: EvaluateConfig) -> dict[str, float]:
     """Re-compute every metric of a checkpoint on prepared data."""
     from flm_dist.ray_seam import absolute_storage_path
-    from flm_dist.session import LocalSession
+    from flm_dist.train.session import LocalSession
 
     config = dataclasses.replace(config, checkpoint=absolute_storage_path(config.checkpoint),
                                  data=absolute_storage_path(config.data))

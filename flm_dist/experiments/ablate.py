@@ -70,14 +70,16 @@ import numpy as np
 import torch
 
 from flm_dist import ray_seam
-from flm_dist.config import _deep_merge, from_dict, load_config, require, to_dict
+from flm_dist.config import deep_merge, from_dict, load_config, require, to_dict
 from flm_dist.errors import UserError
-from flm_dist.evaluate import user_ranks
-from flm_dist.finetune import FinetuneConfig, run_finetune
-from flm_dist.finetune import resolve as finetune_resolve
-from flm_dist.metrics import mean_std, ndcg_at, wilcoxon_p_value
-from flm_dist.pretrain import PretrainConfig, read_manifest, run_pretrain
-from flm_dist.pretrain import resolve as pretrain_resolve
+from flm_dist.eval.evaluate import user_ranks
+from flm_dist.eval.metrics import mean_std, ndcg_at, wilcoxon_p_value
+from flm_dist.runs import read_manifest
+from flm_dist.train.configs import FinetuneConfig, PretrainConfig
+from flm_dist.train.finetune import resolve as finetune_resolve
+from flm_dist.train.finetune import run_finetune
+from flm_dist.train.pretrain import resolve as pretrain_resolve
+from flm_dist.train.pretrain import run_pretrain
 
 log = logging.getLogger("flm_dist")
 
@@ -174,16 +176,16 @@ def seed_range(config: AblateConfig) -> range:
 
 
 def _pretrain_config(config: AblateConfig, objective: str, seed: int, output: Path) -> PretrainConfig:
-    data = _deep_merge(_deep_merge(config.common, config.pretrain), OBJECTIVES[objective])
-    data = _deep_merge(data, {"data": config.data, "output": str(output), "train": {"seed": seed}})
+    data = deep_merge(deep_merge(config.common, config.pretrain), OBJECTIVES[objective])
+    data = deep_merge(data, {"data": config.data, "output": str(output), "train": {"seed": seed}})
     return load_config(PretrainConfig, base=data)
 
 
 def _finetune_config(config: AblateConfig, variant: str, fraction: float, seed: int, pretrained: Path,
                      output: Path) -> FinetuneConfig:
     objective, source, flow, init = VARIANTS[variant]
-    data = _deep_merge(config.common, config.finetune)
-    finetune = load_config(FinetuneConfig, base=_deep_merge(data, {
+    data = deep_merge(config.common, config.finetune)
+    finetune = load_config(FinetuneConfig, base=deep_merge(data, {
         "pretrained": str(pretrained), "data": config.data, "output": str(output),
         "finetune": {"source": source, "flow": flow, "data_fraction": fraction, "init": init},
         "eval": {"user_source": source}, "train": {"seed": seed}}))

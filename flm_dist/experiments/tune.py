@@ -25,7 +25,6 @@ trial's config, its best validation metrics and its final valid/test metrics) an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -42,7 +41,7 @@ from flm_dist.config import (
     to_dict,
 )
 from flm_dist.errors import UserError
-from flm_dist.session import LocalSession
+from flm_dist.train.session import LocalSession
 
 log = logging.getLogger("flm_dist")
 
@@ -63,7 +62,7 @@ def _override(key: str, value: Any) -> str:
 
 def _check_value(base: dict[str, Any], key: str, value: Any) -> None:
     """Build a FinetuneConfig from `base` with `key` set to `value`, or raise a one-line UserError."""
-    from flm_dist.finetune import FinetuneConfig
+    from flm_dist.train.configs import FinetuneConfig
 
     data = {**PLACEHOLDERS, **base}
     try:
@@ -149,9 +148,10 @@ def tune_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, m
     import torch
     from ray import tune
 
-    from flm_dist.finetune import FinetuneConfig, _train, resolve
     from flm_dist.logs import setup_logging
-    from flm_dist.pretrain import read_manifest
+    from flm_dist.runs import read_manifest
+    from flm_dist.train.configs import FinetuneConfig
+    from flm_dist.train.finetune import _train, resolve
 
     setup_logging()
     torch.set_num_threads(max(1, threads))
@@ -227,7 +227,7 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
 
     from flm_dist import ray_seam
-    from flm_dist.finetune import FinetuneConfig
+    from flm_dist.train.configs import FinetuneConfig
 
     if options.samples < 1 or options.concurrent < 1:
         raise UserError("--samples and --concurrent must be >= 1")
@@ -390,50 +390,3 @@ def _plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def _cmd_tune(args) -> None:
-    data = read_yaml(args.config) if args.config else {}
-    data = apply_overrides(data, [_override("pretrained", args.pretrained), _override("data", args.data)]
-                           + args.overrides)
-    options = TuneOptions(output=args.output, space=load_space(args.space, data), base=data,
-                          samples=args.samples, concurrent=args.concurrent, cpus_per_trial=args.cpus_per_trial,
-                          gpus_per_trial=args.gpus_per_trial, grace_period=args.grace_period,
-                          max_failures=args.max_failures, seed=args.seed, resume=args.resume)
-    best = run_tune(options)
-    print((Path(args.output) / "results.md").read_text())
-    print(f"best: {json.dumps(best['params'], sort_keys=True)} {best['metric']}={best['best_value']:.4f}")
-    print(f"tune directory: {args.output} (results.md, best.json, curves.png, runs/)")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def add_commands(commands) -> None:
-    """Register `tune` on the `flm` subparsers."""
-    parser = commands.add_parser("tune", help="hyper-parameter sweep of fine-tuning (Ray Tune, ASHA)")
-    parser.add_argument("--pretrained", required=True, help="pretraining run directory (uses best/) or checkpoint")
-    parser.add_argument("--data", required=True, help="prepared data to fine-tune on")
-    parser.add_argument("--space", required=True, help="search-space YAML (e.g. jobs/tune_space.yaml)")
-    parser.add_argument("--output", required=True, help="TUNE_DIR")
-    parser.add_argument("--samples", type=int, default=8, help="trials drawn (x each grid point)")
-    parser.add_argument("--concurrent", type=int, default=1, help="trials at once")
-    parser.add_argument("--cpus-per-trial", type=_positive_float, default=1.0, help="CPUs per trial (>= 0.01)")
-    parser.add_argument("--gpus-per-trial", type=_positive_float, default=0.0, help="GPUs per trial (fractions allowed)")
-    parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
-    parser.add_argument("--max-failures", type=int, default=2,
-                        help="restarts of a failed trial before it is reported as errored")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the search: the same seed draws the same trials")
-    parser.add_argument("--resume", action="store_true", help="resume the experiment in TUNE_DIR")
-    parser.add_argument("--config", help="YAML preset of the base fine-tuning config")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="base fine-tuning config overrides")
-    parser.set_defaults(run=_cmd_tune)

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from flm_dist.checkpoint import checkpoint_or_best
 from flm_dist.config import require
-from flm_dist.evaluate import user_ranks
-from flm_dist.metrics import hit_at, mean_std, ndcg_at, wilcoxon_p_value
+from flm_dist.eval.evaluate import user_ranks
+from flm_dist.eval.metrics import hit_at, mean_std, ndcg_at, wilcoxon_p_value
+from flm_dist.train.checkpoint import checkpoint_or_best
 
 PROTOCOLS = ("full", "full_nomask")
 

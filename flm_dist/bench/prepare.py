@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flm_dist import storage
+from flm_dist.data import storage
+from flm_dist.data.prepare import PrepareConfig, draw_negatives, prepare_timed
+from flm_dist.data.synth import SynthConfig, run_synth
 from flm_dist.logs import setup_logging
-from flm_dist.prepare import PrepareConfig, draw_negatives, prepare_timed
-from flm_dist.synth import SynthConfig, run_synth
 
 log = logging.getLogger("flm_dist")
 
@@ -157,9 +158,9 @@ def _timed_baseline(data: str, output: str) -> tuple[float, int, float]:
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    child = subprocess.Popen([sys.executable, "-m", "flm_dist.bench_prepare", "--baseline", data, output],
+    child = subprocess.Popen([sys.executable, "-m", "flm_dist.bench.prepare", "--baseline", data, output],
                              stdout=subprocess.PIPE, env=env, preexec_fn=lambda: os.nice(RAY_WORKER_NICENESS))
     with _PeakMemory(children=False, pid=child.pid) as memory:
         out, _ = child.communicate()
@@ -230,7 +231,7 @@ def run_bench_prepare(rows: int, workdir: str, workers: int | None = None, repea
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m flm_dist.bench_prepare ROWS [WORKDIR] [--workers N] [--repeats R]`: one JSON line."""
+    """`python -m flm_dist.bench.prepare ROWS [WORKDIR] [--workers N] [--repeats R]`: one JSON line."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

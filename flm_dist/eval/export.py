@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from flm_dist import storage
 from flm_dist.config import require
-from flm_dist.data import build_eval_arrays
-from flm_dist.ranking import item_chunk_size, top_k
+from flm_dist.data import storage
+from flm_dist.data.batches import build_eval_arrays
+from flm_dist.eval.ranking import item_chunk_size, top_k
 
 log = logging.getLogger("flm_dist")
 
@@ -95,7 +95,7 @@ class UserScorer:
     """Ray Data actor: holds the model; a batch of split rows -> one output row per user."""
 
     def __init__(self, checkpoint: str, data: str, k: int, device: str, max_score_elements: int):
-        from flm_dist.pretrain import load_model_for_data
+        from flm_dist.runs import load_model_for_data
 
         self.device = torch.device(device)
         self.model, manifest, meta = load_model_for_data(checkpoint, data, self.device)
@@ -134,7 +134,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     import ray.data
 
     from flm_dist import ray_seam
-    from flm_dist.pretrain import load_model_for_data
+    from flm_dist.runs import load_model_for_data
 
     # Ray Data actors do not share the driver's working directory: hand them absolute paths.
     config = dataclasses.replace(config, checkpoint=ray_seam.absolute_storage_path(config.checkpoint),

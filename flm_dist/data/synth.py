@@ -29,8 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from flm_dist import __version__, storage
+from flm_dist import __version__
 from flm_dist.config import config_hash, require, to_dict
+from flm_dist.data import storage
 
 log = logging.getLogger("flm_dist")
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from flm_dist.checkpoint import newest_valid
+from flm_dist.train.checkpoint import newest_valid
 
 log = logging.getLogger("flm_dist")
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from flm_dist.data import length_bucketed_batches
-from flm_dist.optim import clip_grad_norm_
-from flm_dist.pretrain import PretrainConfig, forward_backward, setup_training
-from flm_dist.session import LocalSession
+from flm_dist.data.batches import length_bucketed_batches
+from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.loop import forward_backward, setup_training
+from flm_dist.train.optim import clip_grad_norm_
+from flm_dist.train.session import LocalSession
 
 # Dense bf16 tensor-core peaks (FLOP/s) of devices we benchmark on; MFU is null elsewhere.
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

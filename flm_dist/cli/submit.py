@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flm_dist.cli.jobs import SECRET_NAME, RuntimeSpec, describe, load_job, run_job
 from flm_dist.errors import UserError
-from flm_dist.logs import setup_logging
+from flm_dist.eval.tables import final_metrics_table
 
 DEFAULT_EXCLUDES = ["/runs/", "/.data/", "/.bench/", "/out/", ".git/", "__pycache__/", "*.pyc", "*.egg-info/",
                     ".pytest_cache/", ".hypothesis/", ".venv/", ".ruff_cache/", ".mypy_cache/"]
@@ -42,20 +43,14 @@ def _summary_line(stage: str, result: Any) -> str:
     if not isinstance(result, dict):
         return ""
     if stage == "pretrain" and isinstance(result.get("final"), dict):
-        from flm_dist.pretrain import final_metrics_table
-
         return "\n" + final_metrics_table(result["final"])
     if stage == "evaluate":
-        from flm_dist.pretrain import final_metrics_table
-
         return "\n" + final_metrics_table(result)
     parts = [f"{key}={result[key]}" for key in ("rows", "users", "items", "interactions") if key in result]
     return " ".join(parts)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from flm_dist.jobs import describe, load_job, run_job
-
     spec = load_job(args.job, args.overrides)
     only = [s for s in (args.steps or "").split(",") if s]
     if args.dry_run:
@@ -103,8 +98,6 @@ def build_submission(job: str, overrides: list[str] | tuple[str, ...] = (), *, p
     relative paths then resolve there, e.g. /opt/flm/project of cluster/Dockerfile, whose .data/
     and runs/ live on a shared volume.
     """
-    from flm_dist.jobs import _SECRET_NAME, RuntimeSpec, load_job
-
     spec = load_job(job, overrides, resolve_paths=False)
     runtime: RuntimeSpec = spec.runtime
     root = Path(working_dir or runtime.working_dir).resolve()
@@ -127,7 +120,7 @@ def build_submission(job: str, overrides: list[str] | tuple[str, ...] = (), *, p
             packages.append(item)
     env_vars = {**runtime.env, **(env or {})}
     for name in env_vars:
-        if _SECRET_NAME.search(name):
+        if SECRET_NAME.search(name):
             raise UserError(f"environment variable {name} looks like a credential; it would be stored in "
                             f"the job's runtime environment; give it to the cluster instead")
     env_vars.setdefault("RAY_DEDUP_LOGS", "0")
@@ -315,19 +308,3 @@ def add_commands(subparsers) -> None:
     listing = actions.add_parser("list", help="all jobs of the cluster")
     listing.add_argument("--address", help="Jobs API address (default $RAY_ADDRESS)")
     listing.set_defaults(run=cmd_jobs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flm_dist.submit run|submit|jobs ...`: the same commands without the `flm` script."""
-
-    parser = argparse.ArgumentParser(prog="python -m flm_dist.submit", description="flm run / submit / jobs")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    setup_logging()
-    from flm_dist.cli import run_parsed
-
-    return run_parsed(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,69 @@
+"""A run directory and its data: the prepared data's manifest, building the model for it, and
+loading a checkpoint (pretrained or fine-tuned) back into its model.
+
+Evaluation, export, reports and training all come here for a model, so this module sits below
+all of them and imports none of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flm_dist.config import ModelConfig, from_dict
+from flm_dist.errors import UserError
+from flm_dist.models import FLMModel
+from flm_dist.models.recommender import Recommender
+from flm_dist.train.checkpoint import load_checkpoint
+from flm_dist.train.configs import FinetuneConfig
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{data_dir} is not prepared data (no manifest.json); run `flm prepare` first")
+    manifest = json.loads(path.read_text())
+    manifest["num_negatives"] = manifest["config"]["num_negatives"]
+    return manifest
+
+
+def build_model(config: ModelConfig, num_users: int, num_items: int) -> FLMModel:
+    return FLMModel(num_users=num_users, num_items=num_items, hidden=config.hidden,
+                    max_len=config.max_len, layers=config.layers, heads=config.heads,
+                    dropout=config.dropout, encoder=config.encoder, fusion=config.fusion,
+                    flow_layers=config.flow_layers, flow_hidden=config.flow_hidden,
+                    flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient,
+                    positions=config.positions, norm=config.norm, cf_user=config.cf_user,
+                    user_head=config.user_head)
+
+
+def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):
+    """The model of a checkpoint (pretrained or fine-tuned), checked against `data_dir`'s vocabulary."""
+    state, meta = load_checkpoint(checkpoint_dir, map_location="cpu")
+    manifest = read_manifest(data_dir)
+    if meta["vocab_hash"] != manifest["vocab_hash"]:
+        raise UserError(f"{checkpoint_dir} was trained on another vocabulary than {data_dir} "
+                        f"(vocab hashes differ)")
+    if meta.get("kind", "pretrain") == "pretrain":
+        model = build_model(from_dict(ModelConfig, meta["config"]["model"]), manifest["users"], manifest["items"])
+    else:
+        model = rebuild_model(meta, manifest)
+    model.load_state_dict(state["model"])
+    return model.to(device), manifest, meta
+
+
+
+def recommender_for(config: FinetuneConfig, backbone: FLMModel) -> Recommender:
+    options = config.finetune
+    return Recommender(backbone, head=options.head, flow=options.flow, source=options.source,
+                       frozen=options.mode == "frozen")
+
+
+def rebuild_model(meta: dict[str, Any], manifest: dict[str, Any]) -> Recommender:
+    """The (untrained) model of a fine-tuning checkpoint, for `load_model_for_data` to load into."""
+    config = from_dict(FinetuneConfig, meta["config"])
+    return recommender_for(config, build_model(config.model, manifest["users"], manifest["items"]))
+

@@ -1,0 +1,168 @@
+"""The configs of the two training recipes: `PretrainConfig` (`flm pretrain`) and `FinetuneConfig`
+(`flm finetune`), built from the section configs of `flm_dist.config`.
+
+They live apart from the recipes because a run directory records them: `flm_dist.runs` rebuilds a
+fine-tuned model from the `FinetuneConfig` in its checkpoint without importing the training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from flm_dist.config import (
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    ScalingConfig,
+    TrainConfig,
+    require,
+    require_sampled_softmax_for_item_rows,
+    require_user_table_for_sparse_users,
+)
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    data: str = ""
+    """Prepared data directory (the output of `flm prepare`)."""
+    output: str = ""
+    """Run directory: Ray checkpoints, `best/`, `metrics.json`, `tensorboard/`."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """Encoders, fusion and flow."""
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    """Loss terms and their weights."""
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """Optimisation, precision, checkpointing, early stopping."""
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """Ranking protocol used for validation and the final test."""
+    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
+    """Workers and resources."""
+
+    def __post_init__(self):
+        require(bool(self.data), "data", "is required (a directory written by `flm prepare`)")
+        require(bool(self.output), "output", "is required (the run directory)")
+        require_sampled_softmax_for_item_rows(self.train, self.loss)
+        require_user_table_for_sparse_users(self.train, self.model)
+
+
+
+@dataclasses.dataclass
+class FinetuneOptions:
+    mode: Literal["full", "frozen"] = "full"
+    """full: every parameter trains; frozen: the pretrained encoders, fusion, item table and flow
+    are fixed (requires_grad False, eval mode) and only the head trains."""
+    data_fraction: float = 1.0
+    """Fine-tune on this fraction of the users, drawn from (train.seed, user index) so every
+    worker keeps the same ones (and a smaller fraction's users are a subset of a larger one's);
+    validation and test always cover every user."""
+    flow: Literal["none", "latent", "density", "whiten"] = "latent"
+    """How the flow enters the user vector: none (never evaluated); latent: head([repr ; z]) with
+    z the flow's Gaussianised latent of the representation; density: head([repr ; log p / H]);
+    whiten: head([repr ; ZCA-whitened repr]), a fixed linear whitening instead of the flow."""
+    head: Literal["linear", "mlp", "identity"] = "linear"
+    """Map from the features to the user vector; linear and mlp start as the identity on the
+    representation, identity (flow none only) scores with the representation itself."""
+    source: Literal["fused", "sequence", "cf"] = "fused"
+    """Backbone representation the head reads: fused (CF + sequence), sequence state, or the MF
+    user vector. Flow features need fused: the flow models the fused representation."""
+    dropout: float | None = None
+    """Dropout of the pretrained sequence encoder while fine-tuning; None keeps the pretrained
+    value (the only architecture setting fine-tuning may change)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """pretrained: the model starts from the pretrained weights, mapped by id; random: the
+    pretrained run gives only the architecture and the vocabulary, and every weight is drawn
+    fresh from train.seed. This is the from-scratch baseline: the same recipe and users, no
+    pretraining."""
+    keep_pretrained: bool = False
+    """Validate the pretrained model before the first step, as epoch 0: it competes for best/,
+    so a fine-tuning that only makes validation worse ends with the pretrained ranking."""
+
+    def __post_init__(self):
+        require(0.0 < self.data_fraction <= 1.0, "data_fraction", "must be in (0, 1]")
+        require(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        require(self.flow == "none" or self.source == "fused", "flow",
+                "flow features need source=fused (the flow models the fused representation)")
+        require(self.head != "identity" or self.flow == "none", "head",
+                "identity takes no flow features; use linear or mlp, or flow=none")
+        require(self.mode == "full" or self.head != "identity", "mode",
+                "frozen with an identity head leaves nothing to train")
+        require(self.mode == "full" or self.init == "pretrained", "mode",
+                "frozen with init=random would keep random encoders; use mode=full")
+        require(not self.keep_pretrained or self.init == "pretrained", "keep_pretrained",
+                "needs init=pretrained (with init=random there is no pretrained model to keep)")
+
+
+@dataclasses.dataclass
+class FinetuneLossConfig(LossConfig):
+    """LossConfig with fine-tuning's meaning and defaults: the head's next-item losses only."""
+
+    seq: float = 1.0
+    """Weight of the next-item CE of the user vector after every position with a target."""
+    cf: float = 0.0
+    """Weight of the backbone's MF loss, an auxiliary term."""
+    flow: float = 0.0
+    """Weight of the flow's NLL per dimension, which keeps a fine-tuned flow a density model."""
+    fused: float = 1.0
+    """Weight of the next-item CE of the user vector after the last position (the ranked one)."""
+
+
+@dataclasses.dataclass
+class VocabularyCounts:
+    items_known: int = 0
+    """Fine-tuning items the pretrained model knows (their rows are the pretrained rows)."""
+    items_new: int = 0
+    """Fine-tuning items the pretrained model never saw (fresh rows)."""
+    items_unused: int = 0
+    """Pretrained items absent from the fine-tuning data (their rows are left out)."""
+    users_known: int = 0
+    """Fine-tuning users the pretrained model knows (their MF vectors are the pretrained ones)."""
+    users_new: int = 0
+    """Fine-tuning users the pretrained model never saw (fresh MF vectors)."""
+    users_unused: int = 0
+    """Pretrained users absent from the fine-tuning data."""
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    pretrained: str = ""
+    """Pretraining run directory (its `best/` is used) or a pretraining checkpoint directory."""
+    data: str = ""
+    """Prepared data to fine-tune and evaluate on; its vocabulary may differ from pretraining's."""
+    output: str = ""
+    """Run directory: Ray checkpoints, `best/`, `metrics.json`, `tensorboard/`, `vocab/`."""
+    model: ModelConfig | None = None
+    """The pretrained architecture, filled in by `resolve` from the checkpoint (dropout from
+    `finetune.dropout`); a given value must equal that."""
+    loss: FinetuneLossConfig = dataclasses.field(default_factory=FinetuneLossConfig)
+    """Loss terms and their weights (fine-tuning defaults: seq and fused)."""
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """Optimisation, precision, checkpointing, early stopping (as in pretraining)."""
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """Ranking protocol; `user_source` must be `finetune.source`."""
+    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
+    """Workers and resources."""
+    finetune: FinetuneOptions = dataclasses.field(default_factory=FinetuneOptions)
+    """Mode, data fraction, how the flow enters, head, representation source."""
+    vocabulary: VocabularyCounts = dataclasses.field(default_factory=VocabularyCounts)
+    """Filled in by `resolve` from the two vocabularies (a given value is replaced): the record of
+    the id mapping, kept in every checkpoint and in metrics.json."""
+
+    def __post_init__(self):
+        require(bool(self.pretrained), "pretrained", "is required (a pretraining run or checkpoint directory)")
+        require(bool(self.data), "data", "is required (a directory written by `flm prepare`)")
+        require(bool(self.output), "output", "is required (the run directory)")
+        require(self.loss.seq + self.loss.fused > 0, "loss.seq",
+                "the head trains through loss.seq and loss.fused; at least one must be > 0")
+        require(self.loss.flow == 0 or (self.finetune.mode == "full" and self.finetune.flow in ("latent", "density")),
+                "loss.flow", "the flow NLL needs a flow that is used and trained (finetune.flow latent or "
+                "density, finetune.mode full)")
+        require(self.loss.contrast == 0, "loss.contrast", "is a pretraining term; fine-tuning has none")
+        require(self.loss.cf == 0 or self.finetune.mode == "full", "loss.cf",
+                "frozen mode fixes the MF user vectors; set loss.cf=0")
+        require(self.eval.user_source == self.finetune.source, "eval.user_source",
+                f"must be finetune.source ({self.finetune.source}): the head is trained on that representation")
+        require_sampled_softmax_for_item_rows(self.train, self.loss)
+        if self.model is not None:  # else `resolve` checks it with the pretrained model
+            require_user_table_for_sparse_users(self.train, self.model)
+
