@@ -13,7 +13,7 @@ TINY_MODEL = ["model.hidden=16", "model.heads=2", "model.max_len=12", "model.flo
 
 @pytest.mark.slow
 def test_demo_runs_every_step_and_prints_the_table(ray_session, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("flm_dist.data.synth.embedded_default",
+    monkeypatch.setattr("flm_dist.experiments.demo.embedded_default",
                         lambda output, seed=0: SynthConfig(output=output, users=300, items=120,
                                                            interactions=6000, seed=1))
     workdir = tmp_path / "demo"

@@ -18,6 +18,15 @@ import time
 from pathlib import Path
 
 from flm_dist.config import load_config
+from flm_dist.data.prepare import PrepareConfig, run_prepare
+from flm_dist.data.synth import embedded_default, run_synth
+from flm_dist.eval.evaluate import EvaluateConfig, run_evaluate
+from flm_dist.experiments.report import ReportConfig, run_report
+from flm_dist.experiments.tune import TuneOptions, parse_space, run_tune
+from flm_dist.ray_seam import ensure_ray
+from flm_dist.train.configs import FinetuneConfig, PretrainConfig
+from flm_dist.train.finetune import run_finetune
+from flm_dist.train.pretrain import run_pretrain
 
 log = logging.getLogger("flm_dist")
 
@@ -46,15 +55,6 @@ class DemoOptions:
 
 def run_demo(options: DemoOptions) -> dict[str, dict[str, float]]:
     """Run every step; returns the final metrics of the pretrained, fine-tuned and best tuned models."""
-    from flm_dist.data.prepare import PrepareConfig, run_prepare
-    from flm_dist.data.synth import embedded_default, run_synth
-    from flm_dist.eval.evaluate import EvaluateConfig, run_evaluate
-    from flm_dist.experiments.report import ReportConfig, run_report
-    from flm_dist.experiments.tune import TuneOptions, parse_space, run_tune
-    from flm_dist.ray_seam import ensure_ray
-    from flm_dist.train.configs import FinetuneConfig, PretrainConfig
-    from flm_dist.train.finetune import run_finetune
-    from flm_dist.train.pretrain import run_pretrain
 
     root = Path(options.workdir)
     data, pretrained, finetuned, tuned = (root / name for name in ("data", "pretrain", "finetune", "tune"))

@@ -19,7 +19,6 @@ Where the numbers come from:
   data directory its config records (`pretrain.load_model_for_data`), up to `max_users` test
   users through the flow, the latents projected to 2-D with PCA.
 """
-
 from __future__ import annotations
 
 import base64
@@ -38,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from flm_dist.config import require
+from flm_dist.data.batches import build_eval_arrays
 from flm_dist.errors import UserError
+from flm_dist.runs import load_model_for_data
 from flm_dist.train.checkpoint import META_FILE, load_checkpoint, newest_valid, read_meta
 
 log = logging.getLogger("flm_dist")
@@ -159,8 +160,6 @@ def latent_projection(checkpoint: Path, data_dir: str, max_users: int = MAX_USER
     import pyarrow.parquet as pq
     import torch
 
-    from flm_dist.data.batches import build_eval_arrays
-    from flm_dist.runs import load_model_for_data
 
     model, _, meta = load_model_for_data(str(checkpoint), data_dir, torch.device("cpu"))
     model.eval()

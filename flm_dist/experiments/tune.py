@@ -22,7 +22,6 @@ At the end TUNE_DIR holds results.md (one row per trial, best first), best.json 
 trial's config, its best validation metrics and its final valid/test metrics) and curves.png
 (the monitored validation metric against the iteration of every trial).
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +40,10 @@ from flm_dist.config import (
     to_dict,
 )
 from flm_dist.errors import UserError
+from flm_dist.logs import setup_logging
+from flm_dist.runs import read_manifest
+from flm_dist.train.configs import FinetuneConfig
+from flm_dist.train.finetune import resolve, train_recommender
 from flm_dist.train.session import LocalSession
 
 log = logging.getLogger("flm_dist")
@@ -62,7 +65,6 @@ def _override(key: str, value: Any) -> str:
 
 def _check_value(base: dict[str, Any], key: str, value: Any) -> None:
     """Build a FinetuneConfig from `base` with `key` set to `value`, or raise a one-line UserError."""
-    from flm_dist.train.configs import FinetuneConfig
 
     data = {**PLACEHOLDERS, **base}
     try:
@@ -148,11 +150,6 @@ def tune_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, m
     import torch
     from ray import tune
 
-    from flm_dist.logs import setup_logging
-    from flm_dist.runs import read_manifest
-    from flm_dist.train.configs import FinetuneConfig
-    from flm_dist.train.finetune import _train, resolve
-
     setup_logging()
     torch.set_num_threads(max(1, threads))
     run_dir = Path(runs_dir) / tune.get_context().get_trial_id()
@@ -164,7 +161,7 @@ def tune_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, m
     shutil.copytree(Path(config.data) / "vocab", run_dir / "vocab", dirs_exist_ok=True)
     (run_dir / "data_manifest.json").write_text(json.dumps(read_manifest(config.data), indent=2, sort_keys=True))
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
-    _train(config, TuneSession(config.data, str(run_dir), metric))
+    train_recommender(config, TuneSession(config.data, str(run_dir), metric))
 
 
 def _record_attempt(run_dir: Path) -> None:
@@ -227,7 +224,6 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
 
     from flm_dist import ray_seam
-    from flm_dist.train.configs import FinetuneConfig
 
     if options.samples < 1 or options.concurrent < 1:
         raise UserError("--samples and --concurrent must be >= 1")

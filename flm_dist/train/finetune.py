@@ -89,7 +89,7 @@ def _train_filter(config: FinetuneConfig):
     return functools.partial(filter_users, keep_users=keep)
 
 
-def _train(config: FinetuneConfig, session) -> dict[str, Any]:
+def train_recommender(config: FinetuneConfig, session) -> dict[str, Any]:
     return train_loop(config, session, model_factory=functools.partial(build_recommender, config),
                       train_filter=_train_filter(config), kind="finetune",
                       validate_first=config.finetune.keep_pretrained)
@@ -99,7 +99,7 @@ def finetune_worker(payload: dict[str, Any]) -> None:
     """Ray Train entry point: rebuild the config from plain data and run the loop."""
     setup_logging()
     config = from_dict(FinetuneConfig, payload["config"])
-    _train(config, RaySession(config.output))
+    train_recommender(config, RaySession(config.output))
 
 
 def resolve(config: FinetuneConfig) -> FinetuneConfig:
@@ -127,5 +127,5 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     if counts.items_new and config.finetune.mode == "frozen":
         log.warning("%d new items keep random, frozen rows in frozen mode: they will rank at random",
                     counts.items_new)
-    return launch_training(config, "finetune", _train, finetune_worker)
+    return launch_training(config, "finetune", train_recommender, finetune_worker)
 
