@@ -7,6 +7,7 @@ Per set, fraction and protocol: test NDCG@10 averaged over seeds 0-2, and the tw
 signed-rank p of the row against SASRec from scratch, paired by user on per-user NDCG@10
 averaged over the seeds (as `flm ablate` tests). Prints markdown rows:
 variant | fraction | Beauty unmasked / masked | Toys unmasked / masked.
+docs/results.md ("The answer in one table") holds these rows verbatim, which tests/test_ablate.py checks.
 """
 
 import functools
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flm_dist.metrics import ndcg_at, wilcoxon_p_value
+from flm_dist.eval.metrics import ndcg_at, wilcoxon_p_value
 
 RESULTS = Path(__file__).parent
 SEEDS = (0, 1, 2)
