@@ -7,8 +7,9 @@
 # Stages:
 #   train    flm bench train on Beauty (batch 256): SASRec and joint, windows all and prefixes,
 #            eager and torch.compile
-#   quality  Beauty SASRec pretraining, bf16 then fp32 (same seed): epoch time, validation time,
-#            time to validation NDCG@10 0.0517 (history not masked), test metrics
+#   quality  Beauty SASRec pretraining (jobs/data/beauty.yaml + jobs/recipes/sasrec.yaml), bf16
+#            then fp32 (same seed): epoch time, validation time, time to validation NDCG@10
+#            0.0517 (history not masked), test metrics
 #   topk     flm bench topk on the GPU at 1M and 10M items
 #   large    a 1M-item synthetic log (needs Ray from .whl), then the large configuration
 #            (hidden 512, 4 layers, max_len 200, batch 1024, sampled softmax) for MFU
@@ -57,9 +58,9 @@ stage_quality() {
   local result=$OUT/quality.jsonl
   for precision in bf16 fp32; do
     local run=$scratch/runs/beauty_$precision
-    flm pretrain --data "$data" --output "$run" --workers 0 "${sasrec[@]}" \
-      eval.user_source=sequence eval.mask_history=false model.positions=first \
-      train.windows=prefixes train.batch_size=256 train.lr=0.001 train.patience=10 \
+    # the SASRec preset of jobs/sasrec_beauty.yaml: Beauty's settings, then the measured recipe
+    flm pretrain --config jobs/data/beauty.yaml --config jobs/recipes/sasrec.yaml \
+      --data "$data" --output "$run" --workers 0 \
       train.epochs="$epochs" train.precision="$precision" >>"$OUT/quality.log" 2>&1
     python3 - "$run" "$precision" >>"$result" <<'EOF'
 import json, sys

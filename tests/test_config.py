@@ -54,3 +54,38 @@ def test_missing_required_and_bad_yaml(tmp_path):
         load_config(ModelConfig, str(bad))
     with pytest.raises(UserError, match="not found"):
         load_config(ModelConfig, str(tmp_path / "missing.yaml"))
+
+
+# Presets compose: a dataset file, then a recipe (jobs/data/, jobs/recipes/; later files win).
+MAX_LEN = {"beauty": 50, "toys": 50, "sports": 50, "ml100k": 200}
+
+
+def _preset(name: str) -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[1] / "jobs" / name)
+
+
+@pytest.mark.parametrize("dataset", sorted(MAX_LEN))
+def test_dataset_plus_recipe_gives_the_measured_recipe(dataset):
+    data, sasrec, joint = _preset(f"data/{dataset}.yaml"), _preset("recipes/sasrec.yaml"), _preset("recipes/pretrain.yaml")
+    config = load_config(PretrainConfig, [data, sasrec], ["output=o"])
+    assert config.data == f".data/{dataset}" and config.model.max_len == MAX_LEN[dataset]
+    assert (config.model.positions, config.train.windows, config.train.epochs, config.train.patience) == (
+        "first", "prefixes", 30, 10)
+    assert (config.loss.cf, config.loss.fused, config.loss.flow) == (0.0, 0.0, 0.0)
+    assert (config.eval.user_source, config.eval.mask_history) == ("sequence", False)
+    config = load_config(PretrainConfig, [data, joint], ["output=o"])
+    assert (config.model.cf_user, config.model.user_head, config.train.windows) == ("history", "linear", "prefixes")
+    assert config.model.max_len == MAX_LEN[dataset] and config.eval.user_source == "fused"
+
+
+def test_a_later_preset_wins_key_by_key(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("data: d\noutput: o\nmodel: {hidden: 32, layers: 3}\ntrain: {lr: 0.01}\n")
+    second.write_text("model: {hidden: 16}\n")
+    config = load_config(PretrainConfig, [str(first), str(second)])
+    assert (config.model.hidden, config.model.layers, config.train.lr) == (16, 3, 0.01)
+    config = load_config(PretrainConfig, [str(second), str(first)])
+    assert config.model.hidden == 32
+    assert load_config(PretrainConfig, [str(first), str(second)], ["model.hidden=8"]).model.hidden == 8

@@ -1,4 +1,5 @@
-"""Job files: schema validation of every jobs/*.yaml, error messages, output-path confinement, `flm run`."""
+"""Job files: schema validation of every jobs/*.yaml and of the presets they compose (jobs/data/,
+jobs/recipes/), error messages, output-path confinement, `flm run`."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from flm_dist.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 # Search spaces for `flm tune` live beside the jobs; tests/test_tune.py validates them.
 JOB_FILES = sorted(p for p in (REPO / "jobs").glob("*.yaml") if not p.name.endswith("_space.yaml"))
+# Presets (`--config` files, a step's `presets:`): jobs/data/ per dataset, jobs/recipes/ per recipe.
+PRESET_FILES = sorted([*(REPO / "jobs" / "data").rglob("*.yaml"), *(REPO / "jobs" / "recipes").glob("*.yaml")])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +67,10 @@ def test_jobs_folder_has_every_stage_for_every_dataset():
     for dataset in ("beauty", "sports", "toys", "ml100k"):
         for kind in ("prepare", "pretrain", "sasrec"):
             assert f"{kind}_{dataset}.yaml" in names
+        assert (REPO / "jobs" / "data" / f"{dataset}.yaml").is_file()
+        assert (REPO / "jobs" / "data" / "prepare" / f"{dataset}.yaml").is_file()
+    for recipe in ("pretrain", "finetune", "sasrec", "ablate", "ablate_cpu"):
+        assert (REPO / "jobs" / "recipes" / f"{recipe}.yaml").is_file()
     assert "demo.yaml" in names
 
 
@@ -328,3 +335,204 @@ def test_flm_run_synth_then_prepare(tmp_path, monkeypatch, capsys, ray_session):
     assert "step synth (synth)" in out and "step prepare (prepare)" in out
     manifest = json.loads((tmp_path / ".data" / "tiny" / "prepared" / "manifest.json").read_text())
     assert manifest["interactions"] > 0 and manifest["users"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: a dataset file plus a recipe file, composed by `--config` and by a step's `presets:`
+# ---------------------------------------------------------------------------------------------
+
+# The stage each preset folder configures, and the keys a preset leaves to the job or command.
+PRESET_STAGES = {"data/prepare": ("prepare", {}),
+                 "data": ("pretrain", {"output": "runs/x"}),
+                 "recipes/sasrec": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
+                 "recipes/pretrain": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
+                 "recipes/finetune": ("finetune", {"pretrained": "runs/p", "data": ".data/x", "output": "runs/x"}),
+                 "recipes/ablate": ("ablate", {"data": ".data/x", "output": "runs/x"}),
+                 "recipes/ablate_cpu": ("ablate", {"data": ".data/x", "output": "runs/x"})}
+# The SASRec recipe measured on Beauty (README "Quality on Beauty"); every dataset's SASRec job uses it.
+MEASURED_SASREC = {"model": {"hidden": 64, "layers": 2, "dropout": 0.5, "positions": "first"},
+                   "loss": {"seq": 1.0, "cf": 0.0, "fused": 0.0, "flow": 0.0},
+                   "train": {"batch_size": 256, "lr": 1e-3, "windows": "prefixes", "epochs": 30, "patience": 10},
+                   "eval": {"user_source": "sequence", "mask_history": False}}
+
+
+def _preset_stage(path: Path) -> tuple[str, dict]:
+    relative = path.relative_to(REPO / "jobs").with_suffix("").as_posix()
+    for prefix in sorted(PRESET_STAGES, key=len, reverse=True):
+        if relative == prefix or relative.startswith(prefix + "/"):
+            return PRESET_STAGES[prefix]
+    raise AssertionError(f"{relative}: no stage known for this preset; add it to PRESET_STAGES")
+
+
+@pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.relative_to(REPO / "jobs").as_posix())
+def test_every_preset_validates_and_is_used(path):
+    stage, rest = _preset_stage(path)
+    spec = parse_job({"steps": [{stage: {"presets": [str(path)], **rest}}]}, "job.yaml", root=REPO)
+    assert spec.steps[0].presets == [str(path)]
+    text = path.read_text()
+    assert "0.0.0.0" not in text and "RAY_AUTH_TOKEN" not in text and "presets" not in yaml.safe_load(text)
+    users = [job.name for job in JOB_FILES if any(str(path) in step.presets for step in load_job(str(job)).steps)]
+    assert users, f"{path} is composed by no job file"
+
+
+def _subset(config: dict, expected: dict) -> dict:
+    return {key: _subset(config[key], value) if isinstance(value, dict) else config[key]
+            for key, value in expected.items()}
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_every_dataset_gets_the_measured_sasrec_recipe(dataset):
+    from flm_dist.config import to_dict
+
+    spec = load_job(str(REPO / "jobs" / f"sasrec_{dataset}.yaml"), root=REPO)
+    pretrain = spec.step("pretrain")
+    assert pretrain.presets == [str(REPO / "jobs" / "data" / f"{dataset}.yaml"),
+                                str(REPO / "jobs" / "recipes" / "sasrec.yaml")]
+    settings = to_dict(pretrain.config)
+    assert _subset(settings, MEASURED_SASREC) == MEASURED_SASREC
+    assert settings["model"]["max_len"] == DATASETS[dataset][3]
+    assert settings["output"] == str(REPO / "runs" / f"sasrec_{dataset}")
+    # the same recipe for every dataset: only the dataset's own settings differ from Beauty's
+    beauty = to_dict(load_job(str(REPO / "jobs" / "sasrec_beauty.yaml"), root=REPO).step("pretrain").config)
+    for key in ("data", "output"):
+        settings.pop(key), beauty.pop(key)
+    settings["model"].pop("max_len"), beauty["model"].pop("max_len")
+    assert settings == beauty
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_flm_pretrain_composes_the_same_presets(dataset, monkeypatch):
+    """`flm pretrain --config jobs/data/D.yaml --config jobs/recipes/sasrec.yaml` is the pretrain
+    step of jobs/sasrec_D.yaml."""
+    import flm_dist.train.pretrain as pretrain_module
+    from flm_dist.cli.main import parse_arguments
+
+    seen = []
+
+    class Ran(Exception):
+        pass
+
+    def fake_run(config):
+        seen.append(config)
+        raise Ran
+
+    monkeypatch.setattr(pretrain_module, "run_pretrain", fake_run)
+    monkeypatch.chdir(REPO)
+    args = parse_arguments(["pretrain", "--config", f"jobs/data/{dataset}.yaml", "--config",
+                            "jobs/recipes/sasrec.yaml", "--data", f".data/{dataset}", "--output",
+                            f"runs/sasrec_{dataset}"])
+    with pytest.raises(Ran):
+        args.run(args)
+    step = load_job(str(REPO / "jobs" / f"sasrec_{dataset}.yaml"), resolve_paths=False).step("pretrain")
+    assert seen == [step.config]
+
+
+def _files(tmp_path: Path, files: dict[str, object]) -> None:
+    for name, content in files.items():
+        target = tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+
+
+def test_step_presets_compose_in_order_under_the_step_and_its_overrides(tmp_path):
+    _files(tmp_path, {
+        "jobs/data/x.yaml": {"data": ".data/x", "model": {"max_len": 20, "hidden": 16}},
+        "jobs/recipes/a.yaml": {"model": {"hidden": 32, "layers": 3}, "train": {"epochs": 7, "lr": 0.01}},
+        "jobs/recipes/b.yaml": {"model": {"hidden": 48}, "train": {"epochs": 9}},
+        "jobs/job.yaml": {"steps": [{"pretrain": {
+            "presets": ["data/x.yaml", "recipes/a.yaml", "recipes/b.yaml"],
+            "output": "runs/x", "train": {"epochs": 4}}}]}})
+    job = str(tmp_path / "jobs" / "job.yaml")
+    config = load_job(job, root=tmp_path).step("pretrain").config
+    assert config.data == str(tmp_path / ".data" / "x")             # from the dataset file
+    assert (config.model.max_len, config.model.layers) == (20, 3)  # keys only one preset sets
+    assert config.model.hidden == 48                                # a later preset wins
+    assert (config.train.epochs, config.train.lr) == (4, 0.01)      # the step's own keys win, per key
+    config = load_job(job, ["pretrain.train.epochs=2", "pretrain.model.hidden=8"], root=tmp_path).step("pretrain").config
+    assert (config.train.epochs, config.model.hidden) == (2, 8)     # overrides win over both
+    # `step.presets=[...]` replaces the list (paths still relative to the job file)
+    config = load_job(job, ["pretrain.presets=[data/x.yaml,recipes/a.yaml]"], root=tmp_path).step("pretrain").config
+    assert config.model.hidden == 32
+
+
+def test_preset_paths_are_relative_to_the_job_file(tmp_path, monkeypatch):
+    _files(tmp_path, {"project/jobs/recipes/r.yaml": {"model": {"hidden": 32}},
+                      "elsewhere/recipes/r.yaml": {"model": {"hidden": 8}},
+                      "project/jobs/job.yaml": {"steps": [{"pretrain": {**PRETRAIN, "presets": ["recipes/r.yaml"]}}]}})
+    monkeypatch.chdir(tmp_path / "elsewhere")   # not where the job file is
+    spec = load_job(str(tmp_path / "project" / "jobs" / "job.yaml"), root=tmp_path / "elsewhere")
+    assert spec.step("pretrain").config.model.hidden == 32
+    assert spec.step("pretrain").presets == [str(tmp_path / "project" / "jobs" / "recipes" / "r.yaml")]
+    # stage paths inside the step still resolve against the working directory
+    assert spec.step("pretrain").config.data == str(tmp_path / "elsewhere" / ".data" / "x")
+    absolute = {"steps": [{"pretrain": {**PRETRAIN, "presets": str(tmp_path / "elsewhere" / "recipes" / "r.yaml")}}]}
+    assert parse_job(absolute, str(tmp_path / "project" / "jobs" / "j.yaml"),
+                     root=tmp_path).step("pretrain").config.model.hidden == 8
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ({"model": {"hiden": 3}}, ["'model.hiden'", "unknown key"]),
+    ({"modle": {}}, ["'modle'", "unknown key"]),
+    ({"train": {"epochs": "many"}}, ["'train.epochs'", "integer"]),
+    ({"eval": {"ks": [5, "ten"]}}, ["'eval.ks[1]'"]),
+])
+def test_a_bad_key_in_a_preset_is_one_line_naming_the_file(tmp_path, preset, expected):
+    _files(tmp_path, {"jobs/recipes/good.yaml": {"model": {"hidden": 32}},
+                      "jobs/recipes/bad.yaml": preset,
+                      "jobs/job.yaml": {"steps": [
+                          {"prepare": {"input": "x.txt", "output": ".data/x"}},
+                          {"pretrain": {**PRETRAIN, "presets": ["recipes/bad.yaml", "recipes/good.yaml"]}}]}})
+    job = str(tmp_path / "jobs" / "job.yaml")
+    with pytest.raises(JobError) as info:
+        load_job(job, root=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"{job}: step 2 'pretrain' (pretrain): preset {tmp_path}/jobs/recipes/bad.yaml: "), message
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_a_bad_key_set_over_a_preset_names_where_it_was_written(tmp_path):
+    _files(tmp_path, {"jobs/bad.yaml": {"model": {"hiden": 3}, "train": {"epochs": "many"}},
+                      "jobs/job.yaml": {"steps": [{"pretrain": {**PRETRAIN, "presets": ["bad.yaml"],
+                                                                "model": {"hiden": 4}}}]}})
+    job = str(tmp_path / "jobs" / "job.yaml")
+    with pytest.raises(JobError) as info:  # the step's own key wins over the preset's: the step is named
+        load_job(job, root=tmp_path)
+    assert "'model.hiden'" in str(info.value) and "bad.yaml" not in str(info.value)
+    with pytest.raises(JobError) as info:  # fixed by an override: the override is not blamed on the preset
+        load_job(job, ["pretrain.model={}", "pretrain.train.epochs=zero"], root=tmp_path)
+    assert "'train.epochs'" in str(info.value) and "bad.yaml" not in str(info.value)
+
+
+@pytest.mark.parametrize("presets, expected", [
+    (["missing.yaml"], ["config file not found", "missing.yaml"]),
+    (["list.yaml"], ["must hold a mapping", "list.yaml"]),
+    ({"a": 1}, ["'presets' must be a list of YAML files"]),
+    ([3], ["'presets' must be a list of YAML files"]),
+])
+def test_bad_preset_lists_fail_with_one_line(tmp_path, presets, expected):
+    _files(tmp_path, {"list.yaml": "- 1\n- 2\n"})
+    path = _write(tmp_path, {"steps": [{"pretrain": {**PRETRAIN, "presets": presets}}]})
+    with pytest.raises(UserError) as info:
+        load_job(path, root=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and f"{path}: step 1 'pretrain' (pretrain)" in message, message
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_flm_command_names_the_preset_with_the_bad_key(tmp_path, capsys):
+    from flm_dist.cli.main import main
+
+    _files(tmp_path, {"data.yaml": {"data": ".data/x"}, "recipe.yaml": {"train": {"epochz": 3}}})
+    status = main(["pretrain", "--config", str(tmp_path / "data.yaml"), "--config", str(tmp_path / "recipe.yaml"),
+                   "--data", "d", "--output", str(tmp_path / "runs" / "x")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err
+    assert err.startswith(f"error: {tmp_path / 'recipe.yaml'}: config key 'train.epochz': unknown key"), err
+    # a flag or an override that sets the key is named as before, not the preset
+    status = main(["pretrain", "--config", str(tmp_path / "data.yaml"), "--data", "d", "--output",
+                   str(tmp_path / "runs" / "x"), "train.epochz=3"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith("error: config key 'train.epochz'"), err

@@ -12,6 +12,22 @@ against the stage's config dataclass with `config.from_dict`, so a typo fails be
 runs, with one line naming the job file, the step and the key. Overrides address a step by name:
 `pretrain.train.epochs=3`.
 
+Presets: a step body may list YAML presets, composed as `--config` composes them on the command
+line (a dataset file, then a recipe; jobs/README.md):
+
+      - pretrain:
+          presets: [data/beauty.yaml, recipes/sasrec.yaml]
+          output: runs/sasrec_beauty
+
+A step's settings are, in order (later wins): its presets, each deep-merged over the one before
+(`config.merged_settings`), then the step's own keys, then `step.key=value` overrides. Preset
+paths are relative to the directory of the job file (absolute paths and URIs are taken as they
+are), so a job file and its presets move together, also to a cluster where `flm submit --remote-cwd`
+runs in another directory; the paths *inside* a preset (data, output) are stage paths like any
+other and resolve against the working directory. A preset holds plain stage settings (no
+`presets:` of its own). A bad key written in a preset is one line naming the job file, the step,
+the preset file and the key. `step.presets=[...]` overrides replace a step's list.
+
 Paths: relative paths resolve against the current working directory and absolute paths are
 allowed; before a stage runs, its local input and output paths (`Stage.inputs`, `Stage.outputs`)
 are made absolute, because Ray workers do not share the driver's working directory. Inputs (data
@@ -29,10 +45,21 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from flm_dist.config import ConfigKeyError, apply_overrides, from_dict, parse_override, read_yaml, to_dict
+from flm_dist.cli.common import preset_key_error
+from flm_dist.config import (
+    ConfigKeyError,
+    apply_overrides,
+    deep_merge,
+    from_dict,
+    merged_settings,
+    parse_override,
+    read_yaml,
+    to_dict,
+)
 from flm_dist.errors import UserError
 
 log = logging.getLogger("flm_dist")
@@ -185,6 +212,8 @@ class Step:
     stage: str
     config: Any
     """The validated config dataclass of the stage."""
+    presets: list[str] = dataclasses.field(default_factory=list)
+    """The preset files composed under the step's own settings, as resolved."""
 
 
 @dataclasses.dataclass
@@ -234,8 +263,12 @@ def _raw_steps(path: str, data: dict[str, Any]) -> list[tuple[str, str, dict[str
     return result
 
 
-def _apply_step_overrides(path: str, raw: list[tuple[str, str, dict[str, Any]]],
-                          overrides: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+PRESETS_KEY = "presets"
+
+
+def _step_overrides(path: str, raw: list[tuple[str, str, dict[str, Any]]],
+                    overrides: list[str]) -> dict[str, list[str]]:
+    """`step.key=value` overrides grouped by step, the step name cut off."""
     by_step: dict[str, list[str]] = {name: [] for name, _, _ in raw}
     for text in overrides:
         keys, _ = parse_override(text)
@@ -243,7 +276,34 @@ def _apply_step_overrides(path: str, raw: list[tuple[str, str, dict[str, Any]]],
             raise UserError(f"override {text!r}: must start with a step name of {path} "
                             f"({', '.join(by_step)}), e.g. {next(iter(by_step))}.output=...")
         by_step[keys[0]].append(text.split(".", 1)[1])
-    return [(name, stage, apply_overrides(body, by_step[name])) for name, stage, body in raw]
+    return by_step
+
+
+def _preset_paths(path: str, value: Any, where: str) -> list[str]:
+    """A step's `presets:` as paths: relative ones resolved against the job file's directory."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise JobError(f"{where}: '{PRESETS_KEY}' must be a list of YAML files, got {value!r}")
+    base = os.path.dirname(path)
+    return [v if _URI.match(v) or os.path.isabs(v) else os.path.normpath(os.path.join(base, v)) for v in value]
+
+
+def _step_settings(path: str, where: str, body: dict[str, Any],
+                   overrides: list[str]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """presets <- the step's own keys <- overrides; returns (settings, presets, the overrides
+    applied last). `presets=...` overrides replace the step's list before it is read."""
+    listing = [o for o in overrides if parse_override(o)[0][0] == PRESETS_KEY]
+    rest = [o for o in overrides if o not in listing]
+    body = apply_overrides(body, listing)
+    presets = _preset_paths(path, body.pop(PRESETS_KEY, None), where)
+    try:
+        below = merged_settings(presets) if presets else {}
+    except UserError as exc:
+        raise JobError(f"{where}: presets: {exc}") from None
+    return apply_overrides(deep_merge(below, body), rest), presets, rest
 
 
 def parse_job(data: dict[str, Any], path: str = "<job>", overrides: list[str] | tuple[str, ...] = (),
@@ -255,16 +315,19 @@ def parse_job(data: dict[str, Any], path: str = "<job>", overrides: list[str] | 
     name = data.get("name") or Path(path).stem
     if not isinstance(name, str):
         raise JobError(f"{path}: 'name' must be a string")
-    raw = _apply_step_overrides(path, _raw_steps(path, data), list(overrides))
+    raw = _raw_steps(path, data)
+    by_step = _step_overrides(path, raw, list(overrides))
     steps = []
     for index, (step_name, stage_name, body) in enumerate(raw, 1):
         stage = STAGES[stage_name]
         config_cls, _ = stage.load()
         where = f"{path}: step {index} '{step_name}' ({stage_name})"
+        settings, presets, last = _step_settings(path, where, body, by_step[step_name])
         try:
-            config = from_dict(config_cls, body)
+            config = from_dict(config_cls, settings)
         except ConfigKeyError as exc:
-            raise JobError(f"{where}: config key '{exc.key}': {exc.reason}") from None
+            named = preset_key_error(exc, presets, above=[body], overrides=last)
+            raise JobError(f"{where}: {'preset ' if named is not exc else ''}{named}") from None
         except UserError as exc:
             raise JobError(f"{where}: {exc}") from None
         if resolve_paths:
@@ -281,7 +344,7 @@ def parse_job(data: dict[str, Any], path: str = "<job>", overrides: list[str] | 
                     except PathEscapeError as exc:
                         raise PathEscapeError(f"{where}: {exc}") from None
             config = dataclasses.replace(config, **resolved)
-        steps.append(Step(step_name, stage_name, config))
+        steps.append(Step(step_name, stage_name, config, presets))
     runtime_data = data.get("runtime") or {}
     if not isinstance(runtime_data, dict):
         raise JobError(f"{path}: 'runtime' must be a mapping")
@@ -324,5 +387,6 @@ def run_job(spec: JobSpec, only: list[str] | None = None) -> list[dict[str, Any]
 def describe(spec: JobSpec) -> dict[str, Any]:
     """The resolved job as a plain dict (for `flm run --dry-run`)."""
     return {"name": spec.name, "file": spec.path,
-            "steps": [{"name": s.name, "stage": s.stage, "config": to_dict(s.config)} for s in spec.steps],
+            "steps": [{"name": s.name, "stage": s.stage, "presets": s.presets, "config": to_dict(s.config)}
+                      for s in spec.steps],
             "runtime": to_dict(spec.runtime)}
