@@ -179,7 +179,7 @@ def test_scanners_catch_bad_examples():
     assert not exposure_findings("serviceType: ClusterIP  # never LoadBalancer")
 
 
-SCANNED = CLUSTER_FILES + sorted((REPO / "jobs").glob("*.yaml"))
+SCANNED = CLUSTER_FILES + sorted((REPO / "jobs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SCANNED, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -60,8 +60,8 @@ def add_commands(commands) -> None:
     demo.set_defaults(run=cmd_demo)
 
     tune = commands.add_parser("tune", help="hyper-parameter sweep of fine-tuning (Ray Tune, ASHA)")
-    tune.add_argument("--pretrained", required=True, help="pretraining run directory (uses best/) or checkpoint")
-    tune.add_argument("--data", required=True, help="prepared data to fine-tune on")
+    tune.add_argument("--pretrained", help="pretraining run directory (uses best/) or checkpoint")
+    tune.add_argument("--data", help="prepared data to fine-tune on")
     tune.add_argument("--space", required=True, help="search-space YAML (e.g. jobs/tune_space.yaml)")
     tune.add_argument("--output", required=True, help="TUNE_DIR")
     tune.add_argument("--samples", type=int, default=8, help="trials drawn (x each grid point)")
@@ -77,8 +77,8 @@ def add_commands(commands) -> None:
     tune.set_defaults(run=cmd_tune)
 
     ablate = commands.add_parser("ablate", help="the Pretraining-FLM ablation on one dataset")
-    ablate.add_argument("--data", required=True, help="prepared data directory")
-    ablate.add_argument("--output", required=True, help="directory for runs, ablation.md, ablation.json")
+    ablate.add_argument("--data", help="prepared data directory")
+    ablate.add_argument("--output", help="directory for runs, ablation.md, ablation.json")
     ablate.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
     ablate.add_argument("--first-seed", type=int, help="the first seed (default 0)")
     ablate.add_argument("--fractions", type=comma_floats,
