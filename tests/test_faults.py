@@ -1,4 +1,4 @@
-"""Faults injected into real runs: the outcome each must have (README, "Failure semantics")."""
+"""Faults injected into real runs: the outcome each must have (docs/operations.md, "Failure semantics")."""
 
 import json
 import os

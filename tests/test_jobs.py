@@ -113,7 +113,7 @@ def test_dataset_jobs_use_the_agreed_settings(dataset):
         if kind == "sasrec":
             assert (pretrain.loss.cf, pretrain.loss.fused, pretrain.loss.flow) == (0.0, 0.0, 0.0)
             assert pretrain.loss.seq > 0 and pretrain.eval.user_source == "sequence"
-        else:  # the recipe measured best (README "Pretraining"), then fine-tuning from it
+        else:  # the recipe measured best (docs/guide/pretrain.md), then fine-tuning from it
             assert pretrain.loss.cf > 0 and pretrain.eval.user_source == "fused"
             assert (pretrain.model.cf_user, pretrain.model.user_head, pretrain.train.windows) == (
                 "history", "linear", "prefixes")
@@ -349,7 +349,7 @@ PRESET_STAGES = {"data/prepare": ("prepare", {}),
                  "recipes/finetune": ("finetune", {"pretrained": "runs/p", "data": ".data/x", "output": "runs/x"}),
                  "recipes/ablate": ("ablate", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/ablate_cpu": ("ablate", {"data": ".data/x", "output": "runs/x"})}
-# The SASRec recipe measured on Beauty (README "Quality on Beauty"); every dataset's SASRec job uses it.
+# The SASRec recipe measured on Beauty (docs/results.md, "Quality on Beauty"); every dataset's SASRec job uses it.
 MEASURED_SASREC = {"model": {"hidden": 64, "layers": 2, "dropout": 0.5, "positions": "first"},
                    "loss": {"seq": 1.0, "cf": 0.0, "fused": 0.0, "flow": 0.0},
                    "train": {"batch_size": 256, "lr": 1e-3, "windows": "prefixes", "epochs": 30, "patience": 10},

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flm_dist.data.readers import ColumnMap, read_file
+from flm_dist.data.events import ColumnMap
+from flm_dist.data.readers import read_file
 from flm_dist.errors import UserError
 
 MEMORY = fsspec.filesystem("memory")
@@ -45,7 +46,7 @@ def test_random_bytes_never_crash(data, fmt):
 
 
 # Line breaks inside quoted fields are left out: the CSV reader splits records on \r and \n, so
-# such a record becomes malformed rows (quarantined and counted; README, "Limits").
+# such a record becomes malformed rows (quarantined and counted; docs/operations.md, "Limits").
 ids = st.one_of(st.integers(min_value=-(2**70), max_value=2**70),
                 st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=8),
                 st.sampled_from(["", "  ", "null", "NaN", "1e400", "١٢"]))
