@@ -1,7 +1,9 @@
-"""The Ray seam: the only module (with the job drivers) that knows about Ray.
+"""The Ray seam: the only module (with the job drivers, and ray_compat.py for Ray's private APIs)
+that knows about Ray.
 
-Job code asks it for Ray to be running, for this worker's dataset shard, and to report metrics and
-checkpoints; model and training-step code never import Ray.
+Job code asks it for Ray to be running, to run tasks in parallel (`run_in_parallel`), for this
+worker's dataset shard, and to report metrics and checkpoints; model and training-step code never
+import Ray.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from typing import Any, Callable, Hashable
 
+from flm_dist import ray_compat
 from flm_dist.errors import UserError
 
 log = logging.getLogger("flm_dist")
@@ -33,6 +37,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)
 
 
+def cluster_cpus() -> int:
+    """CPUs of the Ray cluster (at least 1), starting a local Ray instance if none is running."""
+    import ray
+
+    ensure_ray()
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def share(value: Any) -> Any:
+    """`value` in Ray's object store: calls that pass the result to their tasks ship `value` once,
+    not once per task, and each task receives `value` itself."""
+    import ray
+
+    return ray.put(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskCall:
     """One call of `run_in_parallel`: `function(*args)` in a Ray task, after the calls `after`."""
@@ -48,37 +68,43 @@ class TaskCall:
 
 def run_in_parallel(calls: list[TaskCall], parallel: int, num_cpus: float, num_gpus: float,
                     on_finished: Callable[[Hashable, Any], None], describe: str = "task",
-                    address: str | None = None) -> None:
+                    address: str | None = None, retries: int = 0, log_level: int = logging.INFO) -> None:
     """Run `calls` as Ray tasks of `num_cpus` CPUs and `num_gpus` GPUs, at most `parallel` at once,
     started in list order as their `after` calls finish; `on_finished(key, result)` runs here as
-    each one ends. A task is not retried: when one fails, no further call starts, the running
-    ones finish (so their work is kept), and the first error is raised."""
+    each one ends. A task whose worker died (a crash, a memory kill) is rerun at most `retries`
+    times; an error raised by the task is not retried: no further call starts, the running ones
+    finish (so their work is kept), and the first error is raised, a user's mistake as one line.
+    Each start and end is logged at `log_level`."""
     import ray
 
     ensure_ray(address)
     threads = max(1, int(num_cpus))
-    task = ray.remote(_run_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
-    pending, running, done = list(calls), {}, set()
+    task = ray.remote(_run_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=retries)
+    waiting, running, done = list(calls), {}, set()
     failure: BaseException | None = None
-    while pending or running:
-        for call in [c for c in pending if failure is None and all(a in done for a in c.after)]:
-            if len(running) >= parallel:
-                break
-            log.info("%s %d/%d started: %s", describe, len(calls) - len(pending) + 1, len(calls), call.label)
+    while waiting or running:
+        ready = [c for c in waiting if all(a in done for a in c.after)] if failure is None else []
+        for call in ready[: max(0, parallel - len(running))]:
+            log.log(log_level, "%s %d/%d started: %s", describe, len(calls) - len(waiting) + 1, len(calls),
+                    call.label)
             running[task.remote(call.function, threads, *call.args)] = call
-            pending.remove(call)
+            waiting.remove(call)
         if not running:
             break
-        (ready,), _ = ray.wait(list(running), num_returns=1)
-        call = running.pop(ready)
+        (finished,), _ = ray.wait(list(running), num_returns=1)
+        call = running.pop(finished)
         try:
-            result = ray.get(ready)
+            result = ray.get(finished)
         except Exception as exc:  # Ray wraps the task's error; keep a user mistake one clear line
-            log.error("%s failed: %s", call.label, _user_error_in(exc) or exc)
-            failure = failure or exc
+            if failure is None:
+                failure = exc
+                log.log(log_level, "%s failed, starting no further %ss: %s", call.label, describe,
+                        _user_error_in(exc) or exc)
+            else:  # only the first error is raised: the later ones must not go unseen
+                log.error("%s failed too: %s", call.label, _user_error_in(exc) or exc)
             continue
         done.add(call.key)
-        log.info("%s finished: %s (%d of %d done)", describe, call.label, len(done), len(calls))
+        log.log(log_level, "%s finished: %s (%d of %d done)", describe, call.label, len(done), len(calls))
         on_finished(call.key, result)
     if failure is not None:
         user_error = _user_error_in(failure)
@@ -88,29 +114,20 @@ def run_in_parallel(calls: list[TaskCall], parallel: int, num_cpus: float, num_g
 
 
 def _run_task(function: Callable[..., Any], threads: int, *args: Any) -> Any:
-    import torch
-
     from flm_dist.logs import setup_logging
 
     # Ray forwards the task's stderr to the driver, so its progress lines show there.
     setup_logging()
-    # A Ray worker process may have imported torch with another thread count; pin it to the
-    # task's CPUs, as `OMP_NUM_THREADS` does for a process of its own.
-    torch.set_num_threads(threads)
+    # Ray gives a task OMP_NUM_THREADS of its CPUs, which torch reads when first imported; a worker
+    # reused from an earlier task may hold torch already, with that task's thread count.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
     return function(*args)
 
 
 RUN_NAME = "ray_train"
 """Ray Train's run name under RUN_DIR: its checkpoints are RUN_DIR/ray_train/checkpoint_*."""
-
-
-def _quiet_report_log() -> None:
-    """Ray Train logs every report at INFO with all its metrics, about a hundred per epoch here,
-    from a logger named by its module's file. flm_dist logs a readable line per epoch itself, so
-    this worker keeps Ray's line for warnings and errors only."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class RaySession:
@@ -121,7 +138,7 @@ class RaySession:
 
     def __init__(self, run_dir: str | None = None):
         self.run_dir = run_dir
-        _quiet_report_log()
+        ray_compat.quiet_train_report_log()
 
     def read_split(self, name: str):
         import ray.train
@@ -199,12 +216,14 @@ def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    execution_options = ray_compat.dataset_execution_options()
+
     class DisjointSplits(ray.train.DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             output = [{} for _ in range(world_size)]
             for dataset_name, dataset in datasets.items():
                 dataset = dataset.copy(dataset)
-                dataset.context.execution_options = self._resolve_execution_options(dataset_name)
+                dataset.context.execution_options = execution_options(self, dataset_name)
                 equal = dataset_name == "train"
                 for index, split in enumerate(dataset.streaming_split(world_size, equal=equal)):
                     output[index][dataset_name] = split
@@ -243,7 +262,9 @@ def _user_error_in(exc: BaseException) -> str | None:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, UserError):
-            return str(seen)
+            # A Ray task's error arrives as a subclass of its own type whose message is the whole
+            # traceback; its `cause` is the error the task raised.
+            return str(getattr(seen, "cause", None) or seen)
         for line in str(seen).splitlines():
             if "UserError: " in line or "ConfigKeyError: " in line or "CheckpointError: " in line:
                 return line.split("Error: ", 1)[1].strip()

@@ -15,10 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flm_dist import prepare as prepare_module
 from flm_dist.config import ConfigKeyError, from_dict
+from flm_dist.data import ingest as ingest_module
+from flm_dist.data import negatives as negatives_module
+from flm_dist.data import prepare as prepare_module
+from flm_dist.data import stage_runner as stage_runner_module
+from flm_dist.data import vocabularies as vocabularies_module
+from flm_dist.data.events import ColumnMap
 from flm_dist.data.prepare import PrepareConfig, draw_negatives, run_prepare
-from flm_dist.data.readers import ColumnMap
+from flm_dist.data.readers import list_input
 from flm_dist.data.synth import SynthConfig, run_synth
 from flm_dist.errors import UserError
 
@@ -165,7 +170,7 @@ def test_vocabulary_lookups_in_groups_of_buckets_change_nothing(mem, monkeypatch
     run_synth(SynthConfig(output=f"memory://{mem}/log", users=120, items=300, interactions=8_000, seed=2))
     kcore = dict(min_user_interactions=40, min_item_interactions=25, buckets=5)
     together = run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/together", **kcore))
-    monkeypatch.setattr(prepare_module, "_LOOKUP_ROWS", 1)  # every bucket on its own
+    monkeypatch.setattr(vocabularies_module, "_LOOKUP_ROWS", 1)  # every bucket on its own
     alone = run_prepare(config(input=f"memory://{mem}/log", output=f"memory://{mem}/alone", **kcore))
     assert together["dropped"]["kcore_item"] > 0 and together["dropped"]["kcore_user"] > 0
     assert together["dropped"] == alone["dropped"] and together["kcore"] == alone["kcore"]
@@ -193,7 +198,7 @@ def test_large_catalog_negatives_by_sorted_keys_equal_the_bitmap_draw(monkeypatc
     seen = np.unique(np.concatenate([u * (n_items + 1) + rng.choice(np.arange(1, n_items + 1), size=n, replace=False)
                                      for u, n in zip(users, rng.integers(1, 120, size=len(users)))]))
     by_bitmap = draw_negatives(users, 2, seen, n_items, k, seed=3)
-    monkeypatch.setattr(prepare_module, "_BITMAP_MAX_ITEMS", 0)
+    monkeypatch.setattr(negatives_module, "_BITMAP_MAX_ITEMS", 0)
     by_keys = draw_negatives(users, 2, seen, n_items, k, seed=3)
     assert by_keys[0].tolist() == by_bitmap[0].tolist() and by_keys[1].tolist() == by_bitmap[1].tolist()
     for u in users:
@@ -235,8 +240,8 @@ def test_a_large_parquet_file_is_parsed_in_row_group_runs_with_the_same_result(m
                       "timestamp": timestamps.astype(str)})
     table = pa.concat_tables([table, table.slice(10, 1), table.slice(2500, 1)])  # duplicates across row groups
     units = []
-    parse_task = prepare_module._parse_task
-    monkeypatch.setattr(prepare_module, "_parse_task", lambda fs, files, *rest: units.append(files) or
+    parse_task = ingest_module._parse_task
+    monkeypatch.setattr(ingest_module, "_parse_task", lambda fs, files, *rest: units.append(files) or
                         parse_task(fs, files, *rest))
     results = {}
     for layout, row_group_size in (("whole", len(table)), ("split", 97)):
@@ -276,8 +281,8 @@ def test_strict_names_the_lowest_bad_row_whichever_task_finishes_first(mem, monk
     with MEMORY.open(f"{mem}/log.parquet", "wb") as handle:
         pq.write_table(table, handle, row_group_size=97)
     # In-process tasks run in the order given: reversed, the task with the last row groups goes first.
-    balanced = prepare_module._balanced
-    monkeypatch.setattr(prepare_module, "_balanced", lambda sizes, parts: balanced(sizes, parts)[::-1])
+    balanced = ingest_module.balanced
+    monkeypatch.setattr(ingest_module, "balanced", lambda sizes, parts: balanced(sizes, parts)[::-1])
     with pytest.raises(UserError, match=r"log.parquet, row 6, column 'timestamp': bad_timestamp \(raw: '\{.*later"):
         run_prepare(config(input=f"memory://{mem}/log.parquet", output=f"memory://{mem}/out", workers=2, strict=True))
     assert not MEMORY.exists(f"{mem}/out/manifest.json")
@@ -286,7 +291,7 @@ def test_strict_names_the_lowest_bad_row_whichever_task_finishes_first(mem, monk
 def test_parse_units_cut_only_large_parquet_files_into_row_group_runs():
     # 4 parts of 250 bytes: 600 bytes make 3 runs of equal rows, 300 bytes of skewed groups make 2
     # (never an empty run), a file within its share and a text file stay whole.
-    units, sizes = prepare_module._parse_units(["big.parquet", "skewed.parquet", "small.parquet", "log.csv"],
+    units, sizes = ingest_module._parse_units(["big.parquet", "skewed.parquet", "small.parquet", "log.csv"],
                                                [600, 300, 20, 80], {0: [5] * 12, 1: [10, 10, 1000], 2: [1, 1],
                                                                     3: None}, "parquet", parts=4)
     assert [(u[1], u[2]) for u in units] == [("big.parquet", (0, 4)), ("big.parquet", (4, 8)),
@@ -296,8 +301,8 @@ def test_parse_units_cut_only_large_parquet_files_into_row_group_runs():
     assert sizes == [200, 200, 200, 5, 294, 20, 80]
 
 def test_parse_units_cut_large_uncompressed_text_files_into_byte_ranges(monkeypatch):
-    monkeypatch.setattr(prepare_module, "MIN_RANGE_BYTES", 100)
-    units, sizes = prepare_module._parse_units(["big.csv", "big.csv.gz", "mid.csv", "small.csv"], [1000, 1000, 250, 150],
+    monkeypatch.setattr(ingest_module, "MIN_RANGE_BYTES", 100)
+    units, sizes = ingest_module._parse_units(["big.csv", "big.csv.gz", "mid.csv", "small.csv"], [1000, 1000, 250, 150],
                                                {}, "csv", parts=8)
     # 2400 bytes in 8 parts of 300: 1000 bytes make 4 ranges, 250 bytes make 1 (within its share),
     # a compressed file cannot be cut, and no range is below MIN_RANGE_BYTES (150 bytes: 1 range).
@@ -305,7 +310,7 @@ def test_parse_units_cut_large_uncompressed_text_files_into_byte_ranges(monkeypa
         ("big.csv", (0, 0, 250)), ("big.csv", (1, 250, 500)), ("big.csv", (2, 500, 750)), ("big.csv", (3, 750, 1000)),
         ("big.csv.gz", None), ("mid.csv", None), ("small.csv", None)]
     assert sizes == [250, 250, 250, 250, 1000, 250, 150]
-    parquet, _ = prepare_module._parse_units(["big.parquet"], [1000], {0: None}, "parquet", parts=8)
+    parquet, _ = ingest_module._parse_units(["big.parquet"], [1000], {0: None}, "parquet", parts=8)
     assert [u.byte_range for u in parquet] == [None]
 
 
@@ -335,12 +340,12 @@ def _text_log(fmt: str, rng) -> tuple[str, list[int]]:
 def test_a_large_text_file_is_parsed_in_byte_ranges_with_the_same_result(mem, monkeypatch, fmt):
     text, bad_lines = _text_log(fmt, np.random.default_rng(5))
     units = []
-    parse_task = prepare_module._parse_task
-    monkeypatch.setattr(prepare_module, "_parse_task", lambda fs, files, *rest: units.append(files) or
+    parse_task = ingest_module._parse_task
+    monkeypatch.setattr(ingest_module, "_parse_task", lambda fs, files, *rest: units.append(files) or
                         parse_task(fs, files, *rest))
     results = {}
     for layout, min_range in (("whole", 1 << 40), ("split", 100)):
-        monkeypatch.setattr(prepare_module, "MIN_RANGE_BYTES", min_range)
+        monkeypatch.setattr(ingest_module, "MIN_RANGE_BYTES", min_range)
         path = put(mem, f"{layout}/log.txt", text)
         units.clear()
         manifest = run_prepare(config(input=path, output=f"memory://{mem}/{layout}/out", format=fmt, workers=2,
@@ -367,7 +372,7 @@ def test_a_large_text_file_is_parsed_in_byte_ranges_with_the_same_result(mem, mo
 
 
 def test_a_json_column_is_judged_over_the_whole_file_when_read_in_byte_ranges(mem, monkeypatch):
-    monkeypatch.setattr(prepare_module, "MIN_RANGE_BYTES", 100)
+    monkeypatch.setattr(ingest_module, "MIN_RANGE_BYTES", 100)
     lines = [json.dumps({"user_id": f"u{n % 7}", "item_id": f"i{n % 5}", "timestamp": n}) for n in range(60)]
     # the event column only in the last lines: missing from most ranges, present in the file
     lines[-3:] = [json.dumps({"user_id": "u1", "item_id": "i1", "timestamp": 99 + n, "kind": "buy"}) for n in range(3)]
@@ -381,9 +386,9 @@ def test_a_json_column_is_judged_over_the_whole_file_when_read_in_byte_ranges(me
 
 def test_strict_names_the_lowest_bad_line_of_a_text_file_read_in_byte_ranges(mem, monkeypatch):
     text, bad_lines = _text_log("csv", np.random.default_rng(5))
-    monkeypatch.setattr(prepare_module, "MIN_RANGE_BYTES", 100)
-    balanced = prepare_module._balanced
-    monkeypatch.setattr(prepare_module, "_balanced", lambda sizes, parts: balanced(sizes, parts)[::-1])
+    monkeypatch.setattr(ingest_module, "MIN_RANGE_BYTES", 100)
+    balanced = ingest_module.balanced
+    monkeypatch.setattr(ingest_module, "balanced", lambda sizes, parts: balanced(sizes, parts)[::-1])
     with pytest.raises(UserError, match=rf"log.csv, row {bad_lines[0]}: malformed"):
         run_prepare(config(input=put(mem, "log.csv", text), output=f"memory://{mem}/out", workers=2, strict=True))
     # the same with the first bad rows quarantine-free: the first bad line left is in a later range
@@ -516,7 +521,7 @@ def test_failed_run_leaves_no_manifest_and_keeps_old_output(ray_session, small_l
         raise RuntimeError("killed in the last stage")
 
     good = run_prepare(config(input=small_log, output=str(out), buckets=2))
-    monkeypatch.setattr(prepare_module, "_merge_quarantine", crash)
+    monkeypatch.setattr(ingest_module, "merge_quarantine", crash)
     with pytest.raises(RuntimeError, match="killed"):
         run_prepare(config(input=small_log, output=str(fresh)))
     with pytest.raises(RuntimeError, match="killed"):
@@ -624,11 +629,20 @@ def test_a_task_that_keeps_killing_its_worker_fails_the_run_instead_of_retrying_
     signal.alarm(300)
     try:
         with pytest.raises(Exception) as failure:
-            prepare_module._Runner(local=False, workers=1).map(os._exit, [(1,)], "killed")
+            stage_runner_module.StageRunner(local=False, workers=1).map(os._exit, [(1,)], "killed")
         assert not isinstance(failure.value, TimeoutError)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_user_mistake_inside_a_task_is_raised_as_its_one_line(ray_session, tmp_path):
+    local = fsspec.filesystem("file")
+    (tmp_path / "log.csv").write_text("user_id,item_id\nu,a\n")
+    with pytest.raises(UserError) as failure:
+        stage_runner_module.StageRunner(local=False, workers=2).map(
+            list_input, [(local, str(tmp_path / "missing")), (local, str(tmp_path))], "listing")
+    assert str(failure.value) == f"input not found: {tmp_path / 'missing'}"
 
 
 def test_task_results_pickle_at_the_size_of_what_they_hold():
@@ -642,7 +656,7 @@ def test_task_results_pickle_at_the_size_of_what_they_hold():
               "nested": [("ok", parent.slice(0, 1))], "rows": 3}
     assert len(pickle.dumps(result)) > 1_000_000  # the problem: megabytes for six rows
 
-    compacted = prepare_module.compact_arrow(result)
+    compacted = stage_runner_module.compact_arrow(result)
 
     assert len(pickle.dumps(compacted)) < 10_000
     assert compacted["items"].equals(counts.slice(5, 3))

@@ -9,18 +9,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from flm_dist.data.readers import (
-    EVENTS_SCHEMA,
-    ByteRange,
-    ColumnMap,
-    FileProblem,
-    detect_format,
-    iter_file,
-    list_input,
-    read_file,
-    resolve_format,
-    splittable_text,
-)
+from flm_dist.data.events import EVENTS_SCHEMA, ColumnMap, FileProblem
+from flm_dist.data.readers import detect_format, iter_file, list_input, read_file, resolve_format
+from flm_dist.data.text_formats import ByteRange, splittable_text
 from flm_dist.errors import UserError
 
 LOCAL = fsspec.filesystem("file")

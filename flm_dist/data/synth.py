@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from flm_dist import __version__
+from flm_dist import __version__, ray_seam
 from flm_dist.config import config_hash, require, to_dict
 from flm_dist.data import storage
 
@@ -221,17 +221,13 @@ def run_synth(config: SynthConfig) -> dict[str, Any]:
     try:
         bar = tqdm(total=config.interactions, unit="rows", unit_scale=True, desc="synth")
         if config.workers > 1 and parts > 1:
-            import ray
-
-            from flm_dist.ray_seam import ensure_ray
-
-            ensure_ray()
-            task = ray.remote(num_cpus=1)(_write_part)
-            world_ref = ray.put(world)
-            pending = [task.remote(config, world_ref, p, fs, tmp) for p in range(parts)]
-            while pending:
-                done, pending = ray.wait(pending)
-                bar.update(sum(ray.get(done)))
+            world_ref = ray_seam.share(world)
+            calls = [ray_seam.TaskCall(p, f"part {p}", _write_part, (config, world_ref, p, fs, tmp))
+                     for p in range(parts)]
+            # A part is written whole by one task, so the task of a lost worker can simply run again.
+            ray_seam.run_in_parallel(calls, config.workers, num_cpus=1, num_gpus=0,
+                                     on_finished=lambda _, rows: bar.update(rows), describe="synth part",
+                                     retries=3, log_level=logging.DEBUG)
         else:
             for part in range(parts):
                 bar.update(_write_part(config, world, part, fs, tmp))

@@ -1,6 +1,6 @@
 """`flm demo`: the whole pipeline on the embedded synthetic log, on one machine, no download.
 
-synth -> prepare (Ray Data) -> pretrain (Ray Train) -> fine-tune (Ray Train) -> a small sweep of
+synth -> prepare (Ray tasks) -> pretrain (Ray Train) -> fine-tune (Ray Train) -> a small sweep of
 fine-tuning (Ray Tune, ASHA) -> evaluate the best tuned checkpoint -> HTML reports, then a table
 of the pretrained, fine-tuned and best tuned models' metrics.
 
@@ -65,7 +65,7 @@ def run_demo(options: DemoOptions) -> dict[str, dict[str, float]]:
     log.info("demo 1/7: synthetic log (embedded default)")
     run_synth(embedded_default(str(root / "log")))
 
-    log.info("demo 2/7: prepare on Ray Data")
+    log.info("demo 2/7: prepare in Ray tasks")
     run_prepare(PrepareConfig(input=str(root / "log"), format="parquet", output=str(data)))
 
     log.info("demo 3/7: pretrain on %d Ray Train worker(s), %d epochs", options.workers, options.epochs)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from flm_dist.data.prepare import table_hash
+from flm_dist.data.vocabularies import table_hash
 from flm_dist.errors import UserError
 from flm_dist.models import FLMModel
 from flm_dist.runs import read_manifest
