@@ -99,6 +99,7 @@ STAGES: dict[str, Stage] = {
                     outputs=("output", "results")),
     # Without `output` the page is written into `directory`, so both are outputs.
     "report": Stage("flm_dist.experiments.report", "ReportConfig", "run_report", outputs=("directory", "output")),
+    "serve": Stage("flm_dist.serve", "ServeConfig", "run_serve", inputs=("checkpoint", "data"), outputs=()),
 }
 
 

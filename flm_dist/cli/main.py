@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from flm_dist.cli import bench, experiments, stages, submit
+from flm_dist.cli import bench, experiments, serve, stages, submit
 from flm_dist.errors import UserError
 from flm_dist.logs import setup_logging
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flm", description="Distributed Pretraining-FLM on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (stages, experiments, bench, submit):
+    for group in (stages, experiments, bench, submit, serve):
         group.add_commands(commands)
     return parser
 
