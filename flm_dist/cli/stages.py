@@ -94,7 +94,7 @@ def add_commands(commands) -> None:
     add_config_arguments(synth)
     synth.set_defaults(run=cmd_synth)
 
-    prepare = commands.add_parser("prepare", help="interaction logs -> training shards (on Ray Data)")
+    prepare = commands.add_parser("prepare", help="interaction logs -> training shards (Ray tasks)")
     prepare.add_argument("--input", help="file, directory or URI (s3://, gs://, ...)")
     prepare.add_argument("--format", default=None,
                          help="auto, parquet, csv, tsv, jsonl, seq-txt, pairs-txt, recbole, movielens")
