@@ -94,12 +94,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return int(value)
         raise ConfigKeyError(key, f"expected an integer, got {value!r}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         # YAML 1.1 reads 1e-3 (no dot in the mantissa) as a string
-        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-            return float(value)
-        raise ConfigKeyError(key, f"expected a number, got {value!r}")
+        if not is_number and not (isinstance(value, str) and _DECIMAL.fullmatch(value.strip())):
+            raise ConfigKeyError(key, f"expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        # No setting means anything at .inf or .nan (YAML's spellings, or 1e999), and the range
+        # checks of __post_init__ would pass some (lr=.inf is > 0, grad_clip=.inf >= 0).
+        if not math.isfinite(number):
+            raise ConfigKeyError(key, f"must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -391,6 +398,13 @@ class TrainConfig:
     """Stop after this many validations without improvement of `eval.monitor`."""
     max_steps: int = 0
     """Stop after this many optimiser steps in total (0: no limit); for smoke tests and benches."""
+    max_nonfinite_steps: int = 3
+    """Stop the run (one-line error naming the step, the non-finite loss terms and the learning
+    rate) after this many optimiser steps in a row whose loss or gradient was NaN or infinite on
+    any worker. Each such step is skipped: no parameter or optimiser-state update, while the LR
+    schedule and the step count advance as if it had run, so the batch plan, checkpoints and
+    resume are unchanged. An isolated bad batch is skipped; several in a row mean the weights or
+    the learning rate, not a batch, are the problem."""
     item_grad_exchange: Literal["dense", "rows"] = "dense"
     """How DDP ranks combine the item table's gradient: `dense` all-reduces the whole table with
     the other parameters; `rows` leaves it out of the all-reduce and all-gathers only the rows a
@@ -411,6 +425,7 @@ class TrainConfig:
         require(self.eval_every_epochs > 0, "eval_every_epochs", "must be positive")
         require(self.patience > 0, "patience", "must be positive")
         require(self.max_steps >= 0, "max_steps", "must be >= 0")
+        require(self.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be positive")
         require(not (self.compile and (self.sparse_user_table or self.sparse_item_table)), "compile",
                 "torch.compile cannot compile the backward of sparse embedding gradients; use "
                 "train.compile=false with sparse_user_table / sparse_item_table, or dense tables")

@@ -17,7 +17,7 @@ from flm_dist.config import ModelConfig, from_dict
 from flm_dist.errors import UserError
 from flm_dist.models import FLMModel
 from flm_dist.models.recommender import Recommender
-from flm_dist.train.checkpoint import load_checkpoint
+from flm_dist.train.checkpoint import load_checkpoint, require_finite_weights
 from flm_dist.train.configs import FinetuneConfig
 
 
@@ -43,6 +43,7 @@ def build_model(config: ModelConfig, num_users: int, num_items: int) -> FLMModel
 def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):
     """The model of a checkpoint (pretrained or fine-tuned), checked against `data_dir`'s vocabulary."""
     state, meta = load_checkpoint(checkpoint_dir, map_location="cpu")
+    require_finite_weights(state, checkpoint_dir)
     manifest = read_manifest(data_dir)
     if meta["vocab_hash"] != manifest["vocab_hash"]:
         raise UserError(f"{checkpoint_dir} was trained on another vocabulary than {data_dir} "

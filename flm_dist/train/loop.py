@@ -21,6 +21,8 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +46,16 @@ from flm_dist.models import FLMModel
 from flm_dist.models.losses import ItemDistribution
 from flm_dist.runs import build_model, read_manifest
 from flm_dist.train import distributed
-from flm_dist.train.checkpoint import CheckpointError, load_checkpoint, publish_directory, save_checkpoint
+from flm_dist.train.checkpoint import (
+    CheckpointError,
+    first_nonfinite,
+    load_checkpoint,
+    publish_directory,
+    repair_best,
+    save_checkpoint,
+)
 from flm_dist.train.configs import PretrainConfig
-from flm_dist.train.optim import LazyRowAdamW, clip_grad_norm_
+from flm_dist.train.optim import LazyRowAdamW, clip_grad_norm_, grad_norm
 from flm_dist.train.session import LocalSession
 
 log = logging.getLogger("flm_dist")
@@ -76,6 +85,27 @@ def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt
         losses = model(batch, **kwargs)
     (losses["total"] / grad_accum).backward()
     return losses
+
+
+def loss_vector(losses: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """A step's loss terms in `names` order as one fp32 vector; 0 for a term not computed (weight 0)."""
+    zero = losses["total"].new_zeros(())
+    return torch.stack([losses.get(name, zero).detach().float() for name in names])
+
+
+def nonfinite_terms(losses: torch.Tensor, names: Sequence[str], parameters: list[torch.Tensor],
+                    grad_clip: float) -> list[str]:
+    """Clip the gradients (when `grad_clip`) and name what was NaN or infinite in this update on
+    any rank: the loss terms (`losses`, summed over the update's micro-steps, one per name) and
+    `grad_norm`. An empty list means the update may be applied.
+
+    One all-reduce of a few flags per update, so that every rank skips the same steps (a loss is
+    per rank; DDP has already averaged the gradients, so a NaN on one rank is on all of them).
+    """
+    norm = clip_grad_norm_(parameters, grad_clip) if grad_clip else grad_norm(parameters)
+    flags = torch.cat([losses, norm.detach().reshape(1).to(losses)]).isfinite().logical_not()
+    flags = distributed.all_reduce_max(flags.float())
+    return [name for name, flag in zip((*names, "grad_norm"), flags.tolist()) if flag]
 
 
 def _user_table(model: torch.nn.Module) -> torch.nn.Embedding | None:
@@ -132,6 +162,33 @@ class Progress:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     resumed_at_steps: list[int] = dataclasses.field(default_factory=list)
     """The step of each checkpoint this run was resumed from (crash, restart or re-run)."""
+    nonfinite_steps: int = 0
+    """Optimiser steps skipped in a row for a non-finite loss or gradient (`train.max_nonfinite_steps`)."""
+
+
+def _diverged(progress: Progress, step: int, what: str, lr: float) -> UserError:
+    """The one-line error that stops a run whose training went non-finite."""
+    kept = f"best/ keeps epoch {progress.best_epoch}" if progress.best_epoch >= 0 else "no best/ was published"
+    return UserError(f"training diverged at step {step}: {what}, at learning rate {lr:.3g}; {kept}; "
+                     f"lower train.lr (or raise train.warmup_steps) and train again with a new --output")
+
+
+def _skip_step(progress: Progress, nonfinite: list[str], scheduler, limit: int) -> None:
+    """Skip the update of step `progress.step + 1` (the weights and the optimiser state stay those
+    of the last good step), or stop the run after `limit` such steps in a row."""
+    progress.nonfinite_steps += 1
+    lr = scheduler.get_last_lr()[0]
+    if progress.nonfinite_steps >= limit:
+        raise _diverged(progress, progress.step + 1, f"non-finite {', '.join(nonfinite)} in "
+                        f"{progress.nonfinite_steps} steps in a row (train.max_nonfinite_steps={limit})", lr)
+    if distributed.is_main():
+        log.warning("step %d skipped: non-finite %s at learning rate %.3g (%d in a row; the run stops at %d)",
+                    progress.step + 1, ", ".join(nonfinite), lr, progress.nonfinite_steps, limit)
+    with warnings.catch_warnings():
+        # torch warns when the first scheduler step has no optimiser step before it; here that
+        # is a step skipped on purpose, and the schedule follows the step count regardless.
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+        scheduler.step()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -230,6 +287,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
     micro_steps_per_epoch, total_steps, step_options = setup.micro_steps_per_epoch, setup.total_steps, setup.step_options
     valid = build_eval_arrays(session.read_split("valid"), config.model.max_len).to(device)
+    run_dir = Path(config.output)
     progress = Progress()
 
     # ---- resume from the newest intact checkpoint, if any ----
@@ -248,11 +306,18 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             progress = Progress(**state["progress"])
             progress.resumed_at_steps.append(progress.step)
             log.info("resumed from %s at epoch %d step %d", checkpoint_dir, progress.epoch, progress.step)
+            if progress.best_epoch >= 0:
+                # A torn or truncated best/ would fail the final evaluation of every re-run:
+                # publish it again from a kept checkpoint of its epoch (Ray Train's or ours).
+                repair_best(run_dir / "best", [checkpoint_dir, *run_dir.glob("*/checkpoint_*")],
+                            progress.best_epoch, config.eval.monitor, publish=distributed.is_main())
 
     if progress.step == 0:
         # ActNorm's data-dependent init, before DDP broadcasts rank 0's parameters to every rank.
         model.initialize_flow(train.take(torch.arange(min(len(train), config.train.batch_size), device=device)))
     weights = config.loss.weights()
+    loss_names = (*weights, "total")
+    loss_keys = [f"loss/{name}" for name in loss_names]
     # A term with weight 0 leaves its parameters without gradients (the contrastive term has none).
     find_unused = any(w == 0 for term, w in weights.items() if term != "contrast") or config.model.flow_layers == 0
     # Sampled softmax touches a few item rows per step, a batch a few users: all-gather those rows,
@@ -266,7 +331,6 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     ddp_model = distributed.wrap_model(model, device, find_unused_parameters=find_unused,
                                        row_sparse=[parameter for parameter, _ in row_exchanged])
     step_model = torch.compile(ddp_model) if config.train.compile else ddp_model
-    run_dir = Path(config.output)
     writer = _tensorboard(run_dir) if distributed.is_main() else None
 
     def checkpoint_now(metrics: dict[str, float]) -> None:
@@ -289,6 +353,12 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
 
     def validate(record: dict[str, Any]) -> None:
         """Validation metrics into `record`; a new best of `eval.monitor` is published as best/."""
+        # Skipped steps never change the weights, but a finite step can still overflow them: such
+        # a model must not be validated, let alone published as best/.
+        broken = first_nonfinite(distributed.unwrap(model).state_dict())
+        if broken:
+            raise _diverged(progress, progress.step, f"the weights hold NaN or inf ({broken})",
+                            scheduler.get_last_lr()[0])
         started = time.perf_counter()
         record.update(evaluate_split(model, valid, "valid", config.eval, manifest["num_negatives"]))
         record["eval_seconds"] = time.perf_counter() - started
@@ -319,8 +389,10 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                                                  seed=config.train.seed * 100_003 + progress.epoch,
                                                  min_batches=micro_steps_per_epoch)
         order = torch.from_numpy(order).to(device)
-        loss_sums = torch.zeros(len(weights) + 1, device=device)
-        started, windows_seen, micro_steps_run = time.perf_counter(), 0, 0
+        # Losses of the applied updates (a skipped step's are left out); those of the update in progress.
+        loss_sums = torch.zeros(len(loss_names), device=device)
+        update_losses = torch.zeros_like(loss_sums)
+        started, windows_seen, micro_steps_run, update_micro_steps, skipped = time.perf_counter(), 0, 0, 0, 0
         model.train()
         while progress.micro_step_in_epoch < micro_steps_per_epoch:
             first, last, width = batches[progress.micro_step_in_epoch]
@@ -333,18 +405,26 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                 else ddp_model.no_sync()
             with sync:
                 losses = forward_backward(step_model, batch, step_options, config.train.grad_accum)
-            loss_sums += torch.stack([losses.get(k, losses["total"] * 0).detach().float()
-                                      for k in (*weights, "total")])
+            update_losses += loss_vector(losses, loss_names)
             windows_seen += batch["user"].shape[0]
-            micro_steps_run += 1
+            update_micro_steps += 1
             progress.micro_step_in_epoch += 1
             if is_update:
                 for parameter, sparse in row_exchanged:
                     distributed.average_row_gradients_(parameter, sparse)
-                if config.train.grad_clip:
-                    clip_grad_norm_(list(model.parameters()), config.train.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                nonfinite = nonfinite_terms(update_losses, loss_keys, list(model.parameters()),
+                                            config.train.grad_clip)
+                if nonfinite:
+                    _skip_step(progress, nonfinite, scheduler, config.train.max_nonfinite_steps)
+                    skipped += 1
+                else:
+                    optimizer.step()
+                    scheduler.step()
+                    progress.nonfinite_steps = 0
+                    loss_sums += update_losses
+                    micro_steps_run += update_micro_steps
+                update_losses.zero_()
+                update_micro_steps = 0
                 optimizer.zero_grad(set_to_none=True)
                 progress.step += 1
                 if progress.step >= total_steps:
@@ -358,10 +438,11 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         progress.micro_step_in_epoch = 0 if epoch_done else progress.micro_step_in_epoch
 
         # ---- end of epoch: losses, validation, best checkpoint, early stopping ----
-        # Mean over the micro-steps this pass ran (max_steps or a resume can cut an epoch short).
+        # Mean over the micro-steps this pass applied (max_steps or a resume can cut an epoch short).
         loss_sums = distributed.all_reduce_sum(loss_sums) / max(1, micro_steps_run * distributed.world_size())
-        record = {f"loss/{k}": v for k, v in zip((*weights, "total"), loss_sums.tolist())}
+        record = dict(zip(loss_keys, loss_sums.tolist()))
         record.update({"epoch": progress.epoch, "step": progress.step, "epoch_seconds": elapsed,
+                       "skipped_steps": skipped,
                        "sequences_per_second": windows_seen * distributed.world_size() / max(elapsed, 1e-9),
                        "lr": scheduler.get_last_lr()[0]})
         if config.loss.decay:

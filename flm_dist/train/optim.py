@@ -62,22 +62,30 @@ class LazyRowAdamW(torch.optim.AdamW):
         parameter.index_add_(0, rows, exp_avg / denominator, alpha=-lr / (1 - beta1 ** step))
 
 
+def grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    """Total 2-norm of the gradients of `parameters`, sparse ones included (coalesced in place, so
+    repeated rows sum before their norm is taken); NaN or inf if any gradient entry is."""
+    with_grad = [p for p in parameters if p.grad is not None]
+    sparse = [p for p in with_grad if p.grad.is_sparse]
+    dense = [p.grad for p in with_grad if not p.grad.is_sparse]
+    if not sparse:
+        return torch.nn.utils.get_total_norm(dense)
+    for parameter in sparse:
+        parameter.grad = parameter.grad.coalesce()
+    norms = [parameter.grad.values().norm() for parameter in sparse]
+    if dense:
+        norms.append(torch.nn.utils.get_total_norm(dense))
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` that also counts and scales sparse gradients (which the
     torch version rejects). Returns the total norm before clipping."""
+    total = grad_norm(parameters)
     with_grad = [p for p in parameters if p.grad is not None]
-    sparse = [p for p in with_grad if p.grad.is_sparse]
-    if not sparse:
-        return torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
-    dense = [p for p in with_grad if not p.grad.is_sparse]
-    for parameter in sparse:
-        parameter.grad = parameter.grad.coalesce()  # repeated rows sum before their norm is taken
-    norms = [parameter.grad.values().norm() for parameter in sparse]
-    if dense:
-        norms.append(torch.nn.utils.get_total_norm([p.grad for p in dense]))
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    torch.nn.utils.clip_grads_with_norm_([p for p in with_grad if not p.grad.is_sparse], max_norm, total)
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for parameter in sparse:
-        parameter.grad.values().mul_(scale)
+    for parameter in with_grad:
+        if parameter.grad.is_sparse:
+            parameter.grad.values().mul_(scale)
     return total
