@@ -155,7 +155,7 @@ PRETRAIN = {"data": ".data/x", "output": "runs/x"}
     ({"steps": [{"pretrain": {**PRETRAIN, "model": {"hiden": 3}}}]}, ["'model.hiden'"]),
     ({"steps": [{"pretrain": {**PRETRAIN, "train": {"epochs": "many"}}}]}, ["'train.epochs'", "integer"]),
     ({"steps": [{"pretrain": {"output": "runs/x"}}]}, ["'data'", "required"]),
-    ({"steps": [{"serve": {}}]}, ["step 1", "unknown stage 'serve'"]),
+    ({"steps": [{"servve": {}}]}, ["step 1", "unknown stage 'servve'"]),
     ({"steps": [{"prepare": {}, "pretrain": {}}]}, ["exactly one stage"]),
     ({"steps": [{"pretrain": PRETRAIN}, {"pretrain": PRETRAIN}]}, ["step 2", "already exists"]),
     ({"steps": []}, ["non-empty list"]),

@@ -215,16 +215,16 @@ def test_an_epoch_cut_short_logs_the_mean_loss_of_the_steps_it_ran(tiny_data, tm
 
 
 def test_decayed_loss_weights_follow_the_step_and_the_others_stay(tiny_data, tmp_path, monkeypatch):
-    import flm_dist.train.pretrain as pretrain_module
+    import flm_dist.train.loop as loop_module
 
     seen = []
-    real_forward_backward = pretrain_module.forward_backward
+    real_forward_backward = loop_module.forward_backward
 
     def recording(model, batch, options, grad_accum):
         seen.append(dict(options["weights"]))
         return real_forward_backward(model, batch, options, grad_accum)
 
-    monkeypatch.setattr(pretrain_module, "forward_backward", recording)
+    monkeypatch.setattr(loop_module, "forward_backward", recording)
     summary = run_pretrain(_config(tiny_data, tmp_path / "r", "scaling.workers=0", "train.epochs=2",
                                    "loss.cf=0.5", "loss.decay=[cf,flow]"))
     total = summary["steps"]
