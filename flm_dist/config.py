@@ -181,6 +181,8 @@ def read_yaml(path: str) -> dict[str, Any]:
         raise UserError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -467,8 +469,9 @@ class ScalingConfig:
     single-device benchmarks)."""
     gpus_per_worker: float = 0.0
     """GPUs per worker; 0 trains on CPU with gloo."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per worker; keep some free for Ray Data (fractions allowed)."""
+    cpus_per_worker: float | None = None
+    """CPUs reserved per worker (fractions allowed). Unset: 1, or less where the workers would
+    otherwise leave Ray Data no CPU to read with (logged); a value that does that is refused."""
     max_failures: int = 2
     """Times Ray Train restarts the worker group after a crash, resuming from the last checkpoint."""
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
@@ -480,7 +483,7 @@ class ScalingConfig:
     def __post_init__(self):
         require(self.workers >= 0, "workers", "must be >= 0")
         require(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
-        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        require(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         require(self.max_failures >= 0, "max_failures", "must be >= 0")
 
 

@@ -55,3 +55,15 @@ def dataset_execution_options() -> Callable[[Any, str], Any]:
     import ray.train
 
     return ray.train.DataConfig._resolve_execution_options
+
+
+def autoscaling_limits() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler may start (its node types times their
+    maximum counts; sys.maxsize where unbounded), or None for a cluster without one, which has
+    what its nodes have now. Ray Train reads the same to refuse a worker group no cluster could
+    hold (`GlobalState.get_max_resources_from_cluster_config`); Ray has no public way."""
+    require_pinned_ray("flm_dist's check of a job's resources against the cluster's "
+                       "(ray._private.state.get_max_resources_from_cluster_config)")
+    from ray._private.state import state
+
+    return state.get_max_resources_from_cluster_config()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import sys
 from typing import Any, Callable, Hashable
@@ -43,6 +44,55 @@ def cluster_cpus() -> int:
 
     ensure_ray()
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The most of each resource (CPU, GPU, ...) the Ray cluster can give a job: what its nodes
+    have now, or its autoscaler's limits where those are larger."""
+    import ray
+
+    ensure_ray()
+    capacity = {name: float(amount) for name, amount in ray.cluster_resources().items()}
+    for name, most in (ray_compat.autoscaling_limits() or {}).items():
+        capacity[name] = max(capacity.get(name, 0.0), float(most))
+    return capacity
+
+
+DATA_CPUS = 1.0
+"""CPUs a fit leaves free of its workers: Ray Data runs each read task on a whole CPU, and with
+none free the workers wait for their data (RAY_NOTES.md; on 2 CPUs, 2 workers of 1 CPU each took
+730 s to read what one worker reads in a second)."""
+
+
+def plan_worker_cpus(capacity: dict[str, float], workers: int, cpus_per_worker: float | None,
+                     gpus_per_worker: float) -> float:
+    """CPUs per worker for a fit of `workers` on a cluster of `capacity` (`cluster_capacity`):
+    `cpus_per_worker` when it leaves Ray Data `DATA_CPUS`, else a one-line UserError naming the
+    setting; unset, 1 or as much less as leaves Ray Data its CPU. More GPUs than the cluster
+    has are refused the same way (the fit would wait for them for ever)."""
+    gpus = capacity.get("GPU", 0.0)
+    group = f"{workers} worker{'s' if workers != 1 else ''}"
+    if gpus_per_worker > 0 and workers * gpus_per_worker > gpus + 1e-9:
+        raise UserError(f"scaling.gpus_per_worker={gpus_per_worker:g} x {group} needs "
+                        f"{workers * gpus_per_worker:g} GPUs but the Ray cluster has {gpus:g}; lower "
+                        f"scaling.workers or scaling.gpus_per_worker (0 trains on CPU)")
+    cpus = capacity.get("CPU", 0.0)
+    spare = cpus - DATA_CPUS
+    # Ray takes fractional resources in steps of 1e-4.
+    fitting = math.floor(spare / workers * 1e4) / 1e4 if spare > 0 else 0.0
+    if cpus_per_worker is None:
+        if fitting <= 0:
+            raise UserError(f"the Ray cluster has {cpus:g} CPU(s): {group} would leave Ray "
+                            f"Data none of the {DATA_CPUS:g} it needs to read the data; use --workers 0 (train "
+                            f"in this process) or a cluster with more CPUs")
+        return min(1.0, fitting)
+    if workers * cpus_per_worker > spare + 1e-9:
+        hint = f"set scaling.cpus_per_worker <= {fitting:g} or leave it unset" if fitting > 0 else \
+            "use --workers 0 (train in this process) or a cluster with more CPUs"
+        raise UserError(f"scaling.cpus_per_worker={cpus_per_worker:g} x {group} reserves "
+                        f"{workers * cpus_per_worker:g} of the Ray cluster's {cpus:g} CPUs and leaves Ray Data "
+                        f"less than the {DATA_CPUS:g} it needs to read the data (the fit would hang); {hint}")
+    return cpus_per_worker
 
 
 def share(value: Any) -> Any:
@@ -204,9 +254,10 @@ def _latest_ray_checkpoint(run_dir: str | None):
 
 
 def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any], run_dir: str,
-                name: str, workers: int, gpus_per_worker: float, cpus_per_worker: float,
+                name: str, workers: int, gpus_per_worker: float, cpus_per_worker: float | None,
                 max_failures: int, placement_strategy: str = "PACK") -> None:
     """Fit `train_function(payload)` on `workers` Ray Train workers; resumes a run of the same name.
+    Each worker gets the CPUs of `plan_worker_cpus` (None: as many as leave Ray Data its CPU).
 
     Evaluation splits are handed out with `streaming_split(equal=False)`: disjoint and complete,
     so every user is scored exactly once (Ray's default `equal=True` may drop rows). Training
@@ -217,6 +268,10 @@ def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any
     from ray.train.torch import TorchTrainer
 
     execution_options = ray_compat.dataset_execution_options()
+    planned = plan_worker_cpus(cluster_capacity(), workers, cpus_per_worker, gpus_per_worker)
+    if cpus_per_worker is None and planned < 1:
+        log.info("scaling.cpus_per_worker unset: %g CPU per worker, so that %d workers leave Ray Data a CPU "
+                 "to read with", planned, workers)
 
     class DisjointSplits(ray.train.DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
@@ -230,7 +285,7 @@ def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any
             return output
 
     use_gpu = gpus_per_worker > 0
-    resources = {"CPU": cpus_per_worker}
+    resources = {"CPU": planned}
     if use_gpu:
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(

@@ -25,8 +25,12 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{data_dir} is not prepared data (no manifest.json); run `flm prepare` first")
-    manifest = json.loads(path.read_text())
-    manifest["num_negatives"] = manifest["config"]["num_negatives"]
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["num_negatives"] = manifest["config"]["num_negatives"]
+    except (ValueError, KeyError, TypeError) as exc:  # edited by hand, or not flm_dist's
+        raise UserError(f"{path} is not a manifest of `flm prepare` ({type(exc).__name__}: {exc}); "
+                        f"run `flm prepare` again") from None
     return manifest
 
 

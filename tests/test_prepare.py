@@ -6,6 +6,7 @@ files, determinism and atomic publishing run through Ray on local disk.
 
 import json
 import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -217,8 +218,9 @@ def test_bad_rows_are_quarantined_and_counted(mem):
     out = f"memory://{mem}/out"
     manifest = run_prepare(config(input=f"memory://{mem}/in", output=out, min_user_interactions=2,
                                   min_item_interactions=2))
-    assert manifest["dropped"] == {"bad_id": 0, "bad_timestamp": 1, "bad_weight": 0, "duplicate": 1,
-                                   "kcore_item": 2, "kcore_user": 0, "malformed": 1, "null_id": 1}
+    assert manifest["dropped"] == {"bad_encoding": 0, "bad_id": 0, "bad_timestamp": 1, "bad_weight": 0,
+                                   "duplicate": 1, "header": 0, "kcore_item": 2, "kcore_user": 0, "malformed": 1,
+                                   "null_id": 1}
     # Left after dedup: u1 a b c, u2 b c, u3 d; items a and d have one event each.
     assert manifest["input_rows"] == 10 and manifest["interactions"] == 4 and accounted(manifest)
     assert manifest["empty_files"] == [f"{mem}/in/b.csv"]
@@ -434,6 +436,95 @@ def test_schema_mismatch_names_both_files(mem):
 def test_all_rows_bad_is_a_clear_error(mem):
     with pytest.raises(UserError, match="no usable interactions"):
         run_prepare(config(input=put(mem, "log.csv", csv([("", "a", 1)])), output=f"memory://{mem}/out"))
+
+
+# Issue 37, case 2: ids a number type cannot hold exactly are bad rows, counted in the manifest.
+@pytest.mark.parametrize("value", [2**70, 2**63 + 5, 1e20])
+def test_ids_beyond_exact_numbers_are_quarantined_and_counted(mem, value):
+    lines = [json.dumps({"user_id": u, "item_id": i, "timestamp": i}) for u in range(3) for i in range(4)]
+    path = put(mem, "log.jsonl", "\n".join(lines + [json.dumps({"user_id": value, "item_id": 1, "timestamp": 9})]))
+    manifest = run_prepare(config(input=path, output=f"memory://{mem}/out", num_negatives=1))
+    assert manifest["dropped"]["bad_id"] == 1 and manifest["users"] == 3 and accounted(manifest)
+    assert [(r["row"], r["column"], r["reason"]) for r in load(MEMORY, f"{mem}/out", "quarantine")] == [
+        (13, "user_id", "bad_id")]
+
+
+# Issue 37, case 3: undecodable text is quarantined (and counted), or read in the declared encoding.
+def test_undecodable_lines_are_quarantined_or_read_in_the_declared_encoding(mem):
+    with MEMORY.open(f"{mem}/log.txt", "wb") as handle:
+        handle.write("u1 caf\xe9 x y\nu2 caf\xf8 x y\nu3 x y\n".encode("latin-1"))
+    strict = run_prepare(config(input=f"memory://{mem}/log.txt", format="seq-txt", output=f"memory://{mem}/a",
+                                num_negatives=0))
+    assert strict["dropped"]["bad_encoding"] == 2 and strict["items"] == 2 and accounted(strict)
+    assert [(r["row"], r["reason"], r["raw"]) for r in load(MEMORY, f"{mem}/a", "quarantine")] == [
+        (1, "bad_encoding", "u1 caf\\xe9 x y"), (2, "bad_encoding", "u2 caf\\xf8 x y")]
+    declared = run_prepare(config(input=f"memory://{mem}/log.txt", format="seq-txt", output=f"memory://{mem}/b",
+                                  num_negatives=0, encoding="latin-1"))
+    items = load(MEMORY, f"{mem}/b", "vocab/items.parquet")
+    assert declared["items"] == 4 and {"café", "cafø"} <= {r["item_id"] for r in items}
+    with pytest.raises(ConfigKeyError, match="encoding"):
+        config(input="x", output="y", encoding="utf-16")
+
+
+# Issue 37, case 4: an edit that keeps the size and the modification time is seen.
+def test_an_edit_keeping_size_and_mtime_makes_the_output_stale(mem, tmp_path, caplog):
+    log = tmp_path / "log.csv"
+    log.write_text(csv([("u1", "a", 1), ("u1", "b", 2), ("u2", "a", 1), ("u2", "b", 2)]))
+    stamp = log.stat()
+    out = f"memory://{mem}/out"
+    run_prepare(config(input=str(log), output=out, num_negatives=0))
+    log.write_text(csv([("u1", "a", 1), ("u1", "c", 2), ("u2", "a", 1), ("u2", "c", 2)]))  # b -> c
+    os.utime(log, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # as `cp -p` or `rsync -t` leave it
+    assert log.stat().st_size == stamp.st_size and log.stat().st_mtime_ns == stamp.st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="flm_dist"):
+        run_prepare(config(input=str(log), output=out, num_negatives=0))
+        assert "its input (a path, size or content) changed (compared by SHA-256 of the bytes)" in caplog.text
+        assert sorted(r["item_id"] for r in load(MEMORY, f"{mem}/out", "vocab/items.parquet")) == ["a", "c"]
+        caplog.clear()
+        run_prepare(config(input=str(log), output=out, num_negatives=0))
+    assert "up to date: same config, and the same 1 input file(s) by path, size and content (SHA-256" in caplog.text
+
+
+# Issue 37, case 6: a zero-byte file in a directory is quarantined, also when the format is detected.
+@pytest.mark.parametrize("fmt", ["auto", "csv"])
+def test_a_zero_byte_file_in_a_directory_is_quarantined_as_the_guide_says(mem, fmt):
+    put(mem, "in/a.csv", csv([("u1", "a", 1), ("u1", "b", 2)]))
+    put(mem, "in/b.csv", "")
+    manifest = run_prepare(config(input=f"memory://{mem}/in", output=f"memory://{mem}/out", format=fmt,
+                                  num_negatives=0))
+    assert manifest["empty_files"] == [f"{mem}/in/b.csv"] and manifest["interactions"] == 2
+    assert [(r["row"], r["reason"]) for r in load(MEMORY, f"{mem}/out", "quarantine")] == [(0, "empty_file")]
+
+
+def test_a_zero_byte_parquet_file_is_quarantined(mem):
+    with MEMORY.open(f"{mem}/in/a.parquet", "wb") as handle:
+        pq.write_table(pa.table({"user_id": ["u1", "u1"], "item_id": ["a", "b"], "timestamp": [1, 2]}), handle)
+    put(mem, "in/b.parquet", "")
+    manifest = run_prepare(config(input=f"memory://{mem}/in", output=f"memory://{mem}/out", num_negatives=0))
+    assert manifest["empty_files"] == [f"{mem}/in/b.parquet"] and manifest["interactions"] == 2
+
+
+# Issue 37, cases 2 and 7: outputs that cannot be written, or that would overlap the input.
+def test_outputs_that_cannot_be_written_or_overlap_the_input_are_refused(mem, tmp_path):
+    log = tmp_path / "in" / "log.csv"
+    log.parent.mkdir()
+    log.write_text(csv([("u1", "a", 1), ("u1", "b", 2)]))
+    (tmp_path / "afile").write_text("x")
+    refused = {
+        str(tmp_path / "afile"): "is an existing file",
+        str(log): "is the input",
+        str(tmp_path / "afile" / "out"): "cannot be created",
+        str(tmp_path / "in" / "prepared"): "is inside the input",
+        str(tmp_path): "is inside the output",
+    }
+    for output, reason in refused.items():
+        source = str(log.parent) if output.endswith("prepared") else str(log)
+        with pytest.raises(UserError, match=reason):
+            run_prepare(config(input=source, output=output))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "in"] and log.parent.joinpath("log.csv").is_file()
+    put(mem, "in/log.csv", csv([("u1", "a", 1)]))
+    with pytest.raises(UserError, match="is inside the input"):
+        run_prepare(config(input=f"memory://{mem}/in", output=f"memory://{mem}/in/out"))
 
 
 # ---------------------------------------------------------------------------------- real data, via Ray

@@ -1,5 +1,6 @@
 """Readers: every format, column mapping, bad rows, memory:// input, the real files in shared/data."""
 
+import gzip
 import uuid
 
 import fsspec
@@ -93,6 +94,21 @@ def test_parquet_int_and_float_ids(tmp_path):
     events, bad = read_file(LOCAL, path, "parquet")
     assert rows(events, "user", "item", "timestamp", "row") == [("1", "10", 1, 1)]
     assert rows(bad, "row", "column", "reason") == [(2, "item_id", "bad_id"), (3, "item_id", "null_id")]
+
+
+# Issue 37, case 2: a float id beyond 2**53 stands for several integers; ids beyond int64 broke the cast.
+def test_float_ids_beyond_exact_integers_are_bad_ids(tmp_path):
+    path = str(tmp_path / "log.parquet")
+    pq.write_table(pa.table({"user_id": [2.0**53, 2.0**53 + 2, 2.0**63, 1e20, 2.0**70, -1e20],
+                             "item_id": ["a"] * 6, "timestamp": [1] * 6}), path)
+    events, bad = read_file(LOCAL, path, "parquet")
+    assert rows(events, "user", "row") == [("9007199254740992", 1)]
+    assert rows(bad, "row", "reason") == [(2, "bad_id"), (3, "bad_id"), (4, "bad_id"), (5, "bad_id"), (6, "bad_id")]
+    jsonl = write(tmp_path / "log.jsonl", "".join(f'{{"user_id": {v}, "item_id": 1, "timestamp": 1}}\n'
+                                                  for v in (7, 2**63 + 5, 2**70, "1e20")))
+    events, bad = read_file(LOCAL, jsonl, "jsonl")
+    assert rows(events, "user", "row") == [("7", 1)] and rows(bad, "row", "reason") == [
+        (2, "bad_id"), (3, "bad_id"), (4, "bad_id")]
 
 
 def test_partitioned_parquet_directory_with_hive_column(tmp_path):
@@ -204,8 +220,6 @@ def test_unusable_column_types_are_file_problems(tmp_path):
 
 
 def test_compressed_text_input(tmp_path):
-    import gzip
-
     path = tmp_path / "seq.txt.gz"
     path.write_bytes(gzip.compress(b"1 5 6 7\n2 8 9\n"))
     assert detect_format(LOCAL, str(path)) == "seq-txt"
@@ -236,6 +250,76 @@ def test_byte_ranges_cut_anywhere_tile_the_lines_of_a_file(tmp_path, fmt):
             lines_before += part.lines
         assert pa.concat_tables(events).equals(whole_events), cuts
         assert pa.concat_tables(bad).to_pylist() == whole_bad.to_pylist() and whole_bad.num_rows == 1
+
+
+# Issue 37, case 2: truncated or corrupt compressed input is one line naming the file.
+@pytest.mark.parametrize("name", ["log.csv.gz", "log.jsonl.gz", "log.txt.gz"])
+def test_truncated_compressed_input_is_a_file_problem(tmp_path, name):
+    fmt = {"csv": "csv", "jsonl": "jsonl", "txt": "seq-txt"}[name.split(".")[1]]
+    text = "user_id,item_id,timestamp\n" if fmt == "csv" else ""
+    text += "".join({"csv": f"u{i},i{i},{i}\n", "jsonl": f'{{"user_id": {i}, "item_id": {i}}}\n',
+                     "seq-txt": f"u{i} a b c\n"}[fmt] for i in range(2000))
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode())[:-200])
+    with pytest.raises(FileProblem, match=f"cannot read {path}: its compressed data ends early"):
+        read_file(LOCAL, str(path), fmt)
+    path.write_bytes(b"\x1f\x8b not gzip at all")
+    with pytest.raises(FileProblem, match=f"cannot read {path}"):
+        read_file(LOCAL, str(path), fmt)
+
+
+# Issue 37, case 3: undecodable text is quarantined per line or value, or read as declared.
+def test_undecodable_text_is_quarantined_never_replaced(tmp_path):
+    seq = tmp_path / "log.txt"
+    seq.write_bytes("u1 caf\xe9 x\nu2 caf\xf8 y\nu3 a b\n".encode("latin-1"))
+    events, bad = read_file(LOCAL, str(seq), "seq-txt")
+    assert rows(events, "user", "item", "row") == [("u3", "a", 3), ("u3", "b", 3)]
+    assert rows(bad, "row", "column", "reason", "raw") == [(1, "", "bad_encoding", "u1 caf\\xe9 x"),
+                                                           (2, "", "bad_encoding", "u2 caf\\xf8 y")]
+    events, bad = read_file(LOCAL, str(seq), "seq-txt", encoding="latin-1")
+    assert sorted(set(events.column("item").to_pylist())) == ["a", "b", "café", "cafø", "x", "y"]
+    assert bad.num_rows == 0
+    table = tmp_path / "log.csv"
+    table.write_bytes("user_id,item_id,timestamp\nu1,caf\xe9,1\nu2,b,2\n".encode("latin-1"))
+    events, bad = read_file(LOCAL, str(table), "csv")  # was: the whole file refused
+    assert rows(events, "user", "item", "row") == [("u2", "b", 3)]
+    assert rows(bad, "row", "column", "reason") == [(2, "item_id", "bad_encoding")]
+    events, bad = read_file(LOCAL, str(table), "csv", encoding="latin-1")
+    assert rows(events, "item") == [("café",), ("b",)] and bad.num_rows == 0
+
+
+# Issue 37, case 6: row numbers are physical lines; repeated headers are quarantined whatever the columns.
+def test_csv_rows_are_numbered_by_physical_line_after_quoted_line_breaks(tmp_path):
+    path = write(tmp_path / "log.csv", 'user_id,item_id,timestamp\n'
+                 'u1,a,1\n'
+                 'u2,"two\nlines",2\n'        # lines 3-4
+                 'u3,b,3\n'                    # 5
+                 'u4,c\n'                      # 6: malformed
+                 'u5,"x, ""y""\n\nz",5\n'    # 7-9
+                 'u6,d,soon\n'                 # 10: bad timestamp
+                 'u7,5"e,7\n'                  # 11: a quote inside an unquoted value is kept
+                 'u8,f,8\n')                   # 12
+    events, bad = read_file(LOCAL, path, "csv")
+    assert rows(events, "user", "row") == [("u1", 2), ("u2", 3), ("u3", 5), ("u5", 7), ("u7", 11), ("u8", 12)]
+    assert rows(bad, "row", "reason") == [(6, "malformed"), (10, "bad_timestamp")]
+
+
+@pytest.mark.parametrize("header, timestamp", [("user_id,item_id", None), ("user_id,item_id,timestamp", "timestamp")])
+def test_a_repeated_header_line_is_quarantined_as_a_header(tmp_path, header, timestamp):
+    extra = ",1" if timestamp else ""
+    path = write(tmp_path / "log.csv", f"{header}\nu1,a{extra}\n{header}\nu2,b{extra}\n")
+    events, bad = read_file(LOCAL, path, "csv", ColumnMap(timestamp=timestamp))
+    assert rows(events, "user", "row") == [("u1", 2), ("u2", 4)]
+    assert rows(bad, "row", "column", "reason") == [(3, "", "header")]
+
+
+def test_format_detection_passes_over_empty_files(tmp_path):
+    (tmp_path / "a.csv").write_text("user_id,item_id\nu,i\n")
+    (tmp_path / "b.dat").write_text("")
+    files = list_input(LOCAL, str(tmp_path))
+    assert resolve_format(LOCAL, files, "auto") == "csv"
+    with pytest.raises(UserError, match="no data to tell it by"):
+        resolve_format(LOCAL, files[1:], "auto")
 
 
 def test_byte_ranges_only_for_uncompressed_line_formats(tmp_path):

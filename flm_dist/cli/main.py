@@ -55,7 +55,9 @@ def run_parsed(args: argparse.Namespace) -> int:
     try:
         args.run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line whatever the message holds (a YAML parser's, say, spans several).
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,9 +9,12 @@ order, and the file order where there is no timestamp.
 
 Rows that cannot be used go to a quarantine table (`QUARANTINE_SCHEMA`) with the file, row,
 column and reason instead of stopping the job. Reasons: `malformed` (wrong number of fields,
-unparsable JSON), `null_id`, `bad_id` (not an integer where the format declares integer ids:
-MovieLens, RecBole `:float` ids, float Parquet columns), `bad_timestamp` (missing or unparsable;
-ints, floats (truncated) and ISO-8601 strings are accepted), `bad_weight`.
+unparsable JSON), `bad_encoding` (bytes that are not text in the file's encoding, `encoding`,
+UTF-8 by default: decoding never guesses, which would merge ids), `header` (a repeated header
+line, as concatenated CSV files have), `null_id`, `bad_id` (not an integer where the format
+declares integer ids: MovieLens, RecBole `:float` ids, float Parquet columns; or a numeric id that
+float64 cannot hold exactly, beyond 2**53, such as JSON numbers of 2**63 or 1e20), `bad_timestamp`
+(missing or unparsable; ints, floats (truncated) and ISO-8601 strings are accepted), `bad_weight`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ QUARANTINE_SCHEMA = pa.schema([
     ("file", pa.string()), ("row", pa.int64()), ("column", pa.string()), ("reason", pa.string()),
     ("raw", pa.string()),
 ])
-ROW_REASONS = ("malformed", "null_id", "bad_id", "bad_timestamp", "bad_weight")
+ROW_REASONS = ("malformed", "bad_encoding", "header", "null_id", "bad_id", "bad_timestamp", "bad_weight")
+# Integers up to this magnitude are exact in float64; beyond it distinct ids share one float.
+_EXACT_FLOAT_INT = 2.0**53
 
 _INT_RE = r"^[+-]?\d{1,18}$"
 _FLOAT_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
@@ -90,6 +95,8 @@ class Raw:
     raw: Callable[[np.ndarray], list[str]]
     int_ids: bool = False
     names: dict[str, str] | None = None  # input column name per field, for quarantine and errors
+    problems: list[tuple[np.ndarray, str, str]] = dataclasses.field(default_factory=list)
+    """(row mask, field or "", reason) found while reading, before the values are checked."""
 
 
 def _as_string(arr: pa.Array) -> pa.Array:
@@ -116,7 +123,8 @@ def _ids(arr: pa.Array, int_ids: bool, where: str) -> tuple[pa.Array, list[tuple
     if pa.types.is_integer(t):
         return arr.cast(pa.string()), [(null, "null_id")]
     if pa.types.is_floating(t):
-        integral = bool_mask(pc.and_(pc.is_finite(arr), pc.equal(pc.trunc(arr), arr)))
+        exact = pc.less_equal(pc.abs(arr), _EXACT_FLOAT_INT)
+        integral = bool_mask(pc.and_(exact, pc.equal(pc.trunc(arr), arr)))
         ints = pc.if_else(pa.array(integral), arr, 0).cast(pa.int64())
         return ints.cast(pa.string()), [(null, "null_id"), (~integral & ~null, "bad_id")]
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t)):
@@ -209,7 +217,7 @@ def normalise(raw: Raw, file_index: int, path: str) -> tuple[pa.Table, pa.Table]
     cols = raw.columns
     names = raw.names or {}
     where = {f: f"{path}: column '{names.get(f, f)}'" for f in ("user", "item", "timestamp", "weight")}
-    checks: list[tuple[np.ndarray, str, str]] = []
+    checks: list[tuple[np.ndarray, str, str]] = list(raw.problems)
     out: dict[str, pa.Array] = {}
     for field in ("user", "item"):
         out[field], problems = _ids(cols[field], raw.int_ids, where[field])
@@ -257,8 +265,14 @@ def row_repr(table: pa.Table) -> Callable[[np.ndarray], list[str]]:
     """Quarantine text for tabular rows: the row's mapped values as JSON."""
     def render(where: np.ndarray) -> list[str]:
         rows = table.take(pa.array(where)).to_pylist()
-        return [json.dumps(r, default=str, sort_keys=True) for r in rows]
+        return [json.dumps(r, default=_json_text, sort_keys=True) for r in rows]
     return render
+
+
+def _json_text(value) -> str:
+    """Values JSON cannot hold as they are: bytes (a CSV value that is not text) show their
+    undecodable bytes escaped, as in "caf\\xe9"."""
+    return value.decode("utf-8", errors="backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def line_repr(lines: pa.Array) -> Callable[[np.ndarray], list[str]]:

@@ -73,14 +73,14 @@ class Parsed(NamedTuple):
 
 
 def parse(runner: StageRunner, fs_in, files: list[str], sizes: list[int], row_groups: dict[int, list[int] | None],
-          fmt: str, columns: ColumnMap, strict: bool, fs, work: str, buckets: int) -> Parsed:
+          fmt: str, columns: ColumnMap, strict: bool, fs, work: str, buckets: int, encoding: str = "utf-8") -> Parsed:
     """Stage 2: every file's events into per-bucket pieces under `work`, bad rows into quarantine
-    pieces (or, with `strict`, the first bad row as a UserError)."""
+    pieces (or, with `strict`, the first bad row as a UserError); text is decoded as `encoding`."""
     units, unit_sizes = _parse_units(files, sizes, row_groups, fmt, runner.workers * 4)
     parse_groups = balanced(unit_sizes, runner.workers * 4)
     parsed = _raise_first_error(runner.map(_parse_task, [(fs_in, [units[i] for i in g], fmt, columns, buckets, fs,
-                                                          work, t, strict) for t, g in enumerate(parse_groups)],
-                                           "parse"))
+                                                          work, t, strict, encoding)
+                                                         for t, g in enumerate(parse_groups)], "parse"))
     reasons = Counter()
     for r in parsed:
         reasons.update(r["reasons"])
@@ -223,7 +223,7 @@ def _shift_rows(table: pa.Table, base: int) -> pa.Table:
 
 
 def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buckets: int, fs_work,
-                work: str, task: int, strict: bool) -> dict[str, Any]:
+                work: str, task: int, strict: bool, encoding: str) -> dict[str, Any]:
     """Parse files (or row-group runs of them), quarantine bad rows, append events to per-bucket
     Parquet pieces of this task."""
     reasons: Counter = Counter()
@@ -252,7 +252,8 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
             rows_in_file = 0
             part = ByteRange(*byte_range) if byte_range else None
             row_base = part.number << PART_SHIFT if part else 0
-            for events, bad in iter_file(fs_in, path, index, fmt, columns, row_groups=row_groups, byte_range=part):
+            for events, bad in iter_file(fs_in, path, index, fmt, columns, row_groups=row_groups, byte_range=part,
+                                         encoding=encoding):
                 events, bad = _shift_rows(events, row_base), _shift_rows(bad, row_base)
                 if bad.num_rows:
                     if strict:

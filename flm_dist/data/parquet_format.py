@@ -1,4 +1,6 @@
-"""The Parquet reader: column mapping, Hive partition columns, runs of row groups."""
+"""The Parquet reader: column mapping, Hive partition columns, runs of row groups. A zero-byte
+file (as some writers leave for an empty partition) has no rows and no schema, instead of being
+unreadable."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ def _hive_values(path: str) -> dict[str, str]:
 def iter_parquet(fs, path, file_index, columns: ColumnMap, chunk_rows,
                   row_groups: tuple[int, int] | None) -> Iterator[tuple[pa.Table, pa.Table]]:
     with fs.open(path, "rb") as handle:
+        if _zero_bytes(handle):
+            return
         try:
             pfile = pq.ParquetFile(handle)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -47,9 +51,15 @@ def iter_parquet(fs, path, file_index, columns: ColumnMap, chunk_rows,
             yield normalise(raw, file_index, path)
 
 
-def schema_signature(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The file's columns and types, from its footer."""
+def _zero_bytes(handle) -> bool:
+    return getattr(handle, "size", None) == 0
+
+
+def schema_signature(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The file's columns and types, from its footer; None for a zero-byte file."""
     with fs.open(path, "rb") as handle:
+        if _zero_bytes(handle):
+            return None
         try:
             schema = pq.read_schema(handle)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -60,6 +70,8 @@ def schema_signature(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def row_group_sizes(fs: fsspec.AbstractFileSystem, path: str) -> list[int]:
     """Rows of each row group, from the file's footer."""
     with fs.open(path, "rb") as handle:
+        if _zero_bytes(handle):
+            return []
         try:
             metadata = pq.read_metadata(handle)
         except (pa.ArrowInvalid, OSError) as exc:

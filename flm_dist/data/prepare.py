@@ -92,6 +92,9 @@ class PrepareConfig:
     """Hash buckets of users (= output shards); 0 = from the input size (~500k events per bucket)."""
     strict: bool = False
     """Stop at the first bad row (naming file, row and column) instead of quarantining it."""
+    encoding: str = "utf-8"
+    """Text encoding of the text formats (any ASCII-compatible Python codec, e.g. latin-1,
+    cp1252). Decoding is strict: a row that does not decode is quarantined as `bad_encoding`."""
     workers: int = 0
     """Ray tasks at once per stage; 0 = the cluster's CPU count. Does not change the output."""
 
@@ -104,11 +107,23 @@ class PrepareConfig:
         require(self.num_negatives >= 0, "num_negatives", "must be >= 0")
         require(self.buckets >= 0, "buckets", "must be >= 0 (0 = auto)")
         require(self.workers >= 0, "workers", "must be >= 0 (0 = auto)")
+        require(_ascii_compatible(self.encoding), "encoding",
+                f"must name an ASCII-compatible text encoding (utf-8, latin-1, cp1252, ...), got {self.encoding!r}")
         if self.split == "temporal":
             require(self.valid_cutoff is not None, "valid_cutoff", "is required for split=temporal")
             require(self.test_cutoff is not None, "test_cutoff", "is required for split=temporal")
             if splits.is_quantile(self.valid_cutoff) == splits.is_quantile(self.test_cutoff):
                 require(self.valid_cutoff <= self.test_cutoff, "valid_cutoff", "must not be after test_cutoff")
+
+
+def _ascii_compatible(encoding: str) -> bool:
+    """Whether `encoding` decodes ASCII bytes as ASCII: lines are cut at b"\\n" and delimiters
+    found as bytes before decoding (UTF-16, for one, does neither)."""
+    ascii_bytes = bytes(range(128))
+    try:
+        return ascii_bytes.decode(encoding) == ascii_bytes.decode("ascii")
+    except (LookupError, UnicodeError):
+        return False
 
 
 def resolve(config: PrepareConfig, fmt: str) -> PrepareConfig:
@@ -138,19 +153,24 @@ def prepare_timed(config: PrepareConfig) -> tuple[dict[str, Any], dict[str, floa
         clock = now
         log.info("prepare: %-8s %6.2f s", stage, timings[stage])
 
+    storage.check_output_path(config.output, [config.input])
     fs_in, in_root = storage.url_to_fs(config.input)
     files = list_input(fs_in, in_root)
     infos = {p: fs_in.info(p) for p in files}
     fmt = resolve_format(fs_in, files, config.format)
     cfg = resolve(config, fmt)
-    fingerprint, listing = _fingerprint(infos)
+    fingerprint, listing = _fingerprint(fs_in, infos)
     digest = hashlib.sha256(json.dumps(_stored_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
     fs, out = storage.url_to_fs(cfg.output)
     out = out.rstrip("/")
     existing = storage.read_json(fs, storage.join(out, MANIFEST))
     if existing and (existing.get("config_hash"), existing.get("input", {}).get("fingerprint")) == (digest, fingerprint):
-        log.info("prepare: %s is up to date (same input and config)", cfg.output)
+        log.info("prepare: %s is up to date: same config, and the same %d input file(s) by path, size and "
+                 "content (%s)", cfg.output, len(files), _compared(listing))
         return existing, {"total": time.perf_counter() - started}
+    if existing:
+        changed = "config" if existing.get("config_hash") != digest else "input (a path, size or content)"
+        log.info("prepare: replacing %s: its %s changed (compared by %s)", cfg.output, changed, _compared(listing))
     storage.check_replaceable(fs, out, MANIFEST)
     input_bytes = sum(int(i.get("size") or 0) for i in infos.values())
     lap("list")
@@ -189,7 +209,8 @@ def _run(cfg: PrepareConfig, runner: StageRunner, fs_in, files: list[str], sizes
     log.info("prepare: %d bucket(s) of users", buckets)
     lap("schemas")
 
-    parsed = ingest.parse(runner, fs_in, files, sizes, row_groups, fmt, cfg.columns, cfg.strict, fs, work, buckets)
+    parsed = ingest.parse(runner, fs_in, files, sizes, row_groups, fmt, cfg.columns, cfg.strict, fs, work, buckets,
+                          cfg.encoding)
     dropped = Counter({reason: 0 for reason in DROP_REASONS})
     dropped.update(parsed.reasons)
     lap("parse")
@@ -248,15 +269,20 @@ def _stored_config(cfg: PrepareConfig) -> dict[str, Any]:
     return stored
 
 
-def _fingerprint(infos: dict[str, dict]) -> tuple[str, list[dict[str, Any]]]:
-    """(hash of paths + sizes + modification times, the listing recorded in the manifest)."""
+def _fingerprint(fs: fsspec.AbstractFileSystem, infos: dict[str, dict]) -> tuple[str, list[dict[str, Any]]]:
+    """(hash of paths + sizes + contents, the listing recorded in the manifest). Content, not
+    modification times: `cp -p` and `rsync -t` put an old time back on an edited file."""
     listing, digest = [], hashlib.sha256()
     for path in sorted(infos):
-        info = infos[path]
-        mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
-        digest.update(f"{path}\0{info.get('size')}\0{mtime}\n".encode())
-        listing.append({"path": path, "size": info.get("size")})
+        size, content = infos[path].get("size"), storage.content_id(fs, path, infos[path])
+        digest.update(f"{path}\0{size}\0{content}\n".encode())
+        listing.append({"path": path, "size": size, "content": content})
     return digest.hexdigest(), listing
+
+
+def _compared(listing: list[dict[str, Any]]) -> str:
+    kinds = sorted({entry["content"].split(":", 1)[0] for entry in listing})
+    return " and ".join("SHA-256 of the bytes" if kind == "sha256" else f"the store's {kind}" for kind in kinds)
 
 
 def _nonzero(counter: Counter) -> dict[str, int]:

@@ -2,13 +2,18 @@
 
 This module lists the input, detects its format and hands each file to the reader of its format
 family (parquet_format.py, text_formats.py), which yields chunks of normalised events and
-quarantined rows (events.py). A file with no data rows is not an error by default: it is listed
-in the manifest and in the quarantine with reason `empty_file`.
+quarantined rows (events.py). A file with no data rows (a zero-byte file too) is not an error by
+default: it is listed in the manifest and in the quarantine with reason `empty_file`, and format
+detection passes over it. A file that cannot be read (truncated or corrupt compressed data, a
+Parquet file without its footer) is a one-line error naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import lzma
 import posixpath
+import zlib
 from collections.abc import Iterator
 
 import fsspec
@@ -62,15 +67,29 @@ def _extension(path: str) -> str:
     return posixpath.splitext(name)[1]
 
 
+@contextlib.contextmanager
+def _reading(path: str):
+    """Errors of unreadable input as one line naming the file (FileProblem)."""
+    try:
+        yield
+    except EOFError as exc:
+        raise FileProblem(f"cannot read {path}: its compressed data ends early, the file is truncated "
+                          f"({exc})") from None
+    except (OSError, zlib.error, lzma.LZMAError) as exc:  # also gzip's BadGzipFile, bz2's invalid data
+        raise FileProblem(f"cannot read {path}: {exc}") from None
+
+
 def _head_lines(fs: fsspec.AbstractFileSystem, path: str, count: int) -> list[str]:
-    with fs.open(path, "rb", compression="infer") as handle:
+    # Only to tell formats apart and compare headers: ids are decoded strictly by the readers.
+    with _reading(path), fs.open(path, "rb", compression="infer") as handle:
         data = handle.read(1 << 16)
     lines = data.decode("utf-8", errors="replace").splitlines()
     return [line for line in lines[:count] if line.strip()]
 
 
-def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """Guess one file's format from its extension, then from its first lines."""
+def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """Guess one file's format from its extension, then from its first lines; None for a file
+    with no data to tell by (empty or blank)."""
     ext = _extension(path)
     if ext in (".parquet", ".pq", ".parq"):
         return "parquet"
@@ -80,12 +99,12 @@ def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
         return "tsv"
     if ext == ".inter":
         return "recbole"
-    with fs.open(path, "rb") as handle:
+    with _reading(path), fs.open(path, "rb") as handle:
         if handle.read(4) == b"PAR1":
             return "parquet"
     lines = _head_lines(fs, path, 200)
     if not lines:
-        raise UserError(f"cannot detect the format of empty file {path}; pass --format")
+        return None
     if ext == ".csv":
         header = [c.strip() for c in lines[0].split(",")]
         return "movielens" if header == MOVIELENS_CSV_HEADER else "csv"
@@ -101,21 +120,25 @@ def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def resolve_format(fs: fsspec.AbstractFileSystem, files: list[str], fmt: str) -> str:
-    """`fmt`, or the format every file agrees on when `fmt` is 'auto'."""
+    """`fmt`, or the format every file agrees on when `fmt` is 'auto' (empty files have no say)."""
     if fmt != "auto":
         return fmt
-    first = detect_format(fs, files[0])
-    for path in files[1:]:
-        other = detect_format(fs, path)
+    detected = [(path, found) for path in files if (found := detect_format(fs, path)) is not None]
+    if not detected:
+        what = files[0] if len(files) == 1 else f"any of the {len(files)} input files ({files[0]}, ...)"
+        raise UserError(f"cannot detect the format of {what}: no data to tell it by; pass --format")
+    first_path, first = detected[0]
+    for path, other in detected[1:]:
         if other != first:
-            raise UserError(f"input files have different formats: {files[0]} is {first}, {path} is {other}")
+            raise UserError(f"input files have different formats: {first_path} is {first}, {path} is {other}")
     return first
 
 
 def iter_file(fs: fsspec.AbstractFileSystem, path: str, file_index: int, fmt: str, columns: ColumnMap,
               chunk_rows: int = 1 << 18, chunk_bytes: int = 16 << 20, row_groups: tuple[int, int] | None = None,
-              byte_range: ByteRange | None = None) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """(events, quarantine) chunks of one input file in `fmt`; raises FileProblem for unusable files.
+              byte_range: ByteRange | None = None, encoding: str = "utf-8") -> Iterator[tuple[pa.Table, pa.Table]]:
+    """(events, quarantine) chunks of one input file in `fmt`, its text decoded as `encoding`;
+    raises FileProblem for unusable files.
     So that one large file can be parsed by several tasks, `row_groups` = (start, stop) reads only
     those row groups of a Parquet file (row numbers still count from the file's first row), and
     `byte_range` only the lines of one part of an uncompressed text file in `RANGE_FORMATS` (row
@@ -124,21 +147,19 @@ def iter_file(fs: fsspec.AbstractFileSystem, path: str, file_index: int, fmt: st
         raise ValueError(f"row_groups applies to Parquet files only, not {fmt!r}")
     if byte_range is not None and not splittable_text(path, fmt):
         raise ValueError(f"byte_range applies to uncompressed {', '.join(RANGE_FORMATS)} files, not {path} ({fmt})")
-    try:
+    with _reading(path):
         if fmt == "parquet":
             yield from parquet_format.iter_parquet(fs, path, file_index, columns, chunk_rows, row_groups)
         elif fmt in ("csv", "tsv", "recbole") or (fmt == "movielens" and _extension(path) == ".csv"):
-            yield from iter_delimited(fs, path, file_index, columns, chunk_bytes, fmt, byte_range)
+            yield from iter_delimited(fs, path, file_index, columns, chunk_bytes, fmt, byte_range, encoding)
         elif fmt in ("pairs-txt", "movielens"):
-            yield from iter_split_lines(fs, path, file_index, chunk_bytes, fmt, byte_range)
+            yield from iter_split_lines(fs, path, file_index, chunk_bytes, fmt, byte_range, encoding)
         elif fmt == "seq-txt":
-            yield from iter_seq_txt(fs, path, file_index, chunk_bytes, byte_range)
+            yield from iter_seq_txt(fs, path, file_index, chunk_bytes, byte_range, encoding)
         elif fmt == "jsonl":
-            yield from iter_jsonl(fs, path, file_index, columns, chunk_bytes, byte_range)
+            yield from iter_jsonl(fs, path, file_index, columns, chunk_bytes, byte_range, encoding)
         else:
             raise UserError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        raise FileProblem(f"cannot read {path}: {exc}") from None
 
 
 def file_schema(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> str | None:
@@ -157,9 +178,9 @@ def row_group_rows(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> list[i
 
 
 def read_file(fs: fsspec.AbstractFileSystem, path: str, fmt: str, columns: ColumnMap | None = None,
-              file_index: int = 0) -> tuple[pa.Table, pa.Table]:
+              file_index: int = 0, encoding: str = "utf-8") -> tuple[pa.Table, pa.Table]:
     """A whole file as one (events, quarantine) pair: for tests and small inputs."""
-    chunks = list(iter_file(fs, path, file_index, fmt, columns or ColumnMap()))
+    chunks = list(iter_file(fs, path, file_index, fmt, columns or ColumnMap(), encoding=encoding))
     events = pa.concat_tables([EVENTS_SCHEMA.empty_table()] + [c[0] for c in chunks])
     bad = pa.concat_tables([QUARANTINE_SCHEMA.empty_table()] + [c[1] for c in chunks])
     return events, bad

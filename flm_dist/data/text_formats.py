@@ -2,12 +2,16 @@
 pair text and JSON lines. Each yields (events, quarantine) chunks of one file (see events.py).
 
 Decisions: blank lines are skipped and not counted as rows (CSV rows whose values are all empty
-are `null_id` rows). An uncompressed file can be read in byte ranges (`ByteRange`), so that
-several tasks parse one large file.
+are `null_id` rows). Text is decoded strictly in the declared encoding (`encoding`, UTF-8 by
+default): a line (or CSV value) that does not decode is quarantined as `bad_encoding`, never
+patched with replacement characters, which would merge distinct ids. Row numbers are physical
+lines of the file, also after a quoted CSV value with line breaks. An uncompressed file can be
+read in byte ranges (`ByteRange`), so that several tasks parse one large file.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -119,29 +123,95 @@ def splittable_text(path: str, fmt: str) -> bool:
             and not path.lower().endswith(COMPRESSION_SUFFIXES))
 
 
-def _csv_rows(reader, invalid: list[int], first_line: int) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """Batches of a streaming CSV reader with the file line number of each row.
+class _CsvLines:
+    """Physical line numbers of the records of a streaming CSV reader.
 
-    The reader skips invalid rows (reported to `invalid` as they are parsed, before their batch is
-    returned); the valid rows fill the line numbers in between.
+    pyarrow numbers records (a quoted value may hold line breaks) and skips invalid ones, which it
+    reports by record number (to `skipped`, as they are parsed, before their batch is returned).
+    The valid rows take the record numbers in between; each record starts as many lines after
+    its number as the records before it had line breaks inside values.
     """
-    next_line = first_line
-    for batch in reader:
-        n = batch.num_rows
-        skipped = [r for r in invalid if r >= next_line]
-        candidates = np.arange(next_line, next_line + n + len(skipped), dtype=np.int64)
-        lines = candidates[~np.isin(candidates, skipped)][:n]
-        if n:
-            next_line = int(lines[-1]) + 1
-        yield pa.Table.from_batches([batch]), lines
+
+    def __init__(self, first_record: int):
+        self.next_record = first_record
+        self.breaks = 0  # line breaks inside the values of the records placed so far
+
+    def place(self, rows: int, row_breaks: np.ndarray, skipped: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
+        """(line of each of `rows` valid rows, line of each skipped record in sorted order), given
+        the line breaks inside each valid row's values and the skipped records' text."""
+        numbers = sorted(skipped)
+        candidates = np.arange(self.next_record, self.next_record + rows + len(numbers), dtype=np.int64)
+        valid = candidates[~np.isin(candidates, numbers)][:rows]
+        records = np.concatenate([valid, np.asarray(numbers, dtype=np.int64)])
+        breaks = np.concatenate([row_breaks, [skipped[r].count("\n") for r in numbers]]).astype(np.int64)
+        order = np.argsort(records, kind="stable")
+        before = np.empty(len(records), dtype=np.int64)
+        before[order] = self.breaks + np.cumsum(breaks[order]) - breaks[order]
+        lines = records + before
+        if len(records):
+            self.next_record = int(records.max()) + 1
+            self.breaks += int(breaks.sum())
+        return lines[:rows], lines[rows:]
+
+
+def _value_breaks(table: pa.Table) -> np.ndarray:
+    """Line breaks inside each row's values (all columns: any may hold a quoted line break).
+    Counted row by row only in a column whose data bytes hold one at all: almost no value has a
+    line break, and counting every row of every batch made reading a CSV a fifth slower."""
+    counts = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        data = [chunk.buffers()[2] for chunk in column.chunks]
+        if any(b is not None and (np.frombuffer(b, dtype=np.uint8) == ord("\n")).any() for b in data):
+            counts += np.asarray(pc.count_substring(column, "\n").fill_null(0), dtype=np.int64)
+    return counts
+
+
+def _text_columns(table: pa.Table, mapping: dict[str, str]) -> tuple[dict[str, pa.Array], list]:
+    """The mapped columns (read as bytes) as strings, and a `bad_encoding` problem per column
+    holding values that are not UTF-8 (pyarrow has transcoded any other declared encoding)."""
+    columns, problems = {}, []
+    for field, name in mapping.items():
+        column = table.column(name).combine_chunks()
+        try:
+            columns[field] = column.cast(pa.string())
+            continue
+        except pa.ArrowInvalid:
+            pass
+        values = column.to_pylist()
+        texts = [_decoded(value, "utf-8") for value in values]
+        undecodable = np.array([v is not None and t is None for v, t in zip(values, texts)], dtype=bool)
+        problems.append((undecodable, field, "bad_encoding"))
+        columns[field] = pa.array(texts, pa.string())
+    return columns, problems
+
+
+def _decoded(value: bytes | None, encoding: str) -> str | None:
+    try:
+        return None if value is None else value.decode(encoding)
+    except UnicodeDecodeError:
+        return None
+
+
+def _repeated_header(table: pa.Table, mapping: dict[str, str], header: dict[str, str]) -> np.ndarray:
+    """Rows whose mapped values are the header's own names (concatenated files)."""
+    repeated = np.ones(table.num_rows, dtype=bool)
+    for name in mapping.values():
+        same = pc.equal(table.column(name), pa.scalar(header[name].encode(), pa.binary()))
+        repeated &= bool_mask(same)
+    return repeated
 
 
 def iter_delimited(fs, path, file_index, columns: ColumnMap, chunk_bytes, fmt,
-                    part: ByteRange | None) -> Iterator[tuple[pa.Table, pa.Table]]:
+                    part: ByteRange | None, encoding: str = "utf-8") -> Iterator[tuple[pa.Table, pa.Table]]:
     """CSV, TSV, RecBole `.inter` (tab, `name:type` header) and MovieLens `ratings.csv`."""
     delimiter = "\t" if fmt in ("tsv", "recbole") else ","
     with fs.open(path, "rb", compression="infer") as handle:
-        header_line = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+        first = handle.readline()
+    try:
+        header_line = first.decode(encoding).rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise FileProblem(f"{path}: the header line is not {encoding} text ({exc.reason} at byte {exc.start}); "
+                          f"set encoding=NAME, or check --format") from None
     if not header_line.strip():
         return
     header = _split_header(header_line, delimiter)
@@ -160,13 +230,15 @@ def iter_delimited(fs, path, file_index, columns: ColumnMap, chunk_bytes, fmt,
     for name in mapping.values():
         if name not in names:
             raise missing_column(path, name, names)
-    invalid: list[int] = []
-    bad_rows: list[tuple[int, str]] = []
+    header_names = dict(zip(names, header))
+    skipped: dict[int, str] = {}  # record number -> text of the rows pyarrow skipped (wrong field count)
 
     def on_invalid(row) -> str:
-        invalid.append(row.number)
-        bad_rows.append((row.number, row.text))
+        skipped[row.number] = row.text
         return "skip"
+
+    def malformed(lines: np.ndarray, texts: list[str]) -> pa.Table:
+        return quarantine_rows(path, lines, [""] * len(texts), ["malformed"] * len(texts), texts)
 
     wanted = sorted(set(mapping.values()))
     handle = _open_text(fs, path, part)
@@ -174,43 +246,54 @@ def iter_delimited(fs, path, file_index, columns: ColumnMap, chunk_bytes, fmt,
         handle.close()
         return
     header_rows = 0 if part is not None and handle.start > 0 else 1  # the header opens the file, not a part
+    lines = _CsvLines(first_record=header_rows + 1)
+    quoted = fmt == "csv"
     try:
         reader = pacsv.open_csv(
             handle,
             read_options=pacsv.ReadOptions(use_threads=False, block_size=chunk_bytes, column_names=names,
-                                           skip_rows=header_rows),
+                                           skip_rows=header_rows, encoding=_arrow_encoding(encoding)),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False,
-                                             quote_char='"' if fmt == "csv" else False,
+                                             quote_char='"' if quoted else False, newlines_in_values=quoted,
                                              invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                 include_columns=wanted))
-        for table, lines in _csv_rows(reader, invalid, first_line=header_rows + 1):
-            cols = {field: table.column(name).combine_chunks() for field, name in mapping.items()}
-            raw = Raw(cols, lines, np.zeros(len(lines), dtype=np.int32), row_repr(table), int_ids, mapping)
+            # Bytes, so that a value that is not text is one bad row, not an unreadable file; every
+            # column, because a line break in any of them moves the line numbers of later rows.
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}))
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            rows, bad_lines = lines.place(table.num_rows, _value_breaks(table) if quoted else
+                                          np.zeros(table.num_rows, dtype=np.int64), skipped)
+            texts = [skipped[r] for r in sorted(skipped)]
+            skipped.clear()
+            cols, problems = _text_columns(table, mapping)
+            problems.insert(0, (_repeated_header(table, mapping, header_names), "", "header"))
+            raw = Raw(cols, rows, np.zeros(len(rows), dtype=np.int32), row_repr(table.select(wanted)), int_ids,
+                      mapping, problems)
             events, bad = normalise(raw, file_index, path)
-            if bad_rows:
-                rows = [r for r, _ in bad_rows]
-                malformed = quarantine_rows(path, rows, [""] * len(rows), ["malformed"] * len(rows),
-                                        [t for _, t in bad_rows])
-                bad = pa.concat_tables([malformed, bad])
-                bad_rows.clear()
-            yield events, bad
-        if bad_rows:  # invalid rows after the last batch
-            rows = [r for r, _ in bad_rows]
-            yield EVENTS_SCHEMA.empty_table(), quarantine_rows(path, rows, [""] * len(rows),
-                                                           ["malformed"] * len(rows), [t for _, t in bad_rows])
+            yield events, pa.concat_tables([malformed(bad_lines, texts), bad])
+        if skipped:  # invalid rows after the last batch
+            _, bad_lines = lines.place(0, np.zeros(0, dtype=np.int64), skipped)
+            yield EVENTS_SCHEMA.empty_table(), malformed(bad_lines, [skipped[r] for r in sorted(skipped)])
     except pa.ArrowInvalid as exc:
         raise FileProblem(f"{path}: cannot parse as {fmt}: {exc}") from None
     finally:
         handle.close()
 
 
+def _arrow_encoding(encoding: str) -> str:
+    """pyarrow reads 'utf8' as is and transcodes any other name, which for UTF-8 itself would
+    turn one undecodable value into an unreadable file."""
+    return "utf8" if codecs.lookup(encoding).name == "utf-8" else encoding
+
+
 def _split_header(line: str, delimiter: str) -> list[str]:
     return [h.strip().strip('"') for h in line.split(delimiter)]
 
 
-def _iter_lines(fs, path, chunk_bytes, part: ByteRange | None) -> Iterator[tuple[pa.Array, np.ndarray]]:
-    """Non-blank lines of a text file (or part) in chunks, with their 1-based line numbers."""
+def _iter_lines(fs, path, chunk_bytes, part: ByteRange | None,
+                encoding: str) -> Iterator[tuple[pa.Array, np.ndarray, pa.Table]]:
+    """Non-blank lines of a text file (or part) in chunks, with their 1-based line numbers and
+    the lines that do not decode in `encoding` (quarantined as `bad_encoding`)."""
     line_no = 1
     rest = b""
     with _open_text(fs, path, part) as handle:
@@ -227,12 +310,31 @@ def _iter_lines(fs, path, chunk_bytes, part: ByteRange | None) -> Iterator[tuple
                 block, rest = rest + b"\n", b""
             else:
                 break
-            lines = pc.list_flatten(pc.split_pattern(pa.array([block.decode("utf-8", errors="replace")]), "\n"))
+            text, undecodable = _decode_block(path, block, line_no, encoding)
+            lines = pc.list_flatten(pc.split_pattern(pa.array([text]), "\n"))
             lines = pc.utf8_rtrim(lines.slice(0, len(lines) - 1), characters="\r")
             numbers = np.arange(line_no, line_no + len(lines), dtype=np.int64)
             line_no += len(lines)
             keep = bool_mask(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(lines)), 0))
-            yield lines.filter(pa.array(keep)), numbers[keep]
+            yield lines.filter(pa.array(keep)), numbers[keep], undecodable
+
+
+def _decode_block(path: str, block: bytes, first_line: int, encoding: str) -> tuple[str, pa.Table]:
+    """Whole lines of bytes as text, and the quarantine of those that do not decode: they become
+    blank lines here, so that they are neither parsed nor renumber the lines after them."""
+    try:
+        return block.decode(encoding), QUARANTINE_SCHEMA.empty_table()
+    except UnicodeDecodeError:
+        pass
+    texts, rows, raws = [], [], []
+    for number, line in enumerate(block.split(b"\n")[:-1], start=first_line):
+        text = _decoded(line, encoding)
+        if text is None:
+            rows.append(number)
+            raws.append(line.decode(encoding, errors="backslashreplace"))
+        texts.append(text or "")
+    undecodable = quarantine_rows(path, rows, [""] * len(rows), ["bad_encoding"] * len(rows), raws)
+    return "\n".join(texts) + "\n", undecodable
 
 
 def _malformed(path, lines: pa.Array, numbers: np.ndarray, mask: np.ndarray) -> pa.Table:
@@ -241,9 +343,10 @@ def _malformed(path, lines: pa.Array, numbers: np.ndarray, mask: np.ndarray) -> 
     return quarantine_rows(path, numbers[where], [""] * n, ["malformed"] * n, lines.take(pa.array(where)).to_pylist())
 
 
-def iter_seq_txt(fs, path, file_index, chunk_bytes, part: ByteRange | None) -> Iterator[tuple[pa.Table, pa.Table]]:
+def iter_seq_txt(fs, path, file_index, chunk_bytes, part: ByteRange | None,
+                 encoding: str = "utf-8") -> Iterator[tuple[pa.Table, pa.Table]]:
     """`user item1 item2 ...` per line; the order of items on the line is their time order."""
-    for lines, numbers in _iter_lines(fs, path, chunk_bytes, part):
+    for lines, numbers, undecodable in _iter_lines(fs, path, chunk_bytes, part, encoding):
         tokens = pc.utf8_split_whitespace(lines)
         count = np.asarray(pc.list_value_length(tokens))
         short = count < 2
@@ -259,14 +362,14 @@ def iter_seq_txt(fs, path, file_index, chunk_bytes, part: ByteRange | None) -> I
         raw = Raw({"user": users, "item": pc.list_flatten(items)}, numbers[parent], pos,
                    line_repr(lines.take(pa.array(parent))))
         events, bad = normalise(raw, file_index, path)
-        yield events, pa.concat_tables([malformed, bad])
+        yield events, pa.concat_tables([undecodable, malformed, bad])
 
 
-def iter_split_lines(fs, path, file_index, chunk_bytes, fmt,
-                      part: ByteRange | None) -> Iterator[tuple[pa.Table, pa.Table]]:
+def iter_split_lines(fs, path, file_index, chunk_bytes, fmt, part: ByteRange | None,
+                     encoding: str = "utf-8") -> Iterator[tuple[pa.Table, pa.Table]]:
     """`user item` pair text (file order is time) and MovieLens `ratings.dat` (`u::i::rating::ts`)."""
     fields, splitter = (2, None) if fmt == "pairs-txt" else (4, "::")
-    for lines, numbers in _iter_lines(fs, path, chunk_bytes, part):
+    for lines, numbers, undecodable in _iter_lines(fs, path, chunk_bytes, part, encoding):
         tokens = (pc.utf8_split_whitespace(lines) if splitter is None
                   else pc.split_pattern(pc.utf8_trim_whitespace(lines), splitter))
         wrong = np.asarray(pc.list_value_length(tokens)) != fields
@@ -280,7 +383,7 @@ def iter_split_lines(fs, path, file_index, chunk_bytes, fmt,
             cols["timestamp"] = pc.list_element(tokens, 3)
         raw = Raw(cols, numbers, np.zeros(len(numbers), dtype=np.int32), line_repr(lines), fmt == "movielens")
         events, bad = normalise(raw, file_index, path)
-        yield events, pa.concat_tables([malformed, bad])
+        yield events, pa.concat_tables([undecodable, malformed, bad])
 
 
 def _json_value(value) -> str | None:
@@ -291,12 +394,12 @@ def _json_value(value) -> str | None:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def iter_jsonl(fs, path, file_index, columns: ColumnMap, chunk_bytes,
-                part: ByteRange | None) -> Iterator[tuple[pa.Table, pa.Table]]:
+def iter_jsonl(fs, path, file_index, columns: ColumnMap, chunk_bytes, part: ByteRange | None,
+               encoding: str = "utf-8") -> Iterator[tuple[pa.Table, pa.Table]]:
     """One JSON object per line; pyarrow parses clean chunks, Python finds the bad lines otherwise."""
     mapping = columns.mapped()
     seen: set[str] = set()
-    for lines, numbers in _iter_lines(fs, path, chunk_bytes, part):
+    for lines, numbers, undecodable in _iter_lines(fs, path, chunk_bytes, part, encoding):
         malformed = QUARANTINE_SCHEMA.empty_table()
         try:
             table = pajson.read_json(pa.py_buffer(("\n".join(lines.to_pylist()) + "\n").encode()),
@@ -327,7 +430,7 @@ def iter_jsonl(fs, path, file_index, columns: ColumnMap, chunk_bytes,
                 cols[field] = pa.nulls(len(numbers), pa.string())
         raw = Raw(cols, numbers, np.zeros(len(numbers), dtype=np.int32), line_repr(lines), names=mapping)
         events, bad_rows = normalise(raw, file_index, path)
-        yield events, pa.concat_tables([malformed, bad_rows])
+        yield events, pa.concat_tables([undecodable, malformed, bad_rows])
     if part is None:
         check_json_keys(path, columns, seen)
     else:

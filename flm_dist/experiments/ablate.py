@@ -45,9 +45,9 @@ machines or at different times combine into one table by copying those files alo
 
 With `parallel` > 1 the stages run as Ray tasks, up to `parallel` at once (each fine-tuning
 stage after its seed's pretraining stage): each stage trains in its task's process on one
-device (`scaling.workers=0`), with `scaling.cpus_per_worker` CPUs and `scaling.gpus_per_worker`
-GPUs. Every stage is the same computation wherever it runs, so the table does not depend on
-`parallel`.
+device (`scaling.workers=0`), with `scaling.cpus_per_worker` CPUs (1 when unset) and
+`scaling.gpus_per_worker` GPUs. Every stage is the same computation wherever it runs, so the
+table does not depend on `parallel`.
 
 `baseline_results` and `baseline_variants` put variants of another ablation's seed results into
 the table and the tests without training them, labelled `VARIANT (baseline)`: for instance
@@ -508,7 +508,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
             log.info("ablation stage %d/%d, %s", index, len(calls), call.label)
             finished(call.key, call.function(*call.args))
     else:
-        ray_seam.run_in_parallel(calls, config.parallel, scaling.cpus_per_worker, scaling.gpus_per_worker,
+        ray_seam.run_in_parallel(calls, config.parallel, scaling.cpus_per_worker or 1.0, scaling.gpus_per_worker,
                                  on_finished=finished, describe="ablation stage", address=scaling.address)
     report = summarize(config, {**finals, **baseline_finals}, {**ranks, **baseline_ranks}, pretraining)
     output.mkdir(parents=True, exist_ok=True)

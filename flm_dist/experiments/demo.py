@@ -58,7 +58,7 @@ def run_demo(options: DemoOptions) -> dict[str, dict[str, float]]:
 
     root = Path(options.workdir)
     data, pretrained, finetuned, tuned = (root / name for name in ("data", "pretrain", "finetune", "tune"))
-    scaling = [f"scaling.workers={options.workers}", "scaling.cpus_per_worker=1"]
+    scaling = [f"scaling.workers={options.workers}"]
     started = time.perf_counter()
     ensure_ray()
 

@@ -242,7 +242,7 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
     (tune_dir / "space.json").write_text(json.dumps(options.space, indent=2, sort_keys=True))
 
     ray_seam.ensure_ray(base_config.scaling.address)
-    _check_resources(options)
+    check_resources(options, ray_seam.cluster_capacity())
     trainable = tune.with_resources(
         functools.partial(tune_trial, base=base, runs_dir=str(tune_dir / "runs"), metric=metric,
                           threads=max(1, int(options.cpus_per_trial))),
@@ -278,13 +278,12 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _check_resources(options: TuneOptions) -> None:
-    """A trial that can never be placed hangs the sweep: refuse it; warn when fewer run at once."""
-    import ray
-
-    total = ray.cluster_resources()
+def check_resources(options: TuneOptions, capacity: dict[str, float]) -> None:
+    """A trial that can never be placed hangs the sweep: refuse it; warn when fewer run at once.
+    `capacity` is what the cluster can give (`ray_seam.cluster_capacity`). A trial trains in its
+    own process without Ray Data, so it needs no CPU left free beside it."""
     for name, need in (("CPU", options.cpus_per_trial), ("GPU", options.gpus_per_trial)):
-        have = total.get(name, 0.0)
+        have = capacity.get(name, 0.0)
         if need > have:
             raise UserError(f"a trial needs {need:g} {name}s but the Ray cluster has {have:g}; "
                             f"lower --{name.lower()}s-per-trial")

@@ -72,9 +72,13 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise CheckpointError(f"{directory} is not a complete checkpoint (no {META_FILE})")
     try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:  # not JSON, or not text at all
         raise CheckpointError(f"{meta_path} is corrupted: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+        raise CheckpointError(f"{directory}: checkpoint format {found} is not {FORMAT_VERSION}")
+    return meta
 
 
 def verify_checkpoint(directory: str | Path) -> str | None:
@@ -100,8 +104,6 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if problem:
         raise CheckpointError(problem)
     meta = read_meta(directory)
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{directory}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
     try:
         state = torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError subclasses and RuntimeErrors here

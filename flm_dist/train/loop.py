@@ -40,6 +40,7 @@ from flm_dist.data.batches import (
     length_bucketed_batches,
     window_widths,
 )
+from flm_dist.data.storage import check_output_path
 from flm_dist.errors import UserError
 from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
 from flm_dist.models import FLMModel
@@ -505,6 +506,7 @@ def launch_training(config, kind: str, local_loop, ray_worker) -> dict[str, Any]
     """The driver shared by pretrain and finetune: prepare RUN_DIR, then train in this process
     (`scaling.workers=0`, `local_loop(config, session)`) or on Ray Train (`ray_worker(payload)`
     on every worker). Returns the run's metrics.json."""
+    check_output_path(config.output, [config.data])
     manifest = read_manifest(config.data)
     run_dir = Path(config.output)
     run_dir.mkdir(parents=True, exist_ok=True)
