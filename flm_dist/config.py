@@ -273,6 +273,12 @@ class ModelConfig:
     flow_stop_gradient: bool = True
     """Stop the flow NLL's gradient at the user representation, so encoders cannot lower it by
     collapsing representations; the flow then only models what the encoders learned."""
+    item_features: Literal["none", "add", "gate", "concat"] = "none"
+    """Item side information (data prepared with `item_features.uri`): `none` ignores it (the
+    id-only model); otherwise a bag-of-attributes encoder is fused into the shared item table the
+    CF encoder, the sequence encoder and scoring use: `add` (id row + pooled attributes), `gate`
+    (a learned per-dimension mix), `concat` (a projection of both, starting as add). Cold items
+    (features, no interactions) are then scored from their attributes (export, serve)."""
 
     def __post_init__(self):
         require(self.hidden > 0, "hidden", "must be positive")
@@ -284,7 +290,7 @@ class ModelConfig:
         require(self.flow_hidden > 0, "flow_hidden", "must be positive")
 
 
-WEIGHTED_LOSS_TERMS = ("seq", "cf", "flow", "fused", "contrast")
+WEIGHTED_LOSS_TERMS = ("seq", "cf", "flow", "fused", "contrast", "attributes")
 
 
 def cosine_decay(progress: float) -> float:
@@ -326,7 +332,12 @@ class LossConfig:
     second encoder pass per step. Pretraining only."""
     contrast_temperature: float = 1.0
     """Temperature of the contrastive term's dot-product logits (DuoRec uses 1)."""
-    decay: list[Literal["seq", "cf", "fused", "flow", "contrast"]] = dataclasses.field(default_factory=list)
+    attributes: float = 0.0
+    """Weight of the attribute objective (needs model.item_features): multi-label BCE of each
+    target item's attributes from its id row and from the sequence state that predicts it.
+    Logged as loss/attributes only when > 0, so runs without it log what they did before."""
+    decay: list[Literal["seq", "cf", "fused", "flow", "contrast", "attributes"]] = dataclasses.field(
+        default_factory=list)
     """Terms whose weight falls from its set value towards 0 along a cosine of the optimiser
     step over the run (e.g. `[cf, fused, flow]`): the auxiliary terms shape the shared item
     table early and leave the last steps to the remaining terms. Empty: constant weights."""
@@ -348,7 +359,7 @@ class LossConfig:
         decayed terms stay above 0 before the last step, so no term drops out of the graph."""
         factor = cosine_decay(progress)
         return {name: getattr(self, name) * (factor if name in self.decay else 1.0)
-                for name in WEIGHTED_LOSS_TERMS}
+                for name in WEIGHTED_LOSS_TERMS if name != "attributes" or self.attributes > 0}
 
 
 @dataclasses.dataclass

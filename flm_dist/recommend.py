@@ -9,7 +9,9 @@ Scoring is export's (`flm_dist.eval.export.UserScorer`): the model input is buil
 `build_eval_arrays` (the last `max_len` items of the history, left-padded), the user vector is
 `user_representation(..., source=eval.user_source)`, and `ranking.top_k` ranks the whole item
 table in chunks with the excluded items (the history, unless `exclude_history` is false, and
-`exclude`) removed. So a known user's answer is export's top-K for the same user.
+`exclude`) removed. So a known user's answer is export's top-K for the same user. A model with
+item features also ranks the data's known cold items (features, no interactions), scored from
+their attributes, and accepts them in `items` and `exclude`.
 
 Stored history: a known user's row of DATA/<split> (`split=test`: the history `flm export` and
 `flm evaluate` score after); a user without a row there (too few events for the split) falls back
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from flm_dist.data.batches import build_eval_arrays
+from flm_dist.data.item_features import cold_item_ids
 from flm_dist.errors import UserError
 from flm_dist.eval.ranking import item_chunk_size, top_k
 from flm_dist.models.cf import MatrixFactorization
@@ -155,6 +158,10 @@ class RecommenderService:
         self.model = model.to(self.device).eval()
         self.anonymous_user = _add_average_user(self.model)
         self.model.to(self.device)
+        with torch.no_grad():  # the items, then the known cold items of a model with item features
+            self.catalog = self.model.catalog_table().detach()
+        item_ids = item_ids[:self.catalog.shape[0]]
+        self.cold_items = max(0, len(item_ids) - 1 - self.model.num_items)
         self.item_ids = item_ids
         self.item_index = {item: index for index, item in enumerate(item_ids) if index > 0}
         self.user_ids = user_ids
@@ -176,6 +183,7 @@ class RecommenderService:
         directory, data = resolve_model(checkpoint, data)
         model, manifest, meta = load_model_for_data(str(directory), data, torch.device("cpu"))
         item_ids, _ = _lookup(data, "items", "item_id")
+        item_ids += cold_item_ids(data, len(item_ids) - 1)  # kept only when the model scores them
         user_ids, _ = _lookup(data, "users", "user_id")
         offsets, items = stored_histories(data, split, len(user_ids))
         config = meta["config"]
@@ -195,7 +203,8 @@ class RecommenderService:
         """GET /info: the model, its catalogue and the serving settings."""
         anonymous = ("the average user's CF row" if self.anonymous_user is not None
                      else "no user row needed")
-        return {**self.details, "items": len(self.item_ids) - 1, "users": len(self.user_ids),
+        cold = {"cold_items": self.cold_items} if self.cold_items else {}
+        return {**self.details, "items": len(self.item_ids) - 1, **cold, "users": len(self.user_ids),
                 "source": self.source, "max_len": self.max_len, "max_k": self.max_k,
                 "device": str(self.device), "anonymous_sessions": anonymous}
 
@@ -277,7 +286,7 @@ class RecommenderService:
         model_input = build_eval_arrays(table, self.max_len).input.to(self.device)
         user = torch.tensor([q.user for q in queries], dtype=torch.long, device=self.device)
         vectors = self.model.user_representation(user, model_input, source=self.source)
-        item_table = self.model.item_table()
+        item_table = self.catalog
         lengths = torch.tensor([len(q.exclude) for q in queries])
         rows = torch.repeat_interleave(torch.arange(count), lengths).to(self.device)
         items = torch.from_numpy(np.concatenate([q.exclude for q in queries])).to(self.device)

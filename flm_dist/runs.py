@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from flm_dist.config import ModelConfig, from_dict
+from flm_dist.data.item_features import ItemAttributeArrays, load_item_attributes
 from flm_dist.errors import UserError
 from flm_dist.models import FLMModel
 from flm_dist.models.recommender import Recommender
@@ -34,14 +35,35 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     return manifest
 
 
-def build_model(config: ModelConfig, num_users: int, num_items: int) -> FLMModel:
+def item_attributes_for(config: ModelConfig, data_dir: str) -> ItemAttributeArrays | None:
+    """The item features of prepared data `data_dir` when the model uses them (else None)."""
+    if config.item_features == "none":
+        return None
+    attributes = load_item_attributes(data_dir, read_manifest(data_dir)["items"])
+    if attributes is None:
+        raise UserError(f"model.item_features={config.item_features} needs item features, but {data_dir} was "
+                        f"prepared without them (flm prepare --item-features URI); or set model.item_features=none")
+    return attributes
+
+
+def build_model(config: ModelConfig, num_users: int, num_items: int,
+                attributes: ItemAttributeArrays | None = None) -> FLMModel:
+    """The joint model; `attributes` (item_attributes_for) is needed with model.item_features."""
+    features = {}
+    if config.item_features != "none":
+        if attributes is None:
+            raise UserError(f"model.item_features={config.item_features} needs the data's item features")
+        if attributes.num_items != num_items:
+            raise UserError(f"the item features cover {attributes.num_items} items; the model has {num_items}")
+        features = {"item_features": config.item_features, "num_attributes": attributes.num_attributes,
+                    "item_attributes": torch.from_numpy(attributes.matrix)}
     return FLMModel(num_users=num_users, num_items=num_items, hidden=config.hidden,
                     max_len=config.max_len, layers=config.layers, heads=config.heads,
                     dropout=config.dropout, encoder=config.encoder, fusion=config.fusion,
                     flow_layers=config.flow_layers, flow_hidden=config.flow_hidden,
                     flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient,
                     positions=config.positions, norm=config.norm, cf_user=config.cf_user,
-                    user_head=config.user_head)
+                    user_head=config.user_head, **features)
 
 
 def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):
@@ -53,9 +75,10 @@ def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device
         raise UserError(f"{checkpoint_dir} was trained on another vocabulary than {data_dir} "
                         f"(vocab hashes differ)")
     if meta.get("kind", "pretrain") == "pretrain":
-        model = build_model(from_dict(ModelConfig, meta["config"]["model"]), manifest["users"], manifest["items"])
+        config = from_dict(ModelConfig, meta["config"]["model"])
+        model = build_model(config, manifest["users"], manifest["items"], item_attributes_for(config, data_dir))
     else:
-        model = rebuild_model(meta, manifest)
+        model = rebuild_model(meta, manifest, data_dir)
     model.load_state_dict(state["model"])
     return model.to(device), manifest, meta
 
@@ -67,8 +90,9 @@ def recommender_for(config: FinetuneConfig, backbone: FLMModel) -> Recommender:
                        frozen=options.mode == "frozen")
 
 
-def rebuild_model(meta: dict[str, Any], manifest: dict[str, Any]) -> Recommender:
+def rebuild_model(meta: dict[str, Any], manifest: dict[str, Any], data_dir: str) -> Recommender:
     """The (untrained) model of a fine-tuning checkpoint, for `load_model_for_data` to load into."""
     config = from_dict(FinetuneConfig, meta["config"])
-    return recommender_for(config, build_model(config.model, manifest["users"], manifest["items"]))
+    return recommender_for(config, build_model(config.model, manifest["users"], manifest["items"],
+                                               item_attributes_for(config.model, data_dir)))
 

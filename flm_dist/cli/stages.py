@@ -26,10 +26,15 @@ def cmd_prepare(args):
     from flm_dist.data.prepare import PrepareConfig, run_prepare
 
     config = config_from_args(PrepareConfig, args, {"input": args.input, "format": args.format,
-                                                    "output": args.output, "strict": args.strict or None})
+                                                    "output": args.output, "strict": args.strict or None,
+                                                    "item_features.uri": args.item_features})
     manifest = run_prepare(config)
     print(f"prepared {manifest['users']} users, {manifest['items']} items, "
           f"{manifest['interactions']} interactions -> {config.output}")
+    if "features" in manifest:
+        features = manifest["features"]
+        print(f"item features: {features['attributes']} attributes, {features['items_with_features']} items "
+              f"with features, {features['cold_items']} cold items, {features['quarantined_rows']} rows quarantined")
 
 
 def cmd_pretrain(args):
@@ -100,6 +105,9 @@ def add_commands(commands) -> None:
                          help="auto, parquet, csv, tsv, jsonl, seq-txt, pairs-txt, recbole, movielens")
     prepare.add_argument("--output")
     prepare.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    prepare.add_argument("--item-features", metavar="URI",
+                         help="item side information: S3-Rec item2attributes JSON, RecBole .item, CSV/TSV or "
+                              "Parquet (item_features.* settings; docs/guide/side_information.md)")
     add_config_arguments(prepare)
     prepare.set_defaults(run=cmd_prepare)
 

@@ -23,6 +23,9 @@ Output contract (read by training and evaluation; keep names and dtypes):
   DIR/valid/part-NNNNN.parquet      user:int32, history:list<int32>, target:int32, negatives:list<int32>
   DIR/test/part-NNNNN.parquet       same as valid
   DIR/quarantine/part-NNNNN.parquet file, row, column, reason, raw (only when rows were quarantined)
+  DIR/vocab/attributes.parquet, DIR/vocab/item_attributes.parquet   with `item_features.uri` only:
+                                    the attribute vocabulary and each item's attributes, cold
+                                    items (features, no interactions) at indices N+1.. (item_features.py)
 One train/valid/test shard per user bucket, rows sorted by user. Everything is written under a
 sibling DIR.tmp-<random> (work files under its _work/, so on a cluster the output must be storage
 every node can reach) and published by storage.publish; a failed run removes it and leaves DIR as
@@ -45,8 +48,9 @@ import fsspec
 
 from flm_dist import __version__
 from flm_dist.config import require, to_dict
-from flm_dist.data import ingest, splits, storage, vocabularies
+from flm_dist.data import ingest, item_features, splits, storage, vocabularies
 from flm_dist.data.events import ROW_REASONS, ColumnMap
+from flm_dist.data.item_features import ItemFeaturesConfig
 from flm_dist.data.negatives import draw_negatives
 from flm_dist.data.readers import list_input, resolve_format
 from flm_dist.data.stage_runner import StageRunner, groups
@@ -97,6 +101,9 @@ class PrepareConfig:
     cp1252). Decoding is strict: a row that does not decode is quarantined as `bad_encoding`."""
     workers: int = 0
     """Ray tasks at once per stage; 0 = the cluster's CPU count. Does not change the output."""
+    item_features: ItemFeaturesConfig = field(default_factory=ItemFeaturesConfig)
+    """Optional item side information (`item_features.uri`, also `--item-features`), joined to
+    the item vocabulary by original id (see data/item_features.py)."""
 
     def __post_init__(self):
         require(bool(self.input), "input", "is required (a file, directory or URI)")
@@ -160,6 +167,7 @@ def prepare_timed(config: PrepareConfig) -> tuple[dict[str, Any], dict[str, floa
     fmt = resolve_format(fs_in, files, config.format)
     cfg = resolve(config, fmt)
     fingerprint, listing = _fingerprint(fs_in, infos)
+    fingerprint = item_features.fingerprint(cfg.item_features, fingerprint)
     digest = hashlib.sha256(json.dumps(_stored_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
     fs, out = storage.url_to_fs(cfg.output)
     out = out.rstrip("/")
@@ -234,6 +242,7 @@ def _run(cfg: PrepareConfig, runner: StageRunner, fs_in, files: list[str], sizes
         raise UserError(f"k-core filtering ({cfg.min_user_interactions}/{cfg.min_item_interactions}) "
                         f"left no interactions; lower min_user_interactions/min_item_interactions")
     lap("vocab")
+    features = item_features.attach(cfg.item_features, cfg.strict, fs, tmp, work, items)
 
     split_section = splits.build(runner, fs, work, tmp, bucket_groups, items, users, cfg.split,
                                  (cfg.valid_cutoff, cfg.test_cutoff), cfg.num_negatives, cfg.seed, counted.t_min,
@@ -243,7 +252,7 @@ def _run(cfg: PrepareConfig, runner: StageRunner, fs_in, files: list[str], sizes
 
     if parsed.rows != interactions + sum(dropped.values()):
         raise RuntimeError(f"row accounting is off: {parsed.rows} read, {interactions} kept, dropped {dict(dropped)}")
-    return {
+    return item_features.extend_manifest({
         "schema_version": SCHEMA_VERSION, "created_by": f"flm_dist {__version__}",
         "users": users.num_rows, "items": items.num_rows, "interactions": interactions, "input_rows": parsed.rows,
         "dropped": dict(sorted(dropped.items())), "empty_files": parsed.empty_files, "buckets": buckets,
@@ -251,7 +260,7 @@ def _run(cfg: PrepareConfig, runner: StageRunner, fs_in, files: list[str], sizes
                   "min_item_interactions": cfg.min_item_interactions, "iterations": kept.iterations},
         "splits": split_section, "num_negatives": cfg.num_negatives,
         "vocab_hash": {"items": vocabularies.table_hash(items), "users": vocabularies.table_hash(users)},
-    }
+    }, features)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -266,6 +275,8 @@ def _stored_config(cfg: PrepareConfig) -> dict[str, Any]:
     """The resolved config as stored: without `output` (the manifest lives there) and `workers`."""
     stored = to_dict(cfg)
     del stored["output"], stored["workers"]
+    if not cfg.item_features.uri:  # so a run without features keeps its config hash
+        del stored["item_features"]
     return stored
 
 
@@ -297,6 +308,9 @@ def _summary(manifest: dict[str, Any], timings: dict[str, float]) -> None:
     ]
     lines += [(f"dropped: {k}", f"{v:,}") for k, v in manifest["dropped"].items() if v]
     lines += [(f"{s} rows", f"{manifest['splits'][s]['rows']:,}") for s in ("train", "valid", "test")]
+    if "features" in manifest:
+        lines += [(f"features: {k.replace('_', ' ')}", f"{manifest['features'][k]:,}")
+                  for k in ("attributes", "items_with_features", "cold_items", "quarantined_rows")]
     lines += [("time", f"{total:.1f} s"), ("rows/s", f"{manifest['input_rows'] / max(total, 1e-9):,.0f}")]
     width = max(len(k) for k, _ in lines)
     log.info("prepare summary:\n%s", "\n".join(f"  {k:<{width}}  {v:>14}" for k, v in lines))

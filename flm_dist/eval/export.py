@@ -3,7 +3,9 @@
 Output directory (local path or fsspec URI; written to a sibling staging directory and moved into
 place, `_export.json` last, so a reader that sees the marker sees a complete export):
 
-  OUT/items.parquet       item_id:string, embedding:fixed_size_list<float>[H] (the item table)
+  OUT/items.parquet       item_id:string, embedding:fixed_size_list<float>[H] (the item table;
+                          with item features also the known cold items, scored from their
+                          attributes, and cold:bool)
   OUT/users/*.parquet     user_id:string, embedding (the user vector scored against the items),
                           flow_latent (the flow's latent of the fused representation),
                           log_density:double (its log-density, nats), items:list<string> (the top-K
@@ -33,6 +35,7 @@ import torch
 from flm_dist.config import require
 from flm_dist.data import storage
 from flm_dist.data.batches import build_eval_arrays
+from flm_dist.data.item_features import cold_item_ids
 from flm_dist.eval.ranking import item_chunk_size, top_k
 
 log = logging.getLogger("flm_dist")
@@ -91,6 +94,15 @@ def _vocabulary(data_dir: str, name: str, id_column: str) -> pa.Array:
     return pa.concat_arrays([pa.array([""]), ids]) if name == "items" else ids
 
 
+def catalog_ids(data_dir: str, rows: int) -> pa.Array:
+    """Original ids of the first `rows` rows of a model's catalog table (`catalog_table`): padding,
+    the items with interactions, then the known cold items (only a model with item features has
+    rows for them)."""
+    items = _vocabulary(data_dir, "items", "item_id")
+    cold = cold_item_ids(data_dir, len(items) - 1)
+    return pa.concat_arrays([items, pa.array(cold, pa.string())]).slice(0, rows)
+
+
 class UserScorer:
     """Ray Data actor: holds the model; a batch of split rows -> one output row per user."""
 
@@ -102,9 +114,10 @@ class UserScorer:
         self.model.eval()
         self.max_len = meta["config"]["model"]["max_len"]
         self.source = meta["config"]["eval"]["user_source"]
-        self.k = min(k, manifest["items"])
+        self.catalog = self.model.catalog_table().detach()  # items, then cold items (item features)
+        self.k = min(k, self.catalog.shape[0] - 1)
         self.max_score_elements = max_score_elements
-        self.item_ids = _vocabulary(data, "items", "item_id")
+        self.item_ids = catalog_ids(data, self.catalog.shape[0])
         self.user_ids = _vocabulary(data, "users", "user_id")
 
     @torch.no_grad()
@@ -112,7 +125,7 @@ class UserScorer:
         arrays = build_eval_arrays(batch, self.max_len).to(self.device)
         user, input = arrays.user, arrays.input
         vectors = self.model.user_representation(user, input, source=self.source)
-        item_table = self.model.item_table()
+        item_table = self.catalog
         chunk_size = item_chunk_size(len(arrays), item_table.shape[0] - 1, self.max_score_elements)
         top_scores, top_items = top_k(vectors, item_table, self.k, chunk_size, arrays.history_pairs(0, len(arrays)))
         # -inf = history or padding: users who have seen almost every item get fewer than k.
@@ -145,9 +158,13 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     storage.check_replaceable(fs, final, MARKER)
     staging = storage.staging_dir(fs, final)
     try:
+        catalog = model.catalog_table().detach()
+        items = {"item_id": catalog_ids(config.data, catalog.shape[0])[1:], "embedding": _vectors(catalog[1:])}
+        cold = catalog.shape[0] - 1 - manifest["items"]
+        if cold:
+            items["cold"] = pa.array(np.arange(1, catalog.shape[0]) > manifest["items"])
         with fs.open(storage.join(staging, "items.parquet"), "wb") as handle:
-            pq.write_table(pa.table({"item_id": _vocabulary(config.data, "items", "item_id")[1:],
-                                     "embedding": _vectors(model.item_table()[1:].detach())}), handle)
+            pq.write_table(pa.table(items), handle)
         ray_seam.ensure_ray(config.address)
         device = "cuda" if config.gpus_per_worker > 0 else "cpu"
         users = storage.join(staging, "users")
@@ -164,6 +181,8 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
                   "k": config.k, "kind": meta.get("kind", "pretrain"), "source": meta["config"]["eval"]["user_source"],
                   "users": manifest["splits"][config.split]["rows"], "items": manifest["items"],
                   "hidden": int(model.item_table().shape[1])}
+        if cold:
+            record["cold_items"] = cold
         storage.write_json(fs, storage.join(staging, MARKER), record)
         storage.publish(fs, staging, final, MARKER)
     except BaseException:

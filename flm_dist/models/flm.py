@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flm_dist.models.attributes import AttributeEncoder, FusedItemEmbedding, ItemFeatureFusion, attribute_loss
 from flm_dist.models.cf import CFUserKind, cf_encoder
 from flm_dist.models.flow import FlowKind, NormalizingFlow
 from flm_dist.models.losses import (
@@ -38,7 +39,7 @@ from flm_dist.models.sequence import (
 FusionKind = Literal["concat", "sum", "gate"]
 UserHeadKind = Literal["none", "linear"]
 RepresentationSource = Literal["fused", "sequence", "cf"]
-LOSS_TERMS = ("seq", "cf", "fused", "flow", "contrast")
+LOSS_TERMS = ("seq", "cf", "fused", "flow", "contrast", "attributes")
 
 
 class Fusion(nn.Module):
@@ -92,6 +93,11 @@ class FLMModel(nn.Module):
     With `flow_stop_gradient` (default) the flow is fitted to detached representations: the flow
     NLL can be made arbitrarily low by shrinking the representation (log-det grows without bound
     as the data collapses), so letting it reach the encoders would reward collapse.
+
+    With `item_features` other than "none" (and `item_attributes` [N + 1 + C, K], `num_attributes`)
+    every item row the CF encoder, the sequence encoder and scoring see is the fusion of its id
+    row and its pooled attributes (models/attributes.py), and C known cold items can be scored
+    from their attributes alone (`catalog_table`). With "none" the model is exactly the id-only one.
     """
 
     def __init__(self, num_users: int, num_items: int, hidden: int, max_len: int, layers: int,
@@ -99,15 +105,24 @@ class FLMModel(nn.Module):
                  fusion: FusionKind = "concat", flow_layers: int = 4, flow_hidden: int = 128,
                  flow_kind: FlowKind = "affine", flow_stop_gradient: bool = True,
                  positions: PositionOrigin = "last", norm: NormPlacement = "pre",
-                 cf_user: CFUserKind = "table", user_head: UserHeadKind = "none"):
+                 cf_user: CFUserKind = "table", user_head: UserHeadKind = "none",
+                 item_features: ItemFeatureFusion = "none", item_attributes: torch.Tensor | None = None,
+                 num_attributes: int = 0):
         super().__init__()
         self.num_items = num_items
         self.hidden = hidden
         self.flow_stop_gradient = flow_stop_gradient
         self.item_embedding = item_embedding_table(num_items, hidden)
-        self.cf = cf_encoder(cf_user, num_users, hidden, self.item_embedding)
+        items = self.item_embedding
+        self.item_features = None  # FusedItemEmbedding with side information; no module without
+        if item_features != "none":
+            if item_attributes is None:
+                raise ValueError(f"item_features={item_features!r} needs item_attributes")
+            attributes = AttributeEncoder(item_attributes, num_attributes, hidden)
+            self.item_features = items = FusedItemEmbedding(self.item_embedding, attributes, item_features)
+        self.cf = cf_encoder(cf_user, num_users, hidden, items)
         self.sequence = SequenceEncoder(num_items, hidden, max_len, layers, heads, dropout,
-                                        kind=encoder, item_embedding=self.item_embedding,
+                                        kind=encoder, item_embedding=items,
                                         positions=positions, norm=norm)
         self.sequence_head = sequence_head(user_head, hidden)
         self.fusion = Fusion(fusion, hidden)
@@ -115,7 +130,16 @@ class FLMModel(nn.Module):
 
     def item_table(self) -> torch.Tensor:
         """[num_items + 1, H]; row 0 is padding and must never be ranked."""
+        if self.item_features is not None:
+            return self.item_features.table()
         return self.item_embedding.weight
+
+    def catalog_table(self) -> torch.Tensor:
+        """[num_items + 1 + C, H]: `item_table` followed by the rows of the C known cold items
+        (scored from their attributes; none without item features). Row 0 is padding."""
+        if self.item_features is not None:
+            return self.item_features.table(cold=True)
+        return self.item_table()
 
     def sequence_states(self, input: torch.Tensor) -> torch.Tensor:
         """Long[B, L] left-padded -> [B, L, H] causal state per position (after the user head)."""
@@ -179,7 +203,10 @@ class FLMModel(nn.Module):
         next item, at the positions `seq_positions` picks. fused: CE of the fused vector for the
         last target. flow: NLL per dimension of the fused vector under the flow. contrast:
         InfoNCE between the last sequence state and that of a second encoder pass with other
-        dropout masks (see two_view_info_nce), at `contrast_temperature`. `softmax` picks
+        dropout masks (see two_view_info_nce), at `contrast_temperature`. attributes (item
+        features only): the attribute objective of models/attributes.py, the mean of its item part
+        (each target's id row) and its context part (the states predicting those targets, at the
+        positions `seq_positions` picks). `softmax` picks
         full or sampled softmax (in-batch + `num_negatives` sampled from `popularity` or uniform,
         logQ-corrected) for the CE terms; `chunk_size` bounds the full-softmax logit block (see
         full_softmax_ce), `max_in_batch_negatives` the sampled one (see sampled_softmax_ce).
@@ -206,7 +233,8 @@ class FLMModel(nn.Module):
                                       max_in_batch=max_in_batch_negatives)
 
         terms: dict[str, torch.Tensor] = {}
-        states = self.sequence_states(input) if active & {"seq", "fused", "flow", "contrast"} else None
+        states = (self.sequence_states(input) if active & {"seq", "fused", "flow", "contrast", "attributes"}
+                  else None)
         cf_vectors = None  # [B, H] per user (table) or [B, L, H] per position (history)
         if active & {"cf", "fused", "flow"}:
             cf_vectors = (self.cf.prefix_vectors(user, input) if self.cf.causal
@@ -232,8 +260,24 @@ class FLMModel(nn.Module):
             terms["contrast"] = two_view_info_nce(states[:, -1], self.sequence_states(input)[:, -1],
                                                   target[:, -1], contrast_temperature)
 
+        if "attributes" in active:
+            terms["attributes"] = self.attribute_loss(states, target, seq_positions)
+
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
+
+    def attribute_loss(self, states: torch.Tensor, target: torch.Tensor,
+                       seq_positions: Literal["all", "last"] = "all") -> torch.Tensor:
+        """The attribute objective for sequence states [B, L, H] and their next items [B, L]."""
+        if self.item_features is None:
+            raise ValueError("the attributes loss needs item features (model.item_features add, gate or concat)")
+        if seq_positions == "last":
+            states, target = states[:, -1:], target[:, -1:]
+        targets = target.reshape(-1)
+        encoder = self.item_features.attributes
+        from_item = attribute_loss(encoder, self.item_embedding(targets), targets)
+        from_context = attribute_loss(encoder, states.reshape(-1, self.hidden), targets)
+        return (from_item + from_context) / 2
 
     def _cf_loss(self, cf_vectors: torch.Tensor, target: torch.Tensor, kind: Literal["ce", "bpr"],
                  softmax: Literal["full", "sampled"], softmax_ce, num_negatives: int,

@@ -148,6 +148,10 @@ class Recommender(nn.Module):
     def item_table(self) -> torch.Tensor:
         return self.backbone.item_table()
 
+    def catalog_table(self) -> torch.Tensor:
+        """The item table followed by the known cold items' rows (see FLMModel.catalog_table)."""
+        return self.backbone.catalog_table()
+
     # ---- representations -------------------------------------------------------------------
 
     def _representations(self, user: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
@@ -235,7 +239,8 @@ class Recommender(nn.Module):
         position only with `seq_positions="last"`). fused: CE of
         the user vector after the last position (the one `score_all` ranks with). cf: the
         backbone's MF loss (an auxiliary term). flow: the flow's NLL per dimension of the fused
-        representation, which keeps the flow a density model while it is fine-tuned.
+        representation, which keeps the flow a density model while it is fine-tuned. attributes:
+        the backbone's attribute objective (item features only), an auxiliary term.
         """
         unknown = set(weights) - set(LOSS_TERMS)
         if unknown:
@@ -274,6 +279,9 @@ class Recommender(nn.Module):
                                                num_negatives=num_negatives, popularity=popularity,
                                                chunk_size=chunk_size,
                                                max_in_batch_negatives=max_in_batch_negatives)["cf"]
+        if "attributes" in active:
+            terms["attributes"] = self.backbone.attribute_loss(self.backbone.sequence_states(input), target,
+                                                               seq_positions)
         if "flow" in active:
             fused = (representations[:, -1] if self.source == "fused"
                      else self.backbone.user_representation(user, input, "fused"))

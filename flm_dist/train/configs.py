@@ -44,6 +44,17 @@ class PretrainConfig:
         require(bool(self.output), "output", "is required (the run directory)")
         require_sampled_softmax_for_item_rows(self.train, self.loss)
         require_user_table_for_sparse_users(self.train, self.model)
+        require_item_features_fit(self.model, self.loss, self.train)
+
+
+def require_item_features_fit(model: ModelConfig, loss: LossConfig, train: TrainConfig) -> None:
+    """The attribute objective needs item features; fused item rows are computed, not looked up,
+    so the row-wise item-table options do not apply to them."""
+    require(loss.attributes == 0 or model.item_features != "none", "loss.attributes",
+            "needs model.item_features (add, gate or concat) and data prepared with item_features.uri")
+    require(model.item_features == "none" or not (train.sparse_item_table or train.item_grad_exchange == "rows"),
+            "model.item_features", "fuses computed rows into the item table; use train.sparse_item_table=false "
+            "and train.item_grad_exchange=dense")
 
 
 
@@ -121,6 +132,12 @@ class VocabularyCounts:
     """Fine-tuning users the pretrained model never saw (fresh MF vectors)."""
     users_unused: int = 0
     """Pretrained users absent from the fine-tuning data."""
+    attributes_known: int = 0
+    """Fine-tuning attributes (field, value) the pretrained model knows (item features only)."""
+    attributes_new: int = 0
+    """Fine-tuning attributes the pretrained model never saw (fresh rows)."""
+    attributes_unused: int = 0
+    """Pretrained attributes absent from the fine-tuning data."""
 
 
 @dataclasses.dataclass
@@ -165,4 +182,5 @@ class FinetuneConfig:
         require_sampled_softmax_for_item_rows(self.train, self.loss)
         if self.model is not None:  # else `resolve` checks it with the pretrained model
             require_user_table_for_sparse_users(self.train, self.model)
+            require_item_features_fit(self.model, self.loss, self.train)
 

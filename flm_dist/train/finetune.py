@@ -28,7 +28,7 @@ from flm_dist.errors import UserError
 from flm_dist.logs import setup_logging
 from flm_dist.models.recommender import Recommender
 from flm_dist.ray_seam import RaySession, absolute_storage_path
-from flm_dist.runs import build_model, read_manifest, recommender_for
+from flm_dist.runs import build_model, item_attributes_for, read_manifest, recommender_for
 from flm_dist.train.checkpoint import load_checkpoint, require_finite_weights
 from flm_dist.train.configs import FinetuneConfig
 from flm_dist.train.loop import launch_training, train_loop
@@ -69,7 +69,8 @@ def build_recommender(config: FinetuneConfig, manifest: dict[str, Any]) -> Recom
     if mapping.counts() != config.vocabulary:
         raise UserError(f"the vocabularies changed since the run started: {mapping.counts()} here, "
                         f"{config.vocabulary} recorded")
-    backbone = build_model(config.model, manifest["users"], manifest["items"])
+    backbone = build_model(config.model, manifest["users"], manifest["items"],
+                           item_attributes_for(config.model, config.data))
     if config.finetune.init == "pretrained":
         state = load_checkpoint(checkpoint)[0]
         require_finite_weights(state, checkpoint)
@@ -123,6 +124,9 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     log.info("vocabulary mapped by original id: items %d known, %d new (%d pretrained unused); "
              "users %d known, %d new (%d pretrained unused)", counts.items_known, counts.items_new,
              counts.items_unused, counts.users_known, counts.users_new, counts.users_unused)
+    if counts.attributes_known or counts.attributes_new:
+        log.info("item attributes mapped by field and value: %d known, %d new (%d pretrained unused)",
+                 counts.attributes_known, counts.attributes_new, counts.attributes_unused)
     if config.finetune.init == "random":
         log.info("finetune.init=random: training from scratch; %s gives only the architecture and "
                  "vocabulary", config.pretrained)

@@ -45,7 +45,7 @@ from flm_dist.errors import UserError
 from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
 from flm_dist.models import FLMModel
 from flm_dist.models.losses import ItemDistribution
-from flm_dist.runs import build_model, read_manifest
+from flm_dist.runs import build_model, item_attributes_for, read_manifest
 from flm_dist.train import distributed
 from flm_dist.train.checkpoint import (
     CheckpointError,
@@ -260,7 +260,8 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     micro_steps_per_epoch = int(distributed.all_reduce_max(torch.tensor(local_batches, device=device)).item())
 
     model = (model_factory(manifest) if model_factory else
-             build_model(config.model, manifest["users"], manifest["items"])).to(device)
+             build_model(config.model, manifest["users"], manifest["items"],
+                         item_attributes_for(config.model, config.data))).to(device)
     user_table = _user_table(model)
     if config.train.sparse_user_table and user_table is not None:
         user_table.sparse = True  # sparse gradients: LazyRowAdamW updates only the batch's users
@@ -297,7 +298,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             state, meta = load_checkpoint(checkpoint_dir, map_location=device)
             if meta["vocab_hash"] != manifest["vocab_hash"]:
                 raise UserError(f"cannot resume: {checkpoint_dir} was trained on another vocabulary")
-            if meta["config"]["model"] != to_dict(config)["model"]:
+            # (a run from before model.item_features existed had none)
+            if {"item_features": "none", **meta["config"]["model"]} != to_dict(config)["model"]:
                 raise UserError(f"{config.output} holds a run with another model config "
                                 f"({meta['config']['model']}); choose a new --output to start afresh")
             model.load_state_dict(state["model"])

@@ -5,7 +5,9 @@ mean nothing to each other. The run directory keeps the vocabulary it was traine
 (RUN_DIR/vocab, checked against the checkpoint's vocab hash), and row i of the new item table is
 the pretrained row of the item whose item_id equals the new index i's item_id; an item the
 pretrained model never saw gets a fresh row, drawn like the pretrained table's initial rows. Users
-(the MF user table) are mapped the same way. Everything else is copied unchanged.
+(the MF user table) are mapped the same way, and so are the attributes of a model with item
+features (by field and original value: DATA/vocab/attributes.parquet); the fine-tuning data's own
+item-attribute lists are used. Everything else is copied unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from flm_dist.data.item_features import has_features, vocabulary_features_hash
 from flm_dist.data.vocabularies import table_hash
 from flm_dist.errors import UserError
 from flm_dist.models import FLMModel
@@ -40,7 +43,8 @@ def pretrained_checkpoint(path: str) -> tuple[Path, dict[str, Any]]:
 
 def vocabulary_hash(vocab_dir: Path) -> dict[str, str]:
     """The vocab hash `flm prepare` records in manifest.json, recomputed from vocab/*.parquet."""
-    return {name: table_hash(pq.read_table(vocab_dir / f"{name}.parquet")) for name in ("items", "users")}
+    hashes = {name: table_hash(pq.read_table(vocab_dir / f"{name}.parquet")) for name in ("items", "users")}
+    return {**hashes, **vocabulary_features_hash(vocab_dir)}
 
 
 def pretrained_vocabulary(checkpoint: Path, meta: dict[str, Any], data_dir: str) -> Path:
@@ -69,13 +73,23 @@ class VocabularyMapping:
     """[U] int64."""
     pretrained_items: int
     pretrained_users: int
+    attributes: np.ndarray | None = None
+    """[A + 1] int64 pretrained attribute row of each fine-tuning attribute (-1: new); None when
+    either side was prepared without item features."""
+    pretrained_attributes: int = 0
 
     def counts(self) -> VocabularyCounts:
         items_known, users_known = int((self.items[1:] >= 0).sum()), int((self.users >= 0).sum())
+        attributes = self.attributes if self.attributes is not None else np.zeros(1, np.int64)
+        attributes_known = int((attributes[1:] >= 0).sum())
         return VocabularyCounts(items_known=items_known, items_new=len(self.items) - 1 - items_known,
                                 items_unused=self.pretrained_items - items_known, users_known=users_known,
                                 users_new=len(self.users) - users_known,
-                                users_unused=self.pretrained_users - users_known)
+                                users_unused=self.pretrained_users - users_known,
+                                attributes_known=attributes_known,
+                                attributes_new=len(attributes) - 1 - attributes_known,
+                                attributes_unused=self.pretrained_attributes - attributes_known
+                                if self.attributes is not None else 0)
 
 
 def _rows_by_id(new: pa.Table, old: pa.Table, id_column: str, first_index: int) -> np.ndarray:
@@ -98,9 +112,21 @@ def map_vocabulary(pretrained_vocab: Path, data_dir: str) -> VocabularyMapping:
               for side, directory in (("new", new_vocab), ("old", pretrained_vocab)) for name in ("items", "users")}
     items = _rows_by_id(tables["new", "items"], tables["old", "items"], "item_id", first_index=1)
     users = _rows_by_id(tables["new", "users"], tables["old", "users"], "user_id", first_index=0)
-    return VocabularyMapping(items=np.concatenate([[0], items]), users=users,
-                             pretrained_items=tables["old", "items"].num_rows,
-                             pretrained_users=tables["old", "users"].num_rows)
+    mapping = VocabularyMapping(items=np.concatenate([[0], items]), users=users,
+                                pretrained_items=tables["old", "items"].num_rows,
+                                pretrained_users=tables["old", "users"].num_rows)
+    if has_features(new_vocab) and has_features(pretrained_vocab):
+        keyed = {side: _attribute_keys(pq.read_table(directory / "attributes.parquet"))
+                 for side, directory in (("new", new_vocab), ("old", pretrained_vocab))}
+        mapping.attributes = np.concatenate([[0], _rows_by_id(keyed["new"], keyed["old"], "key", first_index=1)])
+        mapping.pretrained_attributes = keyed["old"].num_rows
+    return mapping
+
+
+def _attribute_keys(attributes: pa.Table) -> pa.Table:
+    """index and key = field + NUL + value: an attribute's original id is its field and value."""
+    key = pc.binary_join_element_wise(attributes.column("field"), attributes.column("value"), "\0")
+    return pa.table({"index": attributes.column("index"), "key": key})
 
 
 def load_pretrained_weights(model: FLMModel, pretrained: dict[str, torch.Tensor], mapping: VocabularyMapping) -> None:
@@ -114,6 +140,12 @@ def load_pretrained_weights(model: FLMModel, pretrained: dict[str, torch.Tensor]
     for name, tensor in pretrained.items():
         if name.endswith("item_embedding.weight"):  # the shared table, under each of its owners
             rows = mapping.items
+        elif name.endswith("attribute_embedding.weight"):
+            if mapping.attributes is None:
+                raise UserError("the pretrained model uses item features (model.item_features), but the "
+                                "pretrained run's or the fine-tuning data's vocab/ has no attribute vocabulary; "
+                                "prepare the fine-tuning data with --item-features")
+            rows = mapping.attributes
         elif name.endswith("user_embedding.weight"):
             rows = mapping.users
         else:

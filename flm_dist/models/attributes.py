@@ -1,0 +1,155 @@
+"""Item side information in the model: an attribute encoder fused into the shared item table, and
+the attribute-prediction objective.
+
+Every item has a bag of attribute indices (`item_attributes`, [R, K], 0 = none; rows 1..N are the
+items with interactions, rows N+1..R-1 known cold items, row 0 padding; see
+flm_dist/data/item_features.py). The attribute encoder pools the bag: the mean of the item's
+attribute embeddings (zero for an item without features). `FusedItemEmbedding` then gives every
+consumer of the shared item table (the CF encoder, the sequence encoder and scoring) the fusion
+of the item's id row e and its pooled attributes a:
+
+    add      e + a
+    gate     g * e + (1 - g) * a, g = sigmoid(W [e ; a] + b) per dimension (starts at 1/2)
+    concat   W [e ; a] + b, starting at W = [I | I], b = 0 (that is, at `add`)
+
+A cold item has no id row: its e is zero and it is scored from a alone. Row 0 (padding) stays
+zero whatever the fusion.
+
+The attribute objective (`attribute_loss`) is a multi-label binary cross-entropy over every
+attribute, with logits = vector . attribute embedding (no extra parameters, so a zero weight
+leaves nothing unused under DDP): from the item's id row (S3-Rec's associated-attribute
+objective: the id rows must learn what the attributes say) and from the sequence state that
+predicts the item (the context must know the next item's attributes).
+
+Plain PyTorch: no Ray, no torch.distributed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flm_dist.models.losses import masked_mean
+
+ItemFeatureFusion = Literal["none", "add", "gate", "concat"]
+FUSIONS = ("add", "gate", "concat")
+
+
+class AttributeEncoder(nn.Module):
+    """Mean of an item's attribute embeddings; the attribute table is also the output layer of
+    the attribute objective. `item_attributes` is data, not a weight: a non-persistent buffer
+    rebuilt from the prepared data (the vocabulary hash ties a checkpoint to it)."""
+
+    def __init__(self, item_attributes: torch.Tensor, num_attributes: int, hidden: int):
+        super().__init__()
+        if item_attributes.dim() != 2 or item_attributes.dtype != torch.long:
+            raise ValueError("item_attributes must be a LongTensor [items + 1 (+ cold items), attributes per item]")
+        if num_attributes <= 0:
+            raise ValueError("num_attributes must be positive")
+        if int(item_attributes.max()) > num_attributes or int(item_attributes.min()) < 0:
+            raise ValueError(f"item_attributes holds indices outside 0..{num_attributes}")
+        self.num_attributes = num_attributes
+        self.attribute_embedding = nn.Embedding(num_attributes + 1, hidden, padding_idx=0)
+        nn.init.normal_(self.attribute_embedding.weight, std=hidden ** -0.5)
+        with torch.no_grad():
+            self.attribute_embedding.weight[0].zero_()
+        self.register_buffer("item_attributes", item_attributes.clone(), persistent=False)
+
+    @property
+    def num_rows(self) -> int:
+        """Items the encoder knows: padding, the N items with interactions and the cold items."""
+        return self.item_attributes.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Long[...] item ids -> [..., H] the mean of their attribute embeddings (0 without any)."""
+        bags = self.item_attributes[ids]
+        present = (bags != 0).unsqueeze(-1)
+        summed = (self.attribute_embedding(bags) * present).sum(-2)
+        return summed / present.sum(-2).clamp_min(1)
+
+    def logits(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[M, H] -> [M, A] attribute logits (dot products with the attribute table)."""
+        return vectors @ self.attribute_embedding.weight[1:].T
+
+    def targets(self, ids: torch.Tensor) -> torch.Tensor:
+        """Long[M] -> [M, A] multi-hot attributes of each item."""
+        hot = torch.zeros(ids.shape[0], self.num_attributes + 1, device=ids.device)
+        hot.scatter_(1, self.item_attributes[ids], 1.0)
+        return hot[:, 1:]
+
+    def has_attributes(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.item_attributes[ids] != 0).any(-1)
+
+
+def attribute_loss(encoder: AttributeEncoder, vectors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows of `ids` [M] that are items with attributes (id 0 = no target) of the
+    binary cross-entropy, averaged over every attribute, of `vectors` [M, H] predicting the item's
+    attributes. 0 (not NaN) when no row has a target."""
+    usable = (ids != 0) & encoder.has_attributes(ids)
+    logits = encoder.logits(vectors).float()
+    per_row = F.binary_cross_entropy_with_logits(logits, encoder.targets(ids), reduction="none").mean(-1)
+    return masked_mean(per_row, usable)
+
+
+class FusedItemEmbedding(nn.Module):
+    """What the encoders see as the shared item table when the model has item features: looked up
+    like `nn.Embedding` (`num_embeddings`, `embedding_dim`, `padding_idx`, `module(ids)`), each
+    row the fusion of the item's id row and its pooled attributes (module docstring).
+
+    Ids N+1.. (cold items) are accepted: their id part is zero.
+    """
+
+    def __init__(self, item_embedding: nn.Embedding, attributes: AttributeEncoder, fusion: ItemFeatureFusion):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown item_features {fusion!r}; expected one of {('none',) + FUSIONS}")
+        if attributes.num_rows < item_embedding.num_embeddings:
+            raise ValueError(f"item_attributes has {attributes.num_rows} rows; the item table has "
+                             f"{item_embedding.num_embeddings}")
+        hidden = item_embedding.embedding_dim
+        self.fusion = fusion
+        self.item_embedding = item_embedding
+        self.attributes = attributes
+        self.num_embeddings = item_embedding.num_embeddings
+        self.embedding_dim = hidden
+        self.padding_idx = 0
+        if fusion == "gate":
+            self.gate = nn.Linear(2 * hidden, hidden)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+        elif fusion == "concat":
+            self.projection = nn.Linear(2 * hidden, hidden)
+            with torch.no_grad():
+                self.projection.weight.copy_(torch.cat([torch.eye(hidden), torch.eye(hidden)], dim=1))
+                self.projection.bias.zero_()
+
+    @property
+    def sparse(self) -> bool:
+        return self.item_embedding.sparse
+
+    @property
+    def num_cold(self) -> int:
+        return self.attributes.num_rows - self.num_embeddings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Long[...] item ids (0 = padding, N+1.. cold) -> [..., H] fused rows."""
+        known = ids < self.num_embeddings
+        identity = self.item_embedding(torch.where(known, ids, torch.zeros_like(ids)))
+        attributes = self.attributes(ids)
+        if self.fusion == "add":
+            fused = identity + attributes
+        elif self.fusion == "gate":
+            gate = torch.sigmoid(self.gate(torch.cat([identity, attributes], dim=-1)))
+            fused = gate * identity + (1 - gate) * attributes
+        else:
+            fused = self.projection(torch.cat([identity, attributes], dim=-1))
+        return fused * (ids != 0).unsqueeze(-1).to(fused.dtype)
+
+    def table(self, cold: bool = False) -> torch.Tensor:
+        """[N + 1, H] fused rows of every item with interactions (row 0 zero); with `cold`, the
+        known cold items' rows follow ([N + 1 + C, H])."""
+        rows = self.attributes.num_rows if cold else self.num_embeddings
+        return self(torch.arange(rows, device=self.item_embedding.weight.device))
