@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from flm_dist.data import storage
 from flm_dist.data.events import QUARANTINE_SCHEMA, ColumnMap, FileProblem
 from flm_dist.data.hashing import bucket_of
+from flm_dist.data.pseudonyms import Pseudonymizer
 from flm_dist.data.readers import file_schema, iter_file, row_group_rows
 from flm_dist.data.stage_runner import StageRunner, balanced, groups
 from flm_dist.data.text_formats import ByteRange, check_json_keys, splittable_text
@@ -73,13 +74,16 @@ class Parsed(NamedTuple):
 
 
 def parse(runner: StageRunner, fs_in, files: list[str], sizes: list[int], row_groups: dict[int, list[int] | None],
-          fmt: str, columns: ColumnMap, strict: bool, fs, work: str, buckets: int, encoding: str = "utf-8") -> Parsed:
+          fmt: str, columns: ColumnMap, strict: bool, fs, work: str, buckets: int, encoding: str = "utf-8",
+          pseudonyms: Pseudonymizer | None = None) -> Parsed:
     """Stage 2: every file's events into per-bucket pieces under `work`, bad rows into quarantine
-    pieces (or, with `strict`, the first bad row as a UserError); text is decoded as `encoding`."""
+    pieces (or, with `strict`, the first bad row as a UserError); text is decoded as `encoding`.
+    With `pseudonyms` every user id is replaced by its pseudonym before anything is written, and
+    quarantined rows lose their raw text (data/pseudonyms.py)."""
     units, unit_sizes = _parse_units(files, sizes, row_groups, fmt, runner.workers * 4)
     parse_groups = balanced(unit_sizes, runner.workers * 4)
     parsed = _raise_first_error(runner.map(_parse_task, [(fs_in, [units[i] for i in g], fmt, columns, buckets, fs,
-                                                          work, t, strict, encoding)
+                                                          work, t, strict, encoding, pseudonyms)
                                                          for t, g in enumerate(parse_groups)], "parse"))
     reasons = Counter()
     for r in parsed:
@@ -223,7 +227,8 @@ def _shift_rows(table: pa.Table, base: int) -> pa.Table:
 
 
 def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buckets: int, fs_work,
-                work: str, task: int, strict: bool, encoding: str) -> dict[str, Any]:
+                work: str, task: int, strict: bool, encoding: str,
+                pseudonyms: Pseudonymizer | None = None) -> dict[str, Any]:
     """Parse files (or row-group runs of them), quarantine bad rows, append events to per-bucket
     Parquet pieces of this task."""
     reasons: Counter = Counter()
@@ -255,6 +260,8 @@ def _parse_task(fs_in, files: list[ParseUnit], fmt: str, columns: ColumnMap, buc
             for events, bad in iter_file(fs_in, path, index, fmt, columns, row_groups=row_groups, byte_range=part,
                                          encoding=encoding):
                 events, bad = _shift_rows(events, row_base), _shift_rows(bad, row_base)
+                if pseudonyms is not None:
+                    events, bad = pseudonyms.events(events), pseudonyms.quarantine(bad)
                 if bad.num_rows:
                     if strict:
                         first = bad.sort_by("row").slice(0, 1).to_pylist()[0]

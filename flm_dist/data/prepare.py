@@ -52,6 +52,13 @@ from flm_dist.data import ingest, item_features, splits, storage, vocabularies
 from flm_dist.data.events import ROW_REASONS, ColumnMap
 from flm_dist.data.item_features import ItemFeaturesConfig
 from flm_dist.data.negatives import draw_negatives
+from flm_dist.data.pseudonyms import (
+    PrivacyConfig,
+    Pseudonymizer,
+    load_pseudonymizer,
+    manifest_section,
+    with_key_fingerprint,
+)
 from flm_dist.data.readers import list_input, resolve_format
 from flm_dist.data.stage_runner import StageRunner, groups
 from flm_dist.errors import UserError
@@ -96,6 +103,9 @@ class PrepareConfig:
     """Hash buckets of users (= output shards); 0 = from the input size (~500k events per bucket)."""
     strict: bool = False
     """Stop at the first bad row (naming file, row and column) instead of quarantining it."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Pseudonymous user ids: `privacy.pseudonymize_users=true` with a key from `privacy.key_env`
+    or `privacy.key_file` (data/pseudonyms.py, docs/guide/privacy.md)."""
     encoding: str = "utf-8"
     """Text encoding of the text formats (any ASCII-compatible Python codec, e.g. latin-1,
     cp1252). Decoding is strict: a row that does not decode is quarantined as `bad_encoding`."""
@@ -161,6 +171,7 @@ def prepare_timed(config: PrepareConfig) -> tuple[dict[str, Any], dict[str, floa
         log.info("prepare: %-8s %6.2f s", stage, timings[stage])
 
     storage.check_output_path(config.output, [config.input])
+    pseudonymizer = load_pseudonymizer(config.privacy)  # a missing or short key stops here
     fs_in, in_root = storage.url_to_fs(config.input)
     files = list_input(fs_in, in_root)
     infos = {p: fs_in.info(p) for p in files}
@@ -168,6 +179,7 @@ def prepare_timed(config: PrepareConfig) -> tuple[dict[str, Any], dict[str, floa
     cfg = resolve(config, fmt)
     fingerprint, listing = _fingerprint(fs_in, infos)
     fingerprint = item_features.fingerprint(cfg.item_features, fingerprint)
+    fingerprint = with_key_fingerprint(pseudonymizer, fingerprint)
     digest = hashlib.sha256(json.dumps(_stored_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
     fs, out = storage.url_to_fs(cfg.output)
     out = out.rstrip("/")
@@ -192,10 +204,13 @@ def prepare_timed(config: PrepareConfig) -> tuple[dict[str, Any], dict[str, floa
     work = storage.join(tmp, "_work")
     try:
         sizes = [int(infos[p].get("size") or 0) for p in files]
-        manifest = _run(cfg, runner, fs_in, files, sizes, fmt, fs, tmp, work, cfg.buckets, lap)
+        manifest = _run(cfg, runner, fs_in, files, sizes, fmt, fs, tmp, work, cfg.buckets, lap, pseudonymizer)
         manifest.update({"config": _stored_config(cfg), "config_hash": digest,
                          "input": {"uri": cfg.input, "fingerprint": fingerprint, "files": listing,
                                    "bytes": input_bytes}})
+        if pseudonymizer is not None:
+            manifest["privacy"] = manifest_section(pseudonymizer)
+            log.info("prepare: user ids are pseudonyms (HMAC-SHA256, key fingerprint %s)", pseudonymizer.fingerprint)
         storage.remove(fs, work)
         manifest["files"] = sorted(storage.join(*_rel(p, tmp)) for p in fs.find(tmp))
         storage.write_json(fs, storage.join(tmp, MANIFEST), manifest)
@@ -210,7 +225,8 @@ def prepare_timed(config: PrepareConfig) -> tuple[dict[str, Any], dict[str, floa
 
 
 def _run(cfg: PrepareConfig, runner: StageRunner, fs_in, files: list[str], sizes: list[int], fmt: str, fs,
-         tmp: str, work: str, buckets: int, lap: Callable[[str], None]) -> dict[str, Any]:
+         tmp: str, work: str, buckets: int, lap: Callable[[str], None],
+         pseudonymizer: Pseudonymizer | None = None) -> dict[str, Any]:
     row_groups = ingest.read_schemas(runner, fs_in, files, fmt)
     if not buckets:
         buckets = ingest.auto_buckets(row_groups, sizes)
@@ -218,7 +234,7 @@ def _run(cfg: PrepareConfig, runner: StageRunner, fs_in, files: list[str], sizes
     lap("schemas")
 
     parsed = ingest.parse(runner, fs_in, files, sizes, row_groups, fmt, cfg.columns, cfg.strict, fs, work, buckets,
-                          cfg.encoding)
+                          cfg.encoding, pseudonyms=pseudonymizer)
     dropped = Counter({reason: 0 for reason in DROP_REASONS})
     dropped.update(parsed.reasons)
     lap("parse")
@@ -275,6 +291,8 @@ def _stored_config(cfg: PrepareConfig) -> dict[str, Any]:
     """The resolved config as stored: without `output` (the manifest lives there) and `workers`."""
     stored = to_dict(cfg)
     del stored["output"], stored["workers"]
+    if not cfg.privacy.pseudonymize_users:  # so a run without pseudonyms keeps its config hash
+        del stored["privacy"]
     if not cfg.item_features.uri:  # so a run without features keeps its config hash
         del stored["item_features"]
     return stored

@@ -67,6 +67,8 @@ class RunRecord:
     """The validation record of best/ (its checkpoint.json), shown when there is no `final`."""
     data: dict[str, Any] | None = None
     """Users, items and interactions of the training data (metrics.json)."""
+    privacy: dict[str, Any] | None = None
+    """DP fine-tuning only: the spent epsilon and the DP-SGD plan (metrics.json or checkpoint meta)."""
 
     @property
     def kind(self) -> str:
@@ -97,14 +99,15 @@ def read_run(run_dir: Path) -> RunRecord | None:
     if (run_dir / "metrics.json").is_file():
         summary = _read_json(run_dir / "metrics.json")
         return RunRecord(run_dir, summary["config"], summary["history"], summary["final"], best_validation,
-                         summary.get("data"))
+                         summary.get("data"), summary.get("privacy"))
     # best/ is the last resort: an interrupted run's newest checkpoint holds the longer history.
     candidates = [best, *sorted([*run_dir.glob("checkpoints/checkpoint_*"), *run_dir.glob("ray_train/checkpoint_*")])]
     newest = newest_valid([c for c in candidates if c.is_dir()])
     if newest is None:
         return None
     state, meta = load_checkpoint(newest)
-    return RunRecord(run_dir, meta["config"], state["progress"]["history"], None, best_validation)
+    return RunRecord(run_dir, meta["config"], state["progress"]["history"], None, best_validation,
+                     privacy=meta.get("privacy"))
 
 
 @dataclasses.dataclass
@@ -463,11 +466,34 @@ def _run_facts(run: RunRecord) -> list[str]:
     best = run.best_value()
     facts.append(f"{epochs} epochs trained" + (f"; best {run.monitor} = {best:.4f}" if best is not None else "")
                  + ("" if run.final else "; not finished (no metrics.json)"))
+    if run.privacy and "epsilon" in run.privacy:
+        facts.append(f"differentially private (user level): epsilon {run.privacy['epsilon']:.4f} spent of "
+                     f"{run.privacy.get('plan', {}).get('target_epsilon')}")
     return facts
 
 
+def privacy_section(run: RunRecord) -> str | None:
+    """Differential privacy of a DP fine-tuning run: spent epsilon per epoch and the DP-SGD plan."""
+    target = run.config.get("finetune", {}).get("privacy", {}).get("epsilon")
+    if target is None:
+        return None
+    spent = [(r["epoch"], r["privacy/epsilon"]) for r in run.history if _number(r.get("privacy/epsilon"))]
+    plan = (run.privacy or {}).get("plan", {})
+    epsilon = (run.privacy or {}).get("epsilon", spent[-1][1] if spent else None)
+    settings = ", ".join(f"{_e(k.replace('_', ' '))} {_format(plan[k])}" for k in
+                         ("noise_multiplier", "max_grad_norm", "sample_rate", "users", "planned_steps") if k in plan)
+    rows = "".join(f"<tr><td>{epoch}</td><td>{_format(value)}</td></tr>" for epoch, value in spent)
+    return (f"<p>User-level differentially private fine-tuning (DP-SGD with Opacus, one example per sampled user "
+            f"per step): epsilon <b>{_format(epsilon)}</b> spent of the target {_format(target)}, at delta "
+            f"{_format(plan.get('delta'))} ({_e(plan.get('accountant', '?'))} accountant); {settings}. Pretraining, "
+            "the vocabularies and the reported metrics are not covered (docs/guide/privacy.md).</p>"
+            f"<table class='metrics'><tr><th>epoch</th><th>epsilon spent</th></tr>{rows}</table>")
+
+
 def run_page(run: RunRecord, max_users: int) -> str:
+    privacy = privacy_section(run)
     sections = [("metrics", "Metrics", _metrics_section(run, run.final)),
+                *([("privacy", "Differential privacy", privacy)] if privacy else []),
                 *_curve_sections({run.path.name: run.history}, run.monitor, ""),
                 ("latent", "Flow latent space of users", latent_section(run, max_users)),
                 ("config", "Resolved config", config_section(run.config))]

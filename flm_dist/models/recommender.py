@@ -289,3 +289,35 @@ class Recommender(nn.Module):
             terms["flow"] = -self.backbone.flow.log_prob(flow_input).mean() / self.hidden
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
+
+    def example_losses(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
+                       seq_positions: Literal["all", "last"] = "all",
+                       scorer: nn.Module | None = None) -> torch.Tensor:
+        """[B] the loss of each row on its own: `seq` (the mean next-item CE over the row's
+        targets) and `fused` (the CE of its last target), weighted, full softmax.
+
+        Unlike `forward`, no row's loss depends on another row (no mean over the batch's targets,
+        no shared negatives), which per-example clipping in DP-SGD needs (train/private.py).
+        `scorer` (vectors -> logits over the whole item table, padding column first) replaces the
+        product with the item table: DP-SGD passes a linear layer tied to the table, so that
+        per-layer hooks see the table's use as the output layer.
+        """
+        user, input, target = batch["user"], batch["input"], batch["target"]
+        real_items = self.item_table()[1:]
+        vectors = (self._user_vectors(self._representations(user, input)) if seq_positions == "all"
+                   else self._user_vectors(self._representations(user, input)[:, -1:]))
+        targets = target if seq_positions == "all" else target[:, -1:]
+
+        def cross_entropy(hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+            logits = (hidden @ real_items.T if scorer is None else scorer(hidden)[..., 1:]).float()
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), items.reshape(-1) - 1,
+                                   ignore_index=-1, reduction="none").view(items.shape)
+
+        losses = vectors.new_zeros(user.shape[0], dtype=torch.float32)
+        if weights.get("seq", 0.0):
+            present = (targets != 0).float()
+            per_position = cross_entropy(vectors, targets)
+            losses = losses + weights["seq"] * (per_position * present).sum(1) / present.sum(1).clamp_min(1.0)
+        if weights.get("fused", 0.0):
+            losses = losses + weights["fused"] * cross_entropy(vectors[:, -1], target[:, -1])
+        return losses

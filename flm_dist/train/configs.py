@@ -57,6 +57,65 @@ def require_item_features_fit(model: ModelConfig, loss: LossConfig, train: Train
             "and train.item_grad_exchange=dense")
 
 
+@dataclasses.dataclass
+class PrivacyOptions:
+    """Differentially private fine-tuning (DP-SGD, train/private.py): off while `epsilon` is unset.
+
+    The unit of privacy is the user: each step samples users (Poisson, rate batch_size / users)
+    and takes one training example per sampled user, so a user's whole contribution to a step is
+    one clipped gradient. The guarantee covers the fine-tuned weights, not pretraining, not the
+    vocabularies and not the validation and test metrics (docs/guide/privacy.md).
+    """
+
+    epsilon: float | None = None
+    """Target epsilon of (epsilon, delta)-DP at the user level; None = ordinary fine-tuning. The
+    noise is set so that the planned steps spend at most this, and training stops before more."""
+    delta: float | None = None
+    """Target delta; None = 1 / (users in the fine-tuning set), recorded as used. Smaller is
+    stronger; keep it below 1 / users."""
+    max_grad_norm: float = 1.0
+    """Each sampled user's gradient (all trained parameters together) is clipped to this L2 norm
+    before the Gaussian noise (standard deviation noise multiplier x max_grad_norm) is added."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Opacus's privacy accountant: rdp (Renyi DP, the conservative classic) or prv (privacy
+    random variables, a tighter epsilon for the same noise)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None
+
+    def __post_init__(self):
+        require(self.epsilon is None or self.epsilon > 0, "epsilon", "must be > 0 (unset turns DP off)")
+        require(self.delta is None or 0 < self.delta < 1, "delta", "must be in (0, 1)")
+        require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+
+
+def require_private_fit(config: "FinetuneConfig") -> None:
+    """With `finetune.privacy.epsilon`, refuse what would train outside DP-SGD or break the
+    user-level guarantee; each refusal is one line naming the key and the reason."""
+    if not config.finetune.privacy.enabled:
+        return
+    key, options, train = "finetune.privacy.epsilon", config.finetune, config.train
+    others = sorted(name for name, weight in config.loss.weights().items() if weight and name not in ("seq", "fused"))
+    require(not others, key, f"DP trains the head's next-item losses only (loss.seq, loss.fused); set "
+            f"{', '.join(f'loss.{name}=0' for name in others)}")
+    require(config.scaling.workers <= 1, key, "DP fine-tuning runs on one worker (scaling.workers 0 or 1): the "
+            "per-user sampling and noise are not shared across DDP ranks")
+    require(train.grad_accum == 1, key, "needs train.grad_accum=1: Poisson-sampled steps are accounted one "
+            "batch at a time")
+    require(not (train.sparse_user_table or train.sparse_item_table), key, "sparse tables are updated row by row "
+            "outside per-user clipping; set train.sparse_user_table=false and train.sparse_item_table=false")
+    require(config.loss.softmax == "full", key, "needs loss.softmax=full: sampled softmax shares negatives "
+            "across the batch's users and draws them from the private item counts")
+    require(options.flow != "whiten", key, "finetune.flow=whiten fits its whitening on the private users' "
+            "representations outside DP-SGD; use none, latent or density")
+    require(options.init == "pretrained", key, "needs finetune.init=pretrained: a random start would "
+            "initialise data-dependent layers (the flow's ActNorm) from private data")
+    require(not options.keep_pretrained, key, "finetune.keep_pretrained chooses a model by the private users' "
+            "validation items, outside the guarantee; under DP best/ is the last epoch")
+    require(not train.compile, key, "needs train.compile=false (Opacus's per-sample gradient hooks)")
+    require(train.precision != "bf16", key, "DP-SGD runs in fp32; set train.precision=auto or fp32")
+
 
 @dataclasses.dataclass
 class FinetuneOptions:
@@ -88,6 +147,9 @@ class FinetuneOptions:
     keep_pretrained: bool = False
     """Validate the pretrained model before the first step, as epoch 0: it competes for best/,
     so a fine-tuning that only makes validation worse ends with the pretrained ranking."""
+    privacy: PrivacyOptions = dataclasses.field(default_factory=PrivacyOptions)
+    """Differentially private fine-tuning (`finetune.privacy.epsilon`, `.delta`, `.max_grad_norm`);
+    off while epsilon is unset (docs/guide/privacy.md)."""
 
     def __post_init__(self):
         require(0.0 < self.data_fraction <= 1.0, "data_fraction", "must be in (0, 1]")
@@ -180,6 +242,7 @@ class FinetuneConfig:
         require(self.eval.user_source == self.finetune.source, "eval.user_source",
                 f"must be finetune.source ({self.finetune.source}): the head is trained on that representation")
         require_sampled_softmax_for_item_rows(self.train, self.loss)
+        require_private_fit(self)
         if self.model is not None:  # else `resolve` checks it with the pretrained model
             require_user_table_for_sparse_users(self.train, self.model)
             require_item_features_fit(self.model, self.loss, self.train)

@@ -5,7 +5,9 @@ pretrained checkpoint, the vocabulary is mapped by original id: train/vocabulary
 `run_finetune` (driver) -> `build_recommender` (every worker). Training is the shared loop
 (`flm_dist.train.loop.train_loop`) with a model factory, a training-user filter and kind
 "finetune": DDP, checkpoints, resume, early stopping, evaluation and metrics.json are the same
-code. `flm_dist.runs.rebuild_model` turns a fine-tuning checkpoint back into its model.
+code. `flm_dist.runs.rebuild_model` turns a fine-tuning checkpoint back into its model. With
+`finetune.privacy.epsilon` set, `train_recommender` runs the DP-SGD loop of train/private.py
+instead (same model factory, users and run directory; docs/guide/privacy.md).
 
 The counts of known and new items and users are logged and recorded in `config.vocabulary`, hence
 in every checkpoint's meta and in metrics.json; every worker recomputes the mapping and refuses to
@@ -32,6 +34,7 @@ from flm_dist.runs import build_model, item_attributes_for, read_manifest, recom
 from flm_dist.train.checkpoint import load_checkpoint, require_finite_weights
 from flm_dist.train.configs import FinetuneConfig
 from flm_dist.train.loop import launch_training, train_loop
+from flm_dist.train.private import check_private_model, train_private
 from flm_dist.train.vocabulary import (
     load_pretrained_weights,
     map_vocabulary,
@@ -93,6 +96,8 @@ def _train_filter(config: FinetuneConfig):
 
 
 def train_recommender(config: FinetuneConfig, session) -> dict[str, Any]:
+    if config.finetune.privacy.enabled:  # DP-SGD: its own small loop (train/private.py)
+        return train_private(config, session, functools.partial(build_recommender, config), _train_filter(config))
     return train_loop(config, session, model_factory=functools.partial(build_recommender, config),
                       train_filter=_train_filter(config), kind="finetune",
                       validate_first=config.finetune.keep_pretrained)
@@ -120,6 +125,7 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune on Ray Train (or in this process with `scaling.workers=0`); returns metrics.json."""
 
     config = resolve(config)
+    check_private_model(config)
     counts = config.vocabulary
     log.info("vocabulary mapped by original id: items %d known, %d new (%d pretrained unused); "
              "users %d known, %d new (%d pretrained unused)", counts.items_known, counts.items_new,
