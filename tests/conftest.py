@@ -81,3 +81,21 @@ def tiny_data(tmp_path_factory, ray_session) -> str:
     run_synth(SynthConfig(output=str(root / "log"), users=300, items=120, interactions=6000, seed=1))
     run_prepare(PrepareConfig(input=str(root / "log"), format="parquet", output=str(root / "data")))
     return str(root / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_cold_data(tiny_data) -> str:
+    """`tiny_data`'s log with item features (two fields of 6 and 4 values, by item id) and a tenth
+    of the items held out as cold (issue 32)."""
+    import json
+
+    from flm_dist.data.cold_items import ColdItemsConfig
+    from flm_dist.data.item_features import ItemFeaturesConfig
+    from flm_dist.data.prepare import PrepareConfig, run_prepare
+
+    root = Path(tiny_data).parent
+    (root / "item2attributes.json").write_text(json.dumps({str(i): [i % 6, 10 + i % 4] for i in range(1, 121)}))
+    run_prepare(PrepareConfig(input=str(root / "log"), format="parquet", output=str(root / "cold_data"),
+                              item_features=ItemFeaturesConfig(uri=str(root / "item2attributes.json")),
+                              cold_items=ColdItemsConfig(fraction=0.1, seed=0)))
+    return str(root / "cold_data")

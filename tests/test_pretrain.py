@@ -150,13 +150,17 @@ def test_rerunning_a_finished_run_does_not_train_again(tiny_data, local_run):
 
 
 @pytest.mark.slow
-def test_two_ray_workers_pretrain_and_evaluate_exactly_as_one_worker_and_in_process(tiny_data, tmp_path):
+@pytest.mark.parametrize("features", [[], ["model.item_features=gate", "loss.attributes=0.5"]],
+                         ids=["ids", "item_features_and_cold_items"])
+def test_two_ray_workers_pretrain_and_evaluate_exactly_as_one_worker_and_in_process(features, request, tmp_path):
     # One Ray Train launch: 2 gloo workers train, then evaluate the best checkpoint on 2 ranks.
     # The same checkpoint evaluated on 1 Ray worker and in-process must give identical metrics:
-    # ranks all-reduce sums and counts, and no padded user is counted twice.
+    # ranks all-reduce sums and counts, and no padded user is counted twice. With item features,
+    # on data with held-out cold items, the `/cold` metrics too.
+    tiny_data = request.getfixturevalue("tiny_cold_data" if features else "tiny_data")
     output = tmp_path / "ddp"
     summary = run_pretrain(_config(tiny_data, output, "scaling.workers=2", "scaling.cpus_per_worker=0.5",
-                                   "train.epochs=2"))
+                                   "train.epochs=2", *features))
     assert summary["final"]["test/users/full"] == summary["data"]["users"]
     assert (output / "best" / "checkpoint.json").is_file()
     assert any((output / "ray_train").glob("checkpoint_*"))
@@ -168,6 +172,7 @@ def test_two_ray_workers_pretrain_and_evaluate_exactly_as_one_worker_and_in_proc
         results[workers] = run_evaluate(config)
     assert results[0].keys() == results[1].keys() == results[2].keys()
     assert "test/ndcg@10/full" in results[0] and "valid/ndcg@10/full" in results[0]
+    assert ("test/ndcg@10/full/cold" in results[0]) == bool(features)
     for name, value in results[0].items():
         assert results[1][name] == pytest.approx(value, abs=1e-12), name
         assert results[2][name] == pytest.approx(value, abs=1e-12), name

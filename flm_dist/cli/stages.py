@@ -35,6 +35,11 @@ def cmd_prepare(args):
         features = manifest["features"]
         print(f"item features: {features['attributes']} attributes, {features['items_with_features']} items "
               f"with features, {features['cold_items']} cold items, {features['quarantined_rows']} rows quarantined")
+    if "cold_holdout" in manifest:
+        held = manifest["cold_holdout"]
+        print(f"held out as cold: {held['items']} items, {held['interactions']} interactions "
+              f"({held['train_interactions_removed']} left training; {held['valid_targets']} valid and "
+              f"{held['test_targets']} test targets)")
 
 
 def cmd_pretrain(args):
@@ -66,7 +71,8 @@ def cmd_evaluate(args):
     from flm_dist.eval.evaluate import EvaluateConfig, run_evaluate
 
     config = config_from_args(EvaluateConfig, args, {"checkpoint": args.checkpoint, "data": args.data,
-                                                     "output": args.output, "scaling.workers": args.workers})
+                                                     "output": args.output, "scaling.workers": args.workers,
+                                                     "baseline": args.baseline})
     print(final_metrics_table(run_evaluate(config)))
 
 
@@ -133,6 +139,8 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--data")
     evaluate.add_argument("--output", help="write metrics JSON here")
     evaluate.add_argument("--workers", type=int)
+    evaluate.add_argument("--baseline", choices=("popularity", "attribute_popularity"),
+                          help="evaluate a non-personalised baseline on --data instead of a checkpoint")
     add_config_arguments(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 

@@ -120,12 +120,16 @@ class EvalArrays:
     negatives: torch.Tensor
     history_offsets: torch.Tensor
     history_items: torch.Tensor
+    cold: torch.Tensor | None = None
+    """bool [rows]: the target is a held-out cold item (data/cold_items.py); None when the data
+    has no hold-out."""
 
     def __len__(self) -> int:
         return self.user.shape[0]
 
     def to(self, device: torch.device) -> "EvalArrays":
-        return EvalArrays(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return EvalArrays(*(None if getattr(self, f) is None else getattr(self, f).to(device)
+                            for f in self.__dataclass_fields__))
 
     def history_pairs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row within batch, item) pairs of the full histories of rows start..stop-1."""
@@ -155,6 +159,8 @@ def build_eval_arrays(table: pa.Table, max_len: int) -> EvalArrays:
                                                         negative_counts, width)),
         history_offsets=torch.from_numpy(offsets),
         history_items=torch.from_numpy(values),
+        cold=(torch.from_numpy(table.column("cold").combine_chunks().to_numpy(zero_copy_only=False).astype(bool))
+              if "cold" in table.column_names else None),
     )
 
 

@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 
 from flm_dist.config import require
 from flm_dist.data import storage
+from flm_dist.data.cold_items import held_out_indices
 from flm_dist.data.events import QUARANTINE_SCHEMA, FileProblem, quarantine_rows
 from flm_dist.data.readers import list_input
 from flm_dist.data.vocabularies import _id_order, table_hash
@@ -490,6 +491,8 @@ class ItemAttributeArrays(NamedTuple):
     """N: items with interactions (indices 1..N)."""
     cold_ids: list[str]
     """Original ids of the cold items N+1..N+C."""
+    held_out: np.ndarray = np.zeros(0, dtype=np.int64)
+    """Indices (1..N) of the items held out as cold (data/cold_items.py): scored like cold items."""
 
 
 def load_item_attributes(data_dir: str | Path, num_items: int) -> ItemAttributeArrays | None:
@@ -510,7 +513,7 @@ def load_item_attributes(data_dir: str | Path, num_items: int) -> ItemAttributeA
     column = np.arange(len(flat)) - np.repeat(starts, lengths)
     matrix[np.repeat(index, lengths), column] = flat
     cold_ids = [str(v) for v in table.filter(pa.array(cold)).sort_by("index").column("item_id").to_pylist()]
-    return ItemAttributeArrays(matrix, int(num_attributes), num_items, cold_ids)
+    return ItemAttributeArrays(matrix, int(num_attributes), num_items, cold_ids, held_out_indices(data_dir))
 
 
 def cold_item_ids(data_dir: str | Path, num_items: int) -> list[str]:

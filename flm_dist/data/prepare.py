@@ -26,6 +26,9 @@ Output contract (read by training and evaluation; keep names and dtypes):
   DIR/vocab/attributes.parquet, DIR/vocab/item_attributes.parquet   with `item_features.uri` only:
                                     the attribute vocabulary and each item's attributes, cold
                                     items (features, no interactions) at indices N+1.. (item_features.py)
+DIR/vocab/cold_items.parquet      with `cold_items.fraction` only: the items held out as cold, whose
+                                    events leave train and every history; valid/test gain a bool
+                                    column `cold` (cold_items.py)
 One train/valid/test shard per user bucket, rows sorted by user. Everything is written under a
 sibling DIR.tmp-<random> (work files under its _work/, so on a cluster the output must be storage
 every node can reach) and published by storage.publish; a failed run removes it and leaves DIR as
@@ -48,7 +51,8 @@ import fsspec
 
 from flm_dist import __version__
 from flm_dist.config import require, to_dict
-from flm_dist.data import ingest, item_features, splits, storage, vocabularies
+from flm_dist.data import cold_items, ingest, item_features, splits, storage, vocabularies
+from flm_dist.data.cold_items import ColdItemsConfig
 from flm_dist.data.events import ROW_REASONS, ColumnMap
 from flm_dist.data.item_features import ItemFeaturesConfig
 from flm_dist.data.negatives import draw_negatives
@@ -114,6 +118,10 @@ class PrepareConfig:
     item_features: ItemFeaturesConfig = field(default_factory=ItemFeaturesConfig)
     """Optional item side information (`item_features.uri`, also `--item-features`), joined to
     the item vocabulary by original id (see data/item_features.py)."""
+    cold_items: ColdItemsConfig = field(default_factory=ColdItemsConfig)
+    """Hold out a seeded share of the items with features as cold (`cold_items.fraction`,
+    `cold_items.seed`): their events leave the training split and every history, they stay
+    targets in valid and test (data/cold_items.py). Needs `item_features.uri`."""
 
     def __post_init__(self):
         require(bool(self.input), "input", "is required (a file, directory or URI)")
@@ -124,6 +132,8 @@ class PrepareConfig:
         require(self.num_negatives >= 0, "num_negatives", "must be >= 0")
         require(self.buckets >= 0, "buckets", "must be >= 0 (0 = auto)")
         require(self.workers >= 0, "workers", "must be >= 0 (0 = auto)")
+        require(self.cold_items.fraction == 0 or bool(self.item_features.uri), "cold_items.fraction",
+                "needs item features (--item-features URI): only items with features can be held out as cold")
         require(_ascii_compatible(self.encoding), "encoding",
                 f"must name an ASCII-compatible text encoding (utf-8, latin-1, cp1252, ...), got {self.encoding!r}")
         if self.split == "temporal":
@@ -259,16 +269,21 @@ def _run(cfg: PrepareConfig, runner: StageRunner, fs_in, files: list[str], sizes
                         f"left no interactions; lower min_user_interactions/min_item_interactions")
     lap("vocab")
     features = item_features.attach(cfg.item_features, cfg.strict, fs, tmp, work, items)
+    held_out = None
+    if cfg.cold_items.fraction:
+        item_attributes = storage.read_parquet(fs, storage.join(tmp, "vocab", "item_attributes.parquet"))
+        held_out = cold_items.choose(cfg.cold_items, items, item_attributes)
+        cold_items.write(fs, tmp, held_out)
 
     split_section = splits.build(runner, fs, work, tmp, bucket_groups, items, users, cfg.split,
                                  (cfg.valid_cutoff, cfg.test_cutoff), cfg.num_negatives, cfg.seed, counted.t_min,
-                                 counted.t_max, interactions)
+                                 counted.t_max, interactions, cold_items.mask(held_out, items.num_rows))
     ingest.merge_quarantine(fs, work, tmp, files, parsed.line_numbers)
     lap("build")
 
     if parsed.rows != interactions + sum(dropped.values()):
         raise RuntimeError(f"row accounting is off: {parsed.rows} read, {interactions} kept, dropped {dict(dropped)}")
-    return item_features.extend_manifest({
+    manifest = item_features.extend_manifest({
         "schema_version": SCHEMA_VERSION, "created_by": f"flm_dist {__version__}",
         "users": users.num_rows, "items": items.num_rows, "interactions": interactions, "input_rows": parsed.rows,
         "dropped": dict(sorted(dropped.items())), "empty_files": parsed.empty_files, "buckets": buckets,
@@ -277,6 +292,11 @@ def _run(cfg: PrepareConfig, runner: StageRunner, fs_in, files: list[str], sizes
         "splits": split_section, "num_negatives": cfg.num_negatives,
         "vocab_hash": {"items": vocabularies.table_hash(items), "users": vocabularies.table_hash(users)},
     }, features)
+    if held_out is not None:
+        manifest["cold_holdout"] = cold_items.manifest_section(cfg.cold_items, held_out, items,
+                                                             features["items_with_features"], split_section.pop("cold"))
+        manifest["vocab_hash"]["cold_items"] = vocabularies.table_hash(held_out)
+    return manifest
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -295,6 +315,8 @@ def _stored_config(cfg: PrepareConfig) -> dict[str, Any]:
         del stored["privacy"]
     if not cfg.item_features.uri:  # so a run without features keeps its config hash
         del stored["item_features"]
+    if not cfg.cold_items.fraction:  # so a run without a hold-out keeps its config hash
+        del stored["cold_items"]
     return stored
 
 
@@ -329,6 +351,9 @@ def _summary(manifest: dict[str, Any], timings: dict[str, float]) -> None:
     if "features" in manifest:
         lines += [(f"features: {k.replace('_', ' ')}", f"{manifest['features'][k]:,}")
                   for k in ("attributes", "items_with_features", "cold_items", "quarantined_rows")]
+    if "cold_holdout" in manifest:
+        lines += [("held out as cold: items", f"{manifest['cold_holdout']['items']:,}"),
+                  ("held out as cold: interactions", f"{manifest['cold_holdout']['interactions']:,}")]
     lines += [("time", f"{total:.1f} s"), ("rows/s", f"{manifest['input_rows'] / max(total, 1e-9):,.0f}")]
     width = max(len(k) for k, _ in lines)
     log.info("prepare summary:\n%s", "\n".join(f"  {k:<{width}}  {v:>14}" for k, v in lines))

@@ -10,6 +10,8 @@ target; rows with an empty history are skipped and counted. Cutoffs in (0, 1) ar
 the filtered events' timestamps (the timestamp at rank floor(q * n)); other values are timestamps.
 Negatives: `num_negatives` per valid/test row, fewer only for a user who has seen all but fewer
 items of the catalogue (counted as `short_negatives`).
+With a cold-item hold-out (data/cold_items.py) the held-out items' events leave train and every
+history, the targets stay as they are, and valid/test rows carry `cold` (the target is held out).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ TRAIN_SCHEMA = pa.schema([("user", pa.int32()), ("items", pa.list_(pa.int32())),
                           ("timestamps", pa.list_(pa.int64()))])
 EVAL_SCHEMA = pa.schema([("user", pa.int32()), ("history", pa.list_(pa.int32())), ("target", pa.int32()),
                          ("negatives", pa.list_(pa.int32()))])
+COLD_EVAL_SCHEMA = EVAL_SCHEMA.append(pa.field("cold", pa.bool_()))
 _SPLIT_IDS = {"valid": 1, "test": 2}
 
 
@@ -41,18 +44,21 @@ def is_quantile(value: float) -> bool:
 
 def build(runner: StageRunner, fs, work: str, out: str, bucket_groups: list[list[int]], items: pa.Table,
           users: pa.Table, split: str, cutoffs: tuple[float | None, float | None], num_negatives: int, seed: int,
-          t_min: int | None, t_max: int | None, interactions: int) -> dict[str, Any]:
+          t_min: int | None, t_max: int | None, interactions: int,
+          held_out: np.ndarray | None = None) -> dict[str, Any]:
     """Stage 6: the train/valid/test shards of every bucket under `out`; returns the manifest's
-    "splits" section."""
+    "splits" section, with the hold-out's counts under "cold" when `held_out` (bool [N + 1], the
+    held-out items) is given."""
     item_ref = runner.put(items.column("item_id").combine_chunks())
+    held_out_ref = runner.put(held_out) if held_out is not None else None
     user_ref = runner.put(users.column("user_id").combine_chunks())
     resolved = None
     if split == "temporal":
         resolved = _resolve_cutoffs(
             runner, lambda lo, width, bins, exact: [(fs, work, g, item_ref, user_ref, lo, width, bins, exact)
                                                     for g in bucket_groups], cutoffs, t_min, t_max, interactions)
-    built = runner.map(_build_task, [(fs, work, out, g, item_ref, user_ref, split, resolved, num_negatives, seed)
-                                     for g in bucket_groups], "build")
+    built = runner.map(_build_task, [(fs, work, out, g, item_ref, user_ref, split, resolved, num_negatives, seed,
+                                      held_out_ref) for g in bucket_groups], "build")
     stats = Counter()
     for r in built:
         stats.update(r)
@@ -68,6 +74,10 @@ def build(runner: StageRunner, fs, work: str, out: str, bucket_groups: list[list
     if resolved is not None:
         section.update({"valid_cutoff": resolved[0], "test_cutoff": resolved[1],
                         "valid_no_history": stats["valid_no_history"], "test_no_history": stats["test_no_history"]})
+    if held_out is not None:
+        section["cold"] = {"train_interactions_removed": stats["cold_train_removed"],
+                           **{f"{name}_{what}": stats[f"cold_{name}_{what}"]
+                              for name in ("valid", "test") for what in ("targets", "history_removed", "no_history")}}
     return section
 
 
@@ -132,16 +142,27 @@ def _list_array(offsets: np.ndarray, values: pa.Array | np.ndarray, value_type: 
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
 
 
-def _eval_rows(user_ids, item, starts, targets, negatives: tuple[np.ndarray, np.ndarray]) -> pa.Table:
-    offsets, flat = ranges(starts, targets)
-    return pa.Table.from_arrays([
-        pa.array(user_ids.astype(np.int32)), _list_array(offsets, item[flat], pa.int32()),
-        pa.array(item[targets]), _list_array(negatives[0], negatives[1], pa.int32()),
-    ], schema=EVAL_SCHEMA)
+def _warm_ranges(starts: np.ndarray, ends: np.ndarray, cold_event: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """`ranges(starts, ends)` without the events of held-out items (`cold_event`; None: keep all)."""
+    offsets, flat = ranges(starts, ends)
+    if cold_event is None:
+        return offsets, flat
+    warm = ~cold_event[flat]
+    row = np.repeat(np.arange(len(starts)), np.diff(offsets))
+    return np.r_[0, np.cumsum(np.bincount(row[warm], minlength=len(starts)))].astype(np.int64), flat[warm]
+
+
+def _eval_rows(user_ids, item, offsets: np.ndarray, flat: np.ndarray, targets,
+               negatives: tuple[np.ndarray, np.ndarray], held_out: np.ndarray | None) -> pa.Table:
+    columns = [pa.array(user_ids.astype(np.int32)), _list_array(offsets, item[flat], pa.int32()),
+               pa.array(item[targets]), _list_array(negatives[0], negatives[1], pa.int32())]
+    if held_out is None:
+        return pa.Table.from_arrays(columns, schema=EVAL_SCHEMA)
+    return pa.Table.from_arrays(columns + [pa.array(held_out[item[targets]])], schema=COLD_EVAL_SCHEMA)
 
 
 def _build_task(fs, work: str, out: str, buckets: list[int], item_vocab, user_vocab, split: str,
-                cutoffs: tuple[int, int] | None, k: int, seed: int) -> dict[str, int]:
+                cutoffs: tuple[int, int] | None, k: int, seed: int, held_out: np.ndarray | None) -> dict[str, int]:
     """Per bucket: per-user sequences, the split, fixed negatives; writes one shard per split."""
     n_items = len(item_vocab)
     stats = Counter()
@@ -164,8 +185,12 @@ def _build_task(fs, work: str, out: str, buckets: list[int], item_vocab, user_vo
             valid = _first_in_period(period, 1, starts, ends)
             test = _first_in_period(period, 2, starts, ends)
         seen = _sorted_unique(user.astype(np.int64) * (n_items + 1) + item)
-        has_train = train_end > starts
-        offsets, flat = ranges(starts[has_train], train_end[has_train])
+        cold_event = held_out[item] if held_out is not None else None
+        offsets, flat = _warm_ranges(starts, train_end, cold_event)
+        if cold_event is not None:
+            stats["cold_train_removed"] += int((train_end - starts).sum()) - len(flat)
+        has_train = np.diff(offsets) > 0
+        offsets = np.r_[0, np.cumsum(np.diff(offsets)[has_train])].astype(np.int64)
         train = pa.Table.from_arrays([
             pa.array(ids[has_train].astype(np.int32)), _list_array(offsets, item[flat], pa.int32()),
             pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), stamps.take(pa.array(flat)).cast(pa.int64())),
@@ -179,9 +204,17 @@ def _build_task(fs, work: str, out: str, buckets: list[int], item_vocab, user_vo
             stats[f"{name}_no_history"] += int((has & ~usable).sum())
             stats[f"users_without_{name}"] += int((~has).sum())
             rows = np.flatnonzero(usable)
+            history_offsets, history = _warm_ranges(starts[rows], target[rows], cold_event)
+            if cold_event is not None:
+                lengths = np.diff(history_offsets)
+                stats[f"cold_{name}_history_removed"] += int((target[rows] - starts[rows]).sum()) - len(history)
+                stats[f"cold_{name}_no_history"] += int((lengths == 0).sum())
+                rows = rows[lengths > 0]
+                history_offsets = np.r_[0, np.cumsum(lengths[lengths > 0])].astype(np.int64)
+                stats[f"cold_{name}_targets"] += int(held_out[item[target[rows]]].sum())
             negatives = draw_negatives(ids[rows], _SPLIT_IDS[name], seen, n_items, k, seed)
             stats["short_negatives"] += int((np.diff(negatives[0]) < k).sum())
-            table = _eval_rows(ids[rows], item, starts[rows], target[rows], negatives)
+            table = _eval_rows(ids[rows], item, history_offsets, history, target[rows], negatives, held_out)
             storage.write_parquet(fs, storage.join(out, name, f"part-{b:05d}.parquet"), table)
             stats[f"{name}_rows"] += table.num_rows
     return dict(stats)

@@ -79,7 +79,7 @@ class RankingAccumulator:
         totals = dict(zip(names + [f"count/{p}" for p in protocols], packed.tolist()))
         metrics = {}
         for name in names:
-            protocol = name.rsplit("/", 1)[1]
+            protocol = name.split("/", 2)[2]  # `full`, or a subset of its users such as `full/cold`
             count = totals[f"count/{protocol}"]
             metrics[name] = totals[name] / count if count else float("nan")
         for protocol in protocols:

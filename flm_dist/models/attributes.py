@@ -12,8 +12,10 @@ of the item's id row e and its pooled attributes a:
     gate     g * e + (1 - g) * a, g = sigmoid(W [e ; a] + b) per dimension (starts at 1/2)
     concat   W [e ; a] + b, starting at W = [I | I], b = 0 (that is, at `add`)
 
-A cold item has no id row: its e is zero and it is scored from a alone. Row 0 (padding) stays
-zero whatever the fusion.
+A cold item has no id row: its e is zero and it is scored from a alone. So is an item held out as
+cold (`without_id_rows`): its id row exists but no positive ever trains it, and in a full softmax
+every step would push it down as a negative, teaching the model only that the item is never
+chosen. Row 0 (padding) stays zero whatever the fusion.
 
 The attribute objective (`attribute_loss`) is a multi-label binary cross-entropy over every
 attribute, with logits = vector . attribute embedding (no extra parameters, so a zero weight
@@ -116,6 +118,7 @@ class FusedItemEmbedding(nn.Module):
         self.num_embeddings = item_embedding.num_embeddings
         self.embedding_dim = hidden
         self.padding_idx = 0
+        self.register_buffer("has_id_row", torch.arange(attributes.num_rows) < self.num_embeddings, persistent=False)
         if fusion == "gate":
             self.gate = nn.Linear(2 * hidden, hidden)
             nn.init.zeros_(self.gate.weight)
@@ -134,9 +137,14 @@ class FusedItemEmbedding(nn.Module):
     def num_cold(self) -> int:
         return self.attributes.num_rows - self.num_embeddings
 
+    def without_id_rows(self, ids: torch.Tensor) -> None:
+        """Score items `ids` (1..N) from their attributes alone, like cold items: the items held
+        out as cold by prepare (data/cold_items.py). Data, not a weight: not in the state dict."""
+        self.has_id_row[ids] = False
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Long[...] item ids (0 = padding, N+1.. cold) -> [..., H] fused rows."""
-        known = ids < self.num_embeddings
+        known = self.has_id_row[ids]
         identity = self.item_embedding(torch.where(known, ids, torch.zeros_like(ids)))
         attributes = self.attributes(ids)
         if self.fusion == "add":

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from flm_dist.data import cold_items
 from flm_dist.data.item_features import has_features, vocabulary_features_hash
 from flm_dist.data.vocabularies import table_hash
 from flm_dist.errors import UserError
@@ -44,7 +45,7 @@ def pretrained_checkpoint(path: str) -> tuple[Path, dict[str, Any]]:
 def vocabulary_hash(vocab_dir: Path) -> dict[str, str]:
     """The vocab hash `flm prepare` records in manifest.json, recomputed from vocab/*.parquet."""
     hashes = {name: table_hash(pq.read_table(vocab_dir / f"{name}.parquet")) for name in ("items", "users")}
-    return {**hashes, **vocabulary_features_hash(vocab_dir)}
+    return {**hashes, **vocabulary_features_hash(vocab_dir), **cold_items.vocabulary_hash(vocab_dir)}
 
 
 def pretrained_vocabulary(checkpoint: Path, meta: dict[str, Any], data_dir: str) -> Path:
