@@ -252,6 +252,16 @@ class ModelConfig:
     norm: Literal["pre", "post"] = "pre"
     """SASRec LayerNorm placement: `pre` (x + f(LN(x)), a final LN, embeddings scaled by
     sqrt(hidden)) or `post` (LN(x + f(x)), a LayerNorm on the embedding sum: RecBole's SASRec)."""
+    mixer: Literal["attention", "bsarec", "fmlp"] = "attention"
+    """SASRec token mixer: causal self-attention; `bsarec`, attention plus a frequency filter of
+    the window (BSARec: low-pass + beta^2 high-pass, mixed by `filter_alpha`); `fmlp`, a learned
+    frequency filter instead of attention (FMLP-Rec). The filters see the whole window, later
+    items too, so they need `train.windows=prefixes` (only the last position is trained)."""
+    filter_alpha: float = 0.7
+    """BSARec: weight of the filter branch; 1 - alpha goes to attention (BSARec's Beauty setting)."""
+    filter_cutoff: int = 5
+    """BSARec's `c`: the low-pass part keeps the lowest c // 2 + 1 frequency bins of the
+    `max_len` window (5: 3 bins, BSARec's Beauty setting)."""
     cf_user: Literal["table", "history"] = "table"
     """The CF encoder's user vector: `table`, matrix factorisation (a learned row per user,
     fitted to all of the user's training items), or `history`, item-based factorisation (a
@@ -288,6 +298,9 @@ class ModelConfig:
         require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         require(self.flow_layers >= 0, "flow_layers", "must be >= 0")
         require(self.flow_hidden > 0, "flow_hidden", "must be positive")
+        require(self.mixer == "attention" or self.encoder == "sasrec", "mixer", "needs encoder=sasrec")
+        require(0.0 <= self.filter_alpha <= 1.0, "filter_alpha", "must be in [0, 1]")
+        require(1 <= self.filter_cutoff <= self.max_len, "filter_cutoff", f"must be in [1, max_len={self.max_len}]")
 
 
 WEIGHTED_LOSS_TERMS = ("seq", "cf", "flow", "fused", "contrast", "attributes")
@@ -336,6 +349,10 @@ class LossConfig:
     """Weight of the attribute objective (needs model.item_features): multi-label BCE of each
     target item's attributes from its id row and from the sequence state that predicts it.
     Logged as loss/attributes only when > 0, so runs without it log what they did before."""
+    label_smoothing: float = 0.0
+    """Label smoothing eps of the full-softmax CE terms (seq, fused, CF with cf_loss=ce): each
+    target keeps 1 - eps of the probability mass and eps is spread evenly over all items, which
+    caps how sharply the model may bet on one item. Costs nothing; needs softmax=full."""
     decay: list[Literal["seq", "cf", "fused", "flow", "contrast", "attributes"]] = dataclasses.field(
         default_factory=list)
     """Terms whose weight falls from its set value towards 0 along a cosine of the optimiser
@@ -350,6 +367,8 @@ class LossConfig:
         require(self.num_negatives > 0, "num_negatives", "must be positive")
         require(self.max_in_batch_negatives >= 0, "max_in_batch_negatives", "must be >= 0")
         require(self.chunk_size >= 0, "chunk_size", "must be >= 0")
+        require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+        require(self.label_smoothing == 0 or self.softmax == "full", "label_smoothing", "needs softmax=full")
         require(len(set(self.decay)) == len(self.decay), "decay", "names a term twice")
         kept = [name for name in ("seq", "cf", "fused") if getattr(self, name) > 0 and name not in self.decay]
         require(bool(kept), "decay", "must leave at least one of seq, cf, fused with a constant weight > 0")
@@ -400,7 +419,9 @@ class TrainConfig:
     seed: int = 42
     """Seeds parameters, shuffling, dropout and negative sampling."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16 autocast on GPU with `auto`; fp32 on CPU. The flow always runs in fp32."""
+    """bf16 autocast on GPU with `auto`, fp32 on CPU; `bf16` autocasts on a CPU too where it has
+    native bf16 (AVX512-BF16; else it falls back to fp32 with a warning). The flow always runs in
+    fp32."""
     compile: bool = False
     """torch.compile the model (GPU; first steps are slower while it compiles)."""
     checkpoint_every_steps: int = 0
@@ -409,6 +430,13 @@ class TrainConfig:
     """Validate every N epochs."""
     patience: int = 10
     """Stop after this many validations without improvement of `eval.monitor`."""
+    stop_at: float = 0.0
+    """Stop as soon as a validation of `eval.monitor` reaches this value (0: never); the best
+    checkpoint and the final test are as for any other stop. For time to quality."""
+    time_budget_minutes: float = 0.0
+    """Stop after the first epoch that ends past this many minutes of training and validation in
+    this process (0: no limit); that epoch is validated. The LR schedule is still planned over
+    `epochs`, so pick `epochs` that fit the budget."""
     max_steps: int = 0
     """Stop after this many optimiser steps in total (0: no limit); for smoke tests and benches."""
     max_nonfinite_steps: int = 3
@@ -438,6 +466,8 @@ class TrainConfig:
         require(self.eval_every_epochs > 0, "eval_every_epochs", "must be positive")
         require(self.patience > 0, "patience", "must be positive")
         require(self.max_steps >= 0, "max_steps", "must be >= 0")
+        require(self.stop_at >= 0, "stop_at", "must be >= 0 (0: never)")
+        require(self.time_budget_minutes >= 0, "time_budget_minutes", "must be >= 0 (0: no limit)")
         require(self.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be positive")
         require(not (self.compile and (self.sparse_user_table or self.sparse_item_table)), "compile",
                 "torch.compile cannot compile the backward of sparse embedding gradients; use "
@@ -501,6 +531,14 @@ class ScalingConfig:
 def require_user_table_for_sparse_users(train: TrainConfig, model: ModelConfig) -> None:
     require(not train.sparse_user_table or model.cf_user == "table", "train.sparse_user_table",
             "needs model.cf_user=table: history CF has no user table")
+
+
+def require_causal_training(model: ModelConfig, train: TrainConfig) -> None:
+    """A filter mixer mixes later items into every position, so a position's own target would be
+    in its input wherever a position other than the last is trained."""
+    require(model.mixer == "attention" or train.windows == "prefixes", "model.mixer",
+            f"{model.mixer} is not causal: it needs train.windows=prefixes (only the last position is "
+            f"trained), got train.windows={train.windows}")
 
 
 def require_sampled_softmax_for_item_rows(train: TrainConfig, loss: LossConfig) -> None:

@@ -57,13 +57,17 @@ def build_model(config: ModelConfig, num_users: int, num_items: int,
             raise UserError(f"the item features cover {attributes.num_items} items; the model has {num_items}")
         features = {"item_features": config.item_features, "num_attributes": attributes.num_attributes,
                     "item_attributes": torch.from_numpy(attributes.matrix)}
-    return FLMModel(num_users=num_users, num_items=num_items, hidden=config.hidden,
-                    max_len=config.max_len, layers=config.layers, heads=config.heads,
-                    dropout=config.dropout, encoder=config.encoder, fusion=config.fusion,
-                    flow_layers=config.flow_layers, flow_hidden=config.flow_hidden,
-                    flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient,
-                    positions=config.positions, norm=config.norm, cf_user=config.cf_user,
-                    user_head=config.user_head, **features)
+    model = FLMModel(num_users=num_users, num_items=num_items, hidden=config.hidden,
+                     max_len=config.max_len, layers=config.layers, heads=config.heads,
+                     dropout=config.dropout, encoder=config.encoder, fusion=config.fusion,
+                     flow_layers=config.flow_layers, flow_hidden=config.flow_hidden,
+                     flow_kind=config.flow_kind, flow_stop_gradient=config.flow_stop_gradient,
+                     positions=config.positions, norm=config.norm, cf_user=config.cf_user,
+                     user_head=config.user_head, mixer=config.mixer, filter_alpha=config.filter_alpha,
+                     filter_cutoff=config.filter_cutoff, **features)
+    if features and len(attributes.held_out):  # held-out cold items are scored from their attributes alone
+        model.item_features.without_id_rows(torch.from_numpy(attributes.held_out))
+    return model
 
 
 def load_model_for_data(checkpoint_dir: str, data_dir: str, device: torch.device):

@@ -7,9 +7,9 @@
 # Stages:
 #   train    flm bench train on Beauty (batch 256): SASRec and joint, windows all and prefixes,
 #            eager and torch.compile
-#   quality  Beauty SASRec pretraining (jobs/data/beauty.yaml + jobs/recipes/sasrec.yaml), bf16
-#            then fp32 (same seed): epoch time, validation time, time to validation NDCG@10
-#            0.0517 (history not masked), test metrics
+#   quality  flm bench quality: Beauty SASRec pretraining (jobs/data/beauty.yaml +
+#            jobs/recipes/sasrec.yaml), bf16 then fp32 (same seed), until validation NDCG@10
+#            0.0517 (history not masked): time to it, epochs, throughput, test metrics
 #   topk     flm bench topk on the GPU at 1M and 10M items
 #   large    a 1M-item synthetic log (needs Ray from .whl), then the large configuration
 #            (hidden 512, 4 layers, max_len 200, batch 1024, sampled softmax) for MFU
@@ -26,10 +26,10 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 flm() { python3 -m flm_dist.cli "$@"; }
 smoke=${BENCH_SMOKE:-0}
-steps=100; warmup=20; epochs=30; topk_items=(1000000 10000000); large_rows=20000000
+steps=100; warmup=20; epochs=30; quality_target=valid/ndcg@10/full_nomask=0.0517; topk_items=(1000000 10000000); large_rows=20000000
 large_model=(model.hidden=512 model.layers=4 model.heads=8 model.max_len=200 train.batch_size=1024)
 if [ "$smoke" = 1 ]; then
-  steps=3; warmup=1; epochs=2; topk_items=(20000); large_rows=20000
+  steps=3; warmup=1; epochs=2; quality_target=valid/ndcg@10/full_nomask=1.0; topk_items=(20000); large_rows=20000
   large_model=(model.hidden=32 model.layers=1 model.heads=2 model.max_len=20 train.batch_size=16)
 fi
 data=${BEAUTY:-.data/beauty}
@@ -55,35 +55,12 @@ r.update(model='$model', windows='$windows'); print(json.dumps(r))" >>"$result"
 }
 
 stage_quality() {
-  local result=$OUT/quality.jsonl
   for precision in bf16 fp32; do
-    local run=$scratch/runs/beauty_$precision
-    # the SASRec preset of jobs/sasrec_beauty.yaml: Beauty's settings, then the measured recipe
-    flm pretrain --config jobs/data/beauty.yaml --config jobs/recipes/sasrec.yaml \
-      --data "$data" --output "$run" --workers 0 \
-      train.epochs="$epochs" train.precision="$precision" >>"$OUT/quality.log" 2>&1
-    python3 - "$run" "$precision" >>"$result" <<'EOF'
-import json, sys
-run, precision = sys.argv[1], sys.argv[2]
-metrics = json.load(open(f"{run}/metrics.json"))
-history = metrics["history"]
-trained = 0.0
-reached = None
-for row in history:
-    trained += row["epoch_seconds"]
-    if reached is None and row["valid/ndcg@10/full_nomask"] >= 0.0517:
-        reached = {"epoch": row["epoch"], "train_seconds": trained,
-                   "with_validation_seconds": trained + sum(r["eval_seconds"] for r in history if r["epoch"] <= row["epoch"])}
-final = metrics["final"]
-print(json.dumps({
-    "precision": precision, "epochs": len(history),
-    "epoch_seconds_median": sorted(r["epoch_seconds"] for r in history)[len(history) // 2],
-    "sequences_per_second_median": sorted(r["sequences_per_second"] for r in history)[len(history) // 2],
-    "validation_seconds_median": sorted(r["eval_seconds"] for r in history)[len(history) // 2],
-    "best_valid_ndcg@10/full_nomask": max(r["valid/ndcg@10/full_nomask"] for r in history),
-    "reached_valid_0.0517": reached,
-    **{k: final[k] for k in final if k.startswith("test/") and ("@10/" in k)}}))
-EOF
+    # the SASRec preset of jobs/sasrec_beauty.yaml, stopped at the target (flm bench quality)
+    flm bench quality --config jobs/data/beauty.yaml --config jobs/recipes/sasrec.yaml \
+      --data "$data" --output "$scratch/runs/beauty_$precision" --target "$quality_target" \
+      scaling.workers=0 train.epochs="$epochs" train.precision="$precision" 2>>"$OUT/quality.log" \
+      | tee -a "$OUT/quality.log" | grep '^{' >>"$OUT/quality.jsonl" || true
   done
 }
 

@@ -2,9 +2,10 @@ import math
 
 import pytest
 
-from flm_dist.bench.train import run_bench_train, step_flops
+from flm_dist.bench.train import run_bench_train
 from flm_dist.config import load_config
 from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.flops import matmul_peak_flops, step_flops
 
 
 def _config(data, output, *overrides):
@@ -22,18 +23,26 @@ def test_bench_train_prints_sane_numbers(tiny_data, tmp_path, capsys, softmax):
     assert 0.0 <= result["data_wait_fraction"] < 1.0
     assert result["model_tflops_per_s"] > 0
     assert result["mfu"] is None  # no known peak for a CPU
+    assert result["peak_tflops_per_s"] > 0
+    assert math.isclose(result["peak_fraction"], result["model_tflops_per_s"] / result["peak_tflops_per_s"])
     assert '"sequences_per_s"' in capsys.readouterr().out
 
 
 def test_step_flops_counts_the_softmax():
-    import torch
-
     config = load_config(PretrainConfig, None, ["data=d", "output=o", "model.hidden=8", "model.layers=1",
                                                 "loss.cf=0", "loss.fused=0", "loss.flow=0"])
-    batch = {"input": torch.ones(4, 5, dtype=torch.long)}
     tokens, hidden = 20, 8
     expected = 6 * (tokens * (12 * hidden * hidden + 2 * 5 * hidden) + tokens * 100 * hidden)
-    assert step_flops(batch, config, num_items=100) == expected
+    assert step_flops(4, 5, config, num_items=100) == expected
+
+
+def test_the_matmul_peak_is_measured_per_precision():
+    import torch
+
+    fp32 = matmul_peak_flops(torch.device("cpu"), bf16=False)
+    assert fp32 > 1e8  # any CPU multiplies 2048 x 2048 faster than in a minute and a half
+    assert matmul_peak_flops(torch.device("cpu"), bf16=False) == fp32  # measured once per process
+    assert matmul_peak_flops(torch.device("cpu"), bf16=True) != fp32
 
 
 def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tmp_path):
@@ -44,15 +53,18 @@ def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tmp_path):
     import subprocess
     from pathlib import Path
 
+    import torch
+
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "BENCH_SMOKE": "1", "BEAUTY": tiny_data, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[1]
     subprocess.run(["bash", "jobs/bench_gpu.sh", "quality", "topk"], cwd=root, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     quality = [json.loads(line) for line in (out / "quality.jsonl").read_text().splitlines()]
-    assert [row["precision"] for row in quality] == ["bf16", "fp32"]
+    native_bf16 = torch.cpu._is_avx512_bf16_supported()  # else bf16 falls back to fp32
+    assert [row["precision"] for row in quality] == ["bf16" if native_bf16 else "fp32", "fp32"]
     for row in quality:
-        assert row["epochs"] == 2 and row["epoch_seconds_median"] > 0
+        assert row["epochs"] == 2 and not row["reached"] and row["train_seconds"] > 0
         assert 0.0 <= row["test/ndcg@10/full_nomask"] <= row["test/hr@10/full_nomask"] <= 1.0
     (topk,) = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
     assert topk["items"] == 20000 and topk["topk_users_per_s"] > 0

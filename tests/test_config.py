@@ -29,6 +29,8 @@ def test_overrides_nested_and_typed(tmp_path):
     ("loss.decay=[seq,cf,fused]", "loss.decay"),  # nothing left with a constant weight
     ("loss.decay=[cf,cf]", "loss.decay"),
     ("loss.decay=[ranking]", "loss.decay[0]"),
+    ("loss.label_smoothing=1.0", "loss.label_smoothing"),
+    ("model.mixer=bsarec", "model.mixer"),  # not causal, and train.windows defaults to all
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigKeyError) as info:
@@ -43,6 +45,9 @@ def test_options_that_need_another_option_name_both():
                                            "train.sparse_user_table=true"])
     assert info.value.key == "train.sparse_user_table"
     load_config(PretrainConfig, None, ["data=d", "output=o", "model.cf_user=history"])
+    with pytest.raises(ConfigKeyError, match="softmax=full") as info:
+        load_config(PretrainConfig, None, ["data=d", "output=o", "loss.label_smoothing=0.1", "loss.softmax=sampled"])
+    assert info.value.key == "loss.label_smoothing"
 
 
 def test_missing_required_and_bad_yaml(tmp_path):

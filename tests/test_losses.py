@@ -51,6 +51,20 @@ def test_full_softmax_chunked_equals_unchunked_in_value_and_gradient(problem):
         torch.testing.assert_close(chunked, unchunked)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_label_smoothing_matches_torch_and_keeps_ignored_rows_ignored(problem, chunk_size):
+    hidden, table, targets = problem
+    keep = targets != 0
+    explicit = F.cross_entropy(hidden[keep] @ table[1:].T, targets[keep] - 1, label_smoothing=0.1)
+    smoothed = full_softmax_ce(hidden, table, targets, chunk_size=chunk_size, label_smoothing=0.1)
+    torch.testing.assert_close(smoothed, explicit)
+    # By hand: 0.9 x CE of the target + 0.1 x the mean CE over all items, averaged over kept rows.
+    log_prob = torch.log_softmax(hidden[keep] @ table[1:].T, dim=-1)
+    by_hand = -(0.9 * log_prob.gather(1, targets[keep, None] - 1)[:, 0] + 0.1 * log_prob.mean(-1)).mean()
+    torch.testing.assert_close(smoothed, by_hand)
+    assert full_softmax_ce(hidden, table, torch.zeros_like(targets), chunk_size, 0.1).item() == 0.0
+
+
 def test_padding_row_never_gets_probability(problem):
     hidden, table, targets = problem
     table = table.clone().requires_grad_()

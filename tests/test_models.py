@@ -296,21 +296,22 @@ def test_zero_weight_terms_are_skipped_and_unknown_weights_rejected():
         model.losses(make_batch(), {"seq": 0.0})
 
 
-def test_loss_terms_match_their_definitions():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_terms_match_their_definitions(smoothing):
     model = make_model().eval()
     batch = make_batch()
-    terms = model.losses(batch, ALL_WEIGHTS)
+    terms = model.losses(batch, ALL_WEIGHTS, label_smoothing=smoothing)
     table = model.item_table()
     states = model.sequence_states(batch["input"])
     cf_vectors = model.cf.user_vectors(batch["user"], batch["input"])
     length = batch["target"].shape[1]
 
-    seq = full_softmax_ce(states.reshape(-1, HIDDEN), table, batch["target"].reshape(-1))
+    seq = full_softmax_ce(states.reshape(-1, HIDDEN), table, batch["target"].reshape(-1), None, smoothing)
     # CF CE with one log-partition per user equals the naive per-position softmax.
     cf = full_softmax_ce(cf_vectors.repeat_interleave(length, 0), table,
-                         batch["target"].reshape(-1))
+                         batch["target"].reshape(-1), None, smoothing)
     fused_vectors = model.user_representation(batch["user"], batch["input"], "fused")
-    fused = full_softmax_ce(fused_vectors, table, batch["target"][:, -1])
+    fused = full_softmax_ce(fused_vectors, table, batch["target"][:, -1], None, smoothing)
     flow = -model.flow.log_prob(fused_vectors).mean() / HIDDEN
     for name, expected in {"seq": seq, "cf": cf, "fused": fused, "flow": flow}.items():
         torch.testing.assert_close(terms[name], expected, msg=name)

@@ -374,6 +374,7 @@ def test_a_table_outside_the_hooks_fails_the_gradient_check(case):
     ("finetune.keep_pretrained=true", "keep_pretrained"),
     ("finetune.init=random", "init=pretrained"),
     ("train.precision=bf16", "fp32"),
+    ("loss.label_smoothing=0.1", "label_smoothing=0"),
 ])
 def test_combinations_that_break_the_guarantee_are_refused(override, reason):
     overrides = [override, "loss.softmax=sampled"] if "sparse" in override else [override]

@@ -3,14 +3,15 @@
 It runs the exact step of `pretrain` (same setup, batches, `forward_backward` and the update's
 non-finite check, `nonfinite_terms`), in this process, for `warmup` untimed and `steps` timed
 optimiser steps. The step time is split into data (building the batch from the on-device
-windows) and compute (forward, backward, non-finite check, optimiser). MFU is model FLOPs per second (an analytic count of the matmuls, see `step_flops`)
-over the device's dense bf16 peak.
+windows) and compute (forward, backward, non-finite check, optimiser). Model FLOPs per second (an
+analytic count of the matmuls, `flm_dist.train.flops.step_flops`) are reported over the measured
+matmul peak of this device in the step's precision (`peak_fraction`) and, on a known GPU, over its
+dense bf16 peak (`mfu`).
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from flm_dist.data.batches import length_bucketed_batches
 from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.flops import device_name_and_peak, matmul_peak_flops, step_flops
 from flm_dist.train.loop import (
     forward_backward,
     loss_vector,
@@ -25,59 +27,6 @@ from flm_dist.train.loop import (
     setup_training,
 )
 from flm_dist.train.session import LocalSession
-
-# Dense bf16 tensor-core peaks (FLOP/s) of devices we benchmark on; MFU is null elsewhere.
-BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def step_flops(batch: dict[str, torch.Tensor], config: PretrainConfig, num_items: int) -> float:
-    """Training FLOPs of one batch: 6 x multiply-accumulates of every matmul (forward + backward).
-
-    Counts the transformer blocks (QKV, output, 4x feed-forward, attention scores and values),
-    the softmax logits of each active loss term (all positions for `seq`, one row per user for
-    `cf` and `fused`; in-batch + sampled columns for sampled softmax), the flow's couplings and,
-    for the contrastive term, the second encoder pass and its similarity block.
-    Embedding lookups, norms and element-wise work are left out.
-    """
-    rows, width = batch["input"].shape
-    hidden, layers = config.model.hidden, config.model.layers
-    tokens = rows * width
-    if config.model.encoder == "sasrec":
-        encoder_macs = layers * tokens * (12 * hidden * hidden + 2 * width * hidden)
-    else:
-        gates = 3 if config.model.encoder == "gru" else 4
-        encoder_macs = layers * tokens * gates * 2 * hidden * hidden
-    weights = config.loss.weights()
-    macs = encoder_macs
-    if weights["contrast"]:  # a second encoder pass and the [2B x 2B] similarity block
-        macs += encoder_macs + (2 * rows) ** 2 * hidden
-    scored = rows if config.train.windows == "prefixes" else tokens  # positions with a seq target
-    cap = config.loss.max_in_batch_negatives
-
-    def sampled_columns(in_batch: int) -> int:
-        return (min(in_batch, cap) if cap else in_batch) + config.loss.num_negatives
-
-    columns = num_items if config.loss.softmax == "full" else sampled_columns(scored)
-    if weights["seq"]:
-        macs += scored * columns * hidden
-    for term in ("cf", "fused"):
-        if weights[term]:
-            macs += rows * (num_items if config.loss.softmax == "full" else sampled_columns(rows)) * hidden
-    if weights["flow"] or weights["fused"]:
-        macs += rows * 2 * hidden * hidden  # fusion projection
-    if weights["flow"]:
-        flow_hidden = config.model.flow_hidden
-        macs += rows * config.model.flow_layers * (hidden // 2 * flow_hidden + flow_hidden * flow_hidden
-                                                   + flow_hidden * hidden)
-    return 6.0 * macs
-
-
-def _device_peak(device: torch.device) -> tuple[str, float | None]:
-    if device.type != "cuda":
-        return platform.processor() or platform.machine(), None
-    name = torch.cuda.get_device_name(device)
-    peak = next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in name), None)
-    return name, peak
 
 
 def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -> dict[str, Any]:
@@ -120,8 +69,9 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -
             compute_seconds += finished - built
             sequences += batch["input"].shape[0]
             tokens += int(batch["target"].count_nonzero())
-            flops += step_flops(batch, config, setup.manifest["items"])
-    device_name, peak = _device_peak(device)
+            flops += step_flops(*batch["input"].shape, config, setup.manifest["items"])
+    device_name, peak = device_name_and_peak(device)
+    measured_peak = matmul_peak_flops(device, setup.step_options["bf16"])
     total = data_seconds + compute_seconds
     result = {
         "device": device_name, "torch": torch.__version__, "steps": steps, "batch_size": config.train.batch_size,
@@ -134,7 +84,8 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -
         "epoch_s_estimate": total / steps * setup.micro_steps_per_epoch,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         "model_tflops_per_s": flops / total / 1e12,
-        "mfu": flops / total / peak if peak else None,
+        "peak_tflops_per_s": measured_peak / 1e12, "peak_fraction": flops / total / measured_peak,
+        "threads": torch.get_num_threads(), "mfu": flops / total / peak if peak else None,
     }
     print(json.dumps(result))
     return result

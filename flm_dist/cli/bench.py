@@ -1,4 +1,4 @@
-"""`flm bench prepare|train|topk|comm|optim`: benchmarks that print numbers (JSON lines)."""
+"""`flm bench prepare|train|quality|topk|comm|optim`: benchmarks that print numbers (JSON lines)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ def cmd_bench_train(args):
 
     config = config_from_args(PretrainConfig, args, {"data": args.data, "output": args.output})
     run_bench_train(config, steps=args.steps, warmup=args.warmup)
+
+
+def cmd_bench_quality(args):
+    from flm_dist.bench.quality import run_bench_quality
+    from flm_dist.train.configs import PretrainConfig
+
+    config = config_from_args(PretrainConfig, args, {"data": args.data, "output": args.output})
+    run_bench_quality(config, target=args.target, budget_minutes=args.budget_minutes)
 
 
 def cmd_bench_topk(args):
@@ -58,6 +66,16 @@ def add_commands(commands) -> None:
     bench_train.add_argument("--warmup", type=int, default=10)
     add_config_arguments(bench_train)
     bench_train.set_defaults(run=cmd_bench_train)
+    bench_quality = benches.add_parser("quality", help="time to a validation target, pretraining from the "
+                                                       "prepared data (JSON line)")
+    bench_quality.add_argument("--data", help="prepared data directory")
+    bench_quality.add_argument("--output", help="run directory; must be new or empty")
+    bench_quality.add_argument("--target", required=True,
+                               help="valid/<metric>/<full|full_nomask>=<value>, e.g. valid/ndcg@10/full_nomask=0.0517")
+    bench_quality.add_argument("--budget-minutes", type=float, default=0.0,
+                               help="stop after the epoch that ends past this many minutes (0: no limit)")
+    add_config_arguments(bench_quality)
+    bench_quality.set_defaults(run=cmd_bench_quality)
     bench_topk = benches.add_parser("topk", help="chunked full ranking over random embeddings (JSON line)")
     bench_topk.add_argument("--items", type=int, default=1_000_000)
     bench_topk.add_argument("--users", type=int, default=4096)

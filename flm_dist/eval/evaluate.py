@@ -7,6 +7,12 @@ Protocols, each in the metric name (`test/ndcg@10/full`):
 `{split}/top1_in_history/full_nomask` is a diagnostic, not a ranking metric: the share of users
 whose best-scoring item, nothing removed, is one of their own history items. Where targets are
 never repeats (the Amazon sets), each such user's hit can at best rank second.
+Data prepared with a cold-item hold-out (data/cold_items.py) also gets every protocol over the
+users whose target is a held-out item, `/cold` appended (`test/ndcg@10/full/cold`), ranked against
+the same catalogue; `{split}/users/full/cold` counts them.
+Final evaluations (`flm evaluate`, a run's final table) add the top-K lists' catalogue coverage
+and mean popularity percentile, `{split}/coverage@K/full` and `{split}/pop_percentile@K/full`
+(and `/full_nomask`), see eval/beyond.py.
 Each rank scores its own users; sums and counts are all-reduced, never per-rank means.
 """
 
@@ -16,7 +22,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,6 +32,7 @@ from torch import nn
 from flm_dist.config import EvalConfig, ScalingConfig, from_dict, require, to_dict
 from flm_dist.data.batches import EvalArrays, build_eval_arrays
 from flm_dist.errors import UserError
+from flm_dist.eval.beyond import BeyondAccuracy, popularity_percentiles, training_item_counts
 from flm_dist.eval.metrics import RankingAccumulator, target_ranks
 from flm_dist.eval.ranking import candidate_scores, item_chunk_size, rank_targets
 from flm_dist.train import distributed
@@ -35,11 +42,13 @@ log = logging.getLogger("flm_dist")
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: EvalConfig,
-                   num_negatives: int) -> dict[str, float]:
+                   num_negatives: int, percentiles: torch.Tensor | None = None) -> dict[str, float]:
     """All protocols' metrics for `split`; every rank must call it (it all-reduces).
 
     Full ranking scores the items in chunks (`config.max_score_elements`), so the catalog size
-    is bounded by the item table, not by users x items scores.
+    is bounded by the item table, not by users x items scores. With `percentiles` (items' training
+    popularity percentiles [N + 1], eval/beyond.py) the top-K lists' coverage and popularity are
+    added; they cost a pass over the items per protocol, so only final evaluations ask for them.
     """
     model = distributed.unwrap(model)
     was_training = model.training
@@ -48,33 +57,47 @@ def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: Eva
     accumulator = RankingAccumulator(split, config.ks, device)
     sampled = f"sampled{num_negatives}"
     nothing = torch.zeros(0, dtype=torch.long, device=device)
+    subsets = ("", "/cold") if arrays.cold is not None else ("",)
     for protocol in ("full", "full_nomask", sampled):
-        accumulator.add(protocol, nothing, 1)
+        for subset in subsets:  # every rank the same names, whichever users it holds
+            accumulator.add(protocol + subset, nothing, 1)
     accumulator.add_mean("top1_in_history", "full_nomask", nothing)
     item_table = model.item_table()
     num_items = item_table.shape[0] - 1
+    beyond = BeyondAccuracy(split, config.ks, percentiles) if percentiles is not None else None
     for start in range(0, len(arrays), config.batch_size):
         stop = min(start + config.batch_size, len(arrays))
         vectors = model.user_representation(arrays.user[start:stop], arrays.input[start:stop],
                                             source=config.user_source)
         target = arrays.target[start:stop]
+        cold = arrays.cold[start:stop] if arrays.cold is not None else None
+
+        def add(protocol: str, ranks: torch.Tensor, num_candidates: torch.Tensor) -> None:
+            accumulator.add(protocol, ranks, num_candidates)
+            if cold is not None:
+                accumulator.add(f"{protocol}/cold", ranks[cold], num_candidates[cold])
+
         chunk_size = item_chunk_size(stop - start, num_items, config.max_score_elements)
         ranks = rank_targets(vectors, item_table, target, arrays.history_pairs(start, stop), chunk_size)
-        accumulator.add("full_nomask", ranks.unmasked, num_items)
+        if beyond is not None:
+            beyond.add(vectors, item_table, arrays.history_pairs(start, stop), chunk_size)
+        add("full_nomask", ranks.unmasked, torch.full_like(ranks.unmasked, num_items))
         accumulator.add_mean("top1_in_history", "full_nomask", ranks.top_in_history)
-        accumulator.add("full", ranks.masked, ranks.candidates)
+        add("full", ranks.masked, ranks.candidates)
         candidates = torch.cat([target.view(-1, 1), arrays.negatives[start:stop]], dim=1)
-        accumulator.add(sampled, target_ranks(candidate_scores(vectors, item_table, candidates),
-                                              torch.zeros_like(target)),
-                        1 + (candidates[:, 1:] != 0).sum(dim=1))
+        add(sampled, target_ranks(candidate_scores(vectors, item_table, candidates), torch.zeros_like(target)),
+            1 + (candidates[:, 1:] != 0).sum(dim=1))
     model.train(was_training)
-    return accumulator.compute(distributed.all_reduce_sum)
+    metrics = accumulator.compute(distributed.all_reduce_sum)
+    if beyond is not None:
+        metrics.update(beyond.compute(distributed.all_reduce_sum, distributed.all_reduce_max))
+    return metrics
 
 
 @dataclasses.dataclass
 class EvaluateConfig:
     checkpoint: str = ""
-    """Checkpoint directory to evaluate (a run's `best/`, or any `checkpoint_*`)."""
+    """Checkpoint directory to evaluate (a run's `best/`, or any `checkpoint_*`); empty with `baseline`."""
     data: str = ""
     """Prepared data directory; its vocabulary must match the checkpoint's."""
     splits: tuple[str, ...] = ("valid", "test")
@@ -85,9 +108,16 @@ class EvaluateConfig:
     """Ranking protocol settings; by default the checkpoint's own (e.g. its `user_source`)."""
     scaling: ScalingConfig = dataclasses.field(default_factory=lambda: ScalingConfig(workers=0))
     """0 workers evaluates in this process; N > 0 on N Ray Train workers."""
+    baseline: Literal["none", "popularity", "attribute_popularity"] = "none"
+    """Evaluate a non-personalised baseline on `data` instead of a checkpoint, in this process
+    (eval/baselines.py): `popularity` (training interactions) or `attribute_popularity` (the
+    popularity of an item's attributes; data with item features). What cold items are compared with."""
 
     def __post_init__(self):
-        require(bool(self.checkpoint), "checkpoint", "is required")
+        if self.baseline != "none":
+            require(not self.checkpoint, "checkpoint", f"must be empty with baseline={self.baseline}")
+        else:
+            require(bool(self.checkpoint), "checkpoint", "is required (or baseline=popularity|attribute_popularity)")
         require(bool(self.data), "data", "is required")
         require(all(s in ("valid", "test") for s in self.splits), "splits", "only valid and test")
 
@@ -97,12 +127,14 @@ def evaluate_with_session(config: EvaluateConfig, session) -> dict[str, float]:
 
     device = session.device()
     model, manifest, meta = load_model_for_data(config.checkpoint, config.data, device)
+    counts = training_item_counts(config.data, manifest["items"])
+    percentiles = torch.from_numpy(popularity_percentiles(counts)).to(device)
     max_len = meta["config"]["model"]["max_len"]
     protocol = config.eval or from_dict(EvalConfig, meta["config"]["eval"])
     metrics: dict[str, float] = {}
     for split in config.splits:
         arrays = build_eval_arrays(session.read_split(split), max_len).to(device)
-        metrics.update(evaluate_split(model, arrays, split, protocol, manifest["num_negatives"]))
+        metrics.update(evaluate_split(model, arrays, split, protocol, manifest["num_negatives"], percentiles))
     return metrics
 
 
@@ -144,17 +176,33 @@ def user_ranks(checkpoint: str | Path, data: str, split: str = "test", batch_siz
     return {"full": torch.cat(masked).cpu().numpy(), "full_nomask": torch.cat(unmasked).cpu().numpy()}
 
 
+def evaluate_baseline(config: EvaluateConfig) -> dict[str, float]:
+    """Every metric of `config.baseline` on `config.data`, in this process, named as a checkpoint's are."""
+    from flm_dist.eval.baselines import baseline_model
+    from flm_dist.runs import read_manifest
+
+    model = baseline_model(config.baseline, config.data)
+    num_negatives = read_manifest(config.data)["num_negatives"]
+    metrics: dict[str, float] = {}
+    for split in config.splits:
+        arrays = build_eval_arrays(pq.read_table(Path(config.data) / split), max_len=1)
+        metrics.update(evaluate_split(model, arrays, split, config.eval or EvalConfig(), num_negatives))
+    return metrics
+
+
 def run_evaluate(config: EvaluateConfig) -> dict[str, float]:
-    """Re-compute every metric of a checkpoint on prepared data."""
+    """Re-compute every metric of a checkpoint (or of a `baseline`) on prepared data."""
     from flm_dist.ray_seam import absolute_storage_path
     from flm_dist.train.session import LocalSession
 
-    config = dataclasses.replace(config, checkpoint=absolute_storage_path(config.checkpoint),
+    config = dataclasses.replace(config, checkpoint=config.checkpoint and absolute_storage_path(config.checkpoint),
                                  data=absolute_storage_path(config.data))
 
-    if not Path(config.checkpoint).is_dir():
+    if config.baseline != "none":
+        metrics = evaluate_baseline(config)
+    elif not Path(config.checkpoint).is_dir():
         raise UserError(f"checkpoint not found: {config.checkpoint}")
-    if config.scaling.workers == 0:
+    elif config.scaling.workers == 0:
         metrics = evaluate_with_session(config, LocalSession(config.data, run_dir=config.checkpoint))
     else:
         import tempfile

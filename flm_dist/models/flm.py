@@ -18,6 +18,7 @@ from torch import nn
 from flm_dist.models.attributes import AttributeEncoder, FusedItemEmbedding, ItemFeatureFusion, attribute_loss
 from flm_dist.models.cf import CFUserKind, cf_encoder
 from flm_dist.models.flow import FlowKind, NormalizingFlow
+from flm_dist.models.frequency import MixerKind
 from flm_dist.models.losses import (
     ItemDistribution,
     bpr_loss,
@@ -107,7 +108,8 @@ class FLMModel(nn.Module):
                  positions: PositionOrigin = "last", norm: NormPlacement = "pre",
                  cf_user: CFUserKind = "table", user_head: UserHeadKind = "none",
                  item_features: ItemFeatureFusion = "none", item_attributes: torch.Tensor | None = None,
-                 num_attributes: int = 0):
+                 num_attributes: int = 0, mixer: MixerKind = "attention", filter_alpha: float = 0.7,
+                 filter_cutoff: int = 5):
         super().__init__()
         self.num_items = num_items
         self.hidden = hidden
@@ -123,7 +125,8 @@ class FLMModel(nn.Module):
         self.cf = cf_encoder(cf_user, num_users, hidden, items)
         self.sequence = SequenceEncoder(num_items, hidden, max_len, layers, heads, dropout,
                                         kind=encoder, item_embedding=items,
-                                        positions=positions, norm=norm)
+                                        positions=positions, norm=norm, mixer=mixer,
+                                        filter_alpha=filter_alpha, filter_cutoff=filter_cutoff)
         self.sequence_head = sequence_head(user_head, hidden)
         self.fusion = Fusion(fusion, hidden)
         self.flow = NormalizingFlow(hidden, flow_layers, flow_hidden, flow_kind)
@@ -142,7 +145,8 @@ class FLMModel(nn.Module):
         return self.item_table()
 
     def sequence_states(self, input: torch.Tensor) -> torch.Tensor:
-        """Long[B, L] left-padded -> [B, L, H] causal state per position (after the user head)."""
+        """Long[B, L] left-padded -> [B, L, H] state per position (after the user head); causal
+        unless the encoder has a frequency-filter mixer."""
         return self.sequence_head(self.sequence(input))
 
     def user_representation(self, user: torch.Tensor, input: torch.Tensor,
@@ -193,7 +197,8 @@ class FLMModel(nn.Module):
                chunk_size: int | None = None,
                seq_positions: Literal["all", "last"] = "all",
                max_in_batch_negatives: int = 0,
-               contrast_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+               contrast_temperature: float = 1.0,
+               label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE at every position with a target (`seq_positions="last"`: at the last
@@ -209,7 +214,8 @@ class FLMModel(nn.Module):
         positions `seq_positions` picks). `softmax` picks
         full or sampled softmax (in-batch + `num_negatives` sampled from `popularity` or uniform,
         logQ-corrected) for the CE terms; `chunk_size` bounds the full-softmax logit block (see
-        full_softmax_ce), `max_in_batch_negatives` the sampled one (see sampled_softmax_ce).
+        full_softmax_ce), `max_in_batch_negatives` the sampled one (see sampled_softmax_ce);
+        `label_smoothing` smooths every full-softmax CE term (seq, fused, CF "ce").
         Terms with weight 0 are not computed.
         """
         unknown = set(weights) - set(LOSS_TERMS)
@@ -227,7 +233,7 @@ class FLMModel(nn.Module):
 
         def softmax_ce(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             if softmax == "full":
-                return full_softmax_ce(hidden, table, targets, chunk_size)
+                return full_softmax_ce(hidden, table, targets, chunk_size, label_smoothing)
             return sampled_softmax_ce(hidden, table, targets, num_negatives, popularity,
                                       sparse_gradient=self.item_embedding.sparse,
                                       max_in_batch=max_in_batch_negatives)
@@ -247,7 +253,7 @@ class FLMModel(nn.Module):
                 terms["seq"] = softmax_ce(states.reshape(-1, self.hidden), target.reshape(-1))
         if "cf" in active:
             terms["cf"] = self._cf_loss(cf_vectors, target, cf_loss, softmax, softmax_ce,
-                                        num_negatives, seq_positions)
+                                        num_negatives, seq_positions, label_smoothing)
         if active & {"fused", "flow"}:
             fused = self.fusion(cf_vectors[:, -1] if self.cf.causal else cf_vectors, states[:, -1])
             if "fused" in active:
@@ -281,7 +287,7 @@ class FLMModel(nn.Module):
 
     def _cf_loss(self, cf_vectors: torch.Tensor, target: torch.Tensor, kind: Literal["ce", "bpr"],
                  softmax: Literal["full", "sampled"], softmax_ce, num_negatives: int,
-                 seq_positions: Literal["all", "last"]) -> torch.Tensor:
+                 seq_positions: Literal["all", "last"], label_smoothing: float = 0.0) -> torch.Tensor:
         """cf_vectors: [B, H], one per user (table), or [B, L, H], one per position (history)."""
         if kind not in ("ce", "bpr"):
             raise ValueError(f"unknown cf_loss {kind!r}; expected 'ce' or 'bpr'")
@@ -297,6 +303,9 @@ class FLMModel(nn.Module):
             logits = (cf_vectors @ table[1:].T).float()
             log_partition = torch.logsumexp(logits, dim=-1, keepdim=True)
             target_logits = logits.gather(1, (target - 1).clamp_min(0))
+            if label_smoothing:  # as F.cross_entropy smooths: eps of the mass spread over all items
+                target_logits = ((1 - label_smoothing) * target_logits
+                                 + label_smoothing * logits.mean(-1, keepdim=True))
             return masked_mean(log_partition - target_logits, has_target)
         per_position = cf_vectors[:, None, :].expand(-1, target.shape[1], -1) if per_user else cf_vectors
         if kind == "ce":

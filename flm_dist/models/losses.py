@@ -24,29 +24,32 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _ce_sum_over_real_items(hidden: torch.Tensor, real_items: torch.Tensor,
-                            targets: torch.Tensor) -> torch.Tensor:
+                            targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     # Column j of the logits is item j + 1, so target 0 (no target) maps to ignore_index -1.
     logits = hidden @ real_items.T
-    return F.cross_entropy(logits.float(), targets - 1, ignore_index=-1, reduction="sum")
+    return F.cross_entropy(logits.float(), targets - 1, ignore_index=-1, reduction="sum",
+                           label_smoothing=label_smoothing)
 
 
 def full_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
-                    chunk_size: int | None = None) -> torch.Tensor:
+                    chunk_size: int | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of `hidden` [M, H] against every real item of `item_table` [N+1, H].
 
     With `chunk_size`, rows are processed `chunk_size` at a time under activation checkpointing,
     so at most a [chunk_size, N] logit block is alive in forward *and* backward (it is recomputed
     in backward) instead of the full [M, N] matrix; the result is identical to the unchunked one.
+    `label_smoothing` eps moves eps of each target's probability mass evenly onto the N real
+    items (torch's definition; padding gets none, ignored rows stay ignored).
     """
     real_items = item_table[1:]
     num_targets = (targets != 0).sum().clamp_min(1)
     if chunk_size is None or chunk_size >= hidden.shape[0]:
-        return _ce_sum_over_real_items(hidden, real_items, targets) / num_targets
+        return _ce_sum_over_real_items(hidden, real_items, targets, label_smoothing) / num_targets
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         stop = start + chunk_size
         total = total + checkpoint(_ce_sum_over_real_items, hidden[start:stop], real_items,
-                                   targets[start:stop], use_reentrant=False)
+                                   targets[start:stop], label_smoothing, use_reentrant=False)
     return total / num_targets
 
 

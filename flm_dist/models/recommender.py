@@ -232,7 +232,8 @@ class Recommender(nn.Module):
                 chunk_size: int | None = None,
                 seq_positions: Literal["all", "last"] = "all",
                 max_in_batch_negatives: int = 0,
-                contrast_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                contrast_temperature: float = 1.0,
+                label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE of the user vector after every position with a target (after the last
@@ -241,6 +242,7 @@ class Recommender(nn.Module):
         backbone's MF loss (an auxiliary term). flow: the flow's NLL per dimension of the fused
         representation, which keeps the flow a density model while it is fine-tuned. attributes:
         the backbone's attribute objective (item features only), an auxiliary term.
+        `label_smoothing` smooths the full-softmax CE terms (see full_softmax_ce).
         """
         unknown = set(weights) - set(LOSS_TERMS)
         if unknown:
@@ -257,7 +259,7 @@ class Recommender(nn.Module):
 
         def softmax_ce(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             if softmax == "full":
-                return full_softmax_ce(hidden, table, targets, chunk_size)
+                return full_softmax_ce(hidden, table, targets, chunk_size, label_smoothing)
             return sampled_softmax_ce(hidden, table, targets, num_negatives, popularity,
                                       sparse_gradient=self.backbone.item_embedding.sparse,
                                       max_in_batch=max_in_batch_negatives)
@@ -278,7 +280,8 @@ class Recommender(nn.Module):
             terms["cf"] = self.backbone.losses(batch, {"cf": 1.0}, cf_loss=cf_loss, softmax=softmax,
                                                num_negatives=num_negatives, popularity=popularity,
                                                chunk_size=chunk_size,
-                                               max_in_batch_negatives=max_in_batch_negatives)["cf"]
+                                               max_in_batch_negatives=max_in_batch_negatives,
+                                               label_smoothing=label_smoothing)["cf"]
         if "attributes" in active:
             terms["attributes"] = self.backbone.attribute_loss(self.backbone.sequence_states(input), target,
                                                                seq_positions)

@@ -1,7 +1,8 @@
 """Causal sequence encoders (SASRec transformer, GRU, LSTM) over left-padded item sequences.
 
 Input is Long[B, L], right-aligned: the most recent item sits at position L-1 and item 0 is
-padding. The output is one hidden state per position; position t has seen items 0..t only.
+padding. The output is one hidden state per position; position t has seen items 0..t only,
+except with a frequency-filter mixer (BSARec, FMLP-Rec), which sees the whole row.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flm_dist.models.frequency import FrequencyFilter, MixerKind
 
 EncoderKind = Literal["sasrec", "gru", "lstm"]
 PositionOrigin = Literal["first", "last"]
@@ -43,16 +46,31 @@ def check_item_embedding(item_embedding: nn.Embedding, num_items: int, hidden: i
 
 class CausalSelfAttentionBlock(nn.Module):
     """Transformer block. Pre-LN: x + Attn(LN(x)), then x + FFN(LN(x)). Post-LN (the original
-    transformer, BERT, RecBole's SASRec): LN(x + Attn(x)), then LN(x + FFN(x))."""
+    transformer, BERT, RecBole's SASRec): LN(x + Attn(x)), then LN(x + FFN(x)).
 
-    def __init__(self, hidden: int, heads: int, dropout: float, norm: NormPlacement = "pre"):
+    `mixer` other than "attention" swaps the token mixer for a frequency filter (models/frequency.py):
+    "bsarec" mixes it with attention by `filter_alpha`, "fmlp" replaces attention (no qkv weights).
+    The filter is not causal; `is_item` [B, L] marks the positions it may read.
+    """
+
+    def __init__(self, hidden: int, heads: int, dropout: float, norm: NormPlacement = "pre",
+                 mixer: MixerKind = "attention", max_len: int = 0, filter_alpha: float = 0.7,
+                 filter_cutoff: int = 5):
         super().__init__()
         self.post_norm = norm == "post"
         self.heads = heads
         self.attention_dropout = dropout
         self.attention_norm = nn.LayerNorm(hidden)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.attention_output = nn.Linear(hidden, hidden)
+        if mixer != "fmlp":
+            self.qkv = nn.Linear(hidden, 3 * hidden)
+            self.attention_output = nn.Linear(hidden, hidden)
+        self.mixer = mixer
+        self.filter_alpha = filter_alpha
+        if mixer != "attention":
+            self.filter = FrequencyFilter(mixer, hidden, max_len, filter_cutoff)
+            # Post-LN BSARec normalises the filter branch on its own before mixing it with the
+            # (normalised) attention branch; FMLP-Rec's only branch uses attention_norm.
+            self.filter_norm = nn.LayerNorm(hidden) if self.post_norm and mixer == "bsarec" else None
         self.feedforward_norm = nn.LayerNorm(hidden)
         self.feedforward = nn.Sequential(
             nn.Linear(hidden, FEEDFORWARD_MULTIPLIER * hidden),
@@ -61,12 +79,33 @@ class CausalSelfAttentionBlock(nn.Module):
         )
         self.residual_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.post_norm:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
+        if self.mixer != "attention":
+            x = self._filter_mix(x, attention_mask, is_item)
+        elif self.post_norm:
             x = self.attention_norm(x + self.residual_dropout(self._attention(x, attention_mask)))
+        else:
+            x = x + self.residual_dropout(self._attention(self.attention_norm(x), attention_mask))
+        if self.post_norm:
             return self.feedforward_norm(x + self.residual_dropout(self.feedforward(x)))
-        x = x + self.residual_dropout(self._attention(self.attention_norm(x), attention_mask))
         return x + self.residual_dropout(self.feedforward(self.feedforward_norm(x)))
+
+    def _filter_mix(self, x: torch.Tensor, attention_mask: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
+        """BSARec: alpha * filter branch + (1 - alpha) * attention branch, each with its own
+        dropout and residual (post-LN: each normalised, as BSARecLayer mixes FrequencyLayer and
+        MultiHeadAttention outputs); FMLP-Rec: the filter branch alone."""
+        if self.mixer == "fmlp":
+            if self.post_norm:
+                return self.attention_norm(x + self.residual_dropout(self.filter(x, is_item)))
+            return x + self.residual_dropout(self.filter(self.attention_norm(x), is_item))
+        alpha = self.filter_alpha
+        if self.post_norm:
+            filtered = self.filter_norm(x + self.residual_dropout(self.filter(x, is_item)))
+            attended = self.attention_norm(x + self.residual_dropout(self._attention(x, attention_mask)))
+            return alpha * filtered + (1 - alpha) * attended
+        normed = self.attention_norm(x)
+        return (x + alpha * self.residual_dropout(self.filter(normed, is_item))
+                + (1 - alpha) * self.residual_dropout(self._attention(normed, attention_mask)))
 
     def _attention(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
@@ -96,6 +135,10 @@ class SequenceEncoder(nn.Module):
     itself, so fully padded rows (and padded queries) never see an all-masked row and never
     produce NaN.
 
+    `mixer` "bsarec" or "fmlp" (SASRec only) adds or substitutes a frequency filter in every block
+    (see CausalSelfAttentionBlock); the encoder is then NOT causal: position t also sees the items
+    after it in the row, so only the last position may be trained on (`train.windows=prefixes`).
+
     GRU/LSTM: a causal RNN over the embeddings, then the same final LayerNorm. Padded steps come
     first and feed a zero input, so real positions never depend on padding-row contents.
 
@@ -105,13 +148,18 @@ class SequenceEncoder(nn.Module):
     def __init__(self, num_items: int, hidden: int, max_len: int, layers: int, heads: int,
                  dropout: float, kind: EncoderKind = "sasrec",
                  item_embedding: nn.Embedding | None = None, positions: PositionOrigin = "last",
-                 norm: NormPlacement = "pre"):
+                 norm: NormPlacement = "pre", mixer: MixerKind = "attention", filter_alpha: float = 0.7,
+                 filter_cutoff: int = 5):
         super().__init__()
         if item_embedding is None:
             item_embedding = item_embedding_table(num_items, hidden)
         check_item_embedding(item_embedding, num_items, hidden)
         if positions not in ("first", "last"):
             raise ValueError(f"unknown positions {positions!r}; expected 'first' or 'last'")
+        if mixer not in ("attention", "bsarec", "fmlp"):
+            raise ValueError(f"unknown mixer {mixer!r}; expected 'attention', 'bsarec' or 'fmlp'")
+        if mixer != "attention" and kind != "sasrec":
+            raise ValueError(f"mixer {mixer!r} needs the sasrec encoder, got {kind!r}")
         self.kind = kind
         self.max_len = max_len
         self.positions = positions
@@ -130,7 +178,8 @@ class SequenceEncoder(nn.Module):
             self.position_embedding = nn.Embedding(max_len, hidden)
             nn.init.normal_(self.position_embedding.weight, std=hidden ** -0.5)
             self.blocks = nn.ModuleList(
-                CausalSelfAttentionBlock(hidden, heads, dropout, norm) for _ in range(layers))
+                CausalSelfAttentionBlock(hidden, heads, dropout, norm, mixer, max_len, filter_alpha, filter_cutoff)
+                for _ in range(layers))
         elif kind in ("gru", "lstm"):
             recurrent = nn.GRU if kind == "gru" else nn.LSTM
             self.recurrent = recurrent(hidden, hidden, num_layers=layers, batch_first=True,
@@ -164,5 +213,5 @@ class SequenceEncoder(nn.Module):
         # [B, 1, L, L], broadcast over heads; True = may attend.
         attention_mask = ((causal & is_item[:, None, :]) | itself).unsqueeze(1)
         for block in self.blocks:
-            x = block(x, attention_mask)
+            x = block(x, attention_mask, is_item)
         return self.output_norm(x)

@@ -17,6 +17,7 @@ from flm_dist.config import (
     ScalingConfig,
     TrainConfig,
     require,
+    require_causal_training,
     require_sampled_softmax_for_item_rows,
     require_user_table_for_sparse_users,
 )
@@ -45,6 +46,7 @@ class PretrainConfig:
         require_sampled_softmax_for_item_rows(self.train, self.loss)
         require_user_table_for_sparse_users(self.train, self.model)
         require_item_features_fit(self.model, self.loss, self.train)
+        require_causal_training(self.model, self.train)
 
 
 def require_item_features_fit(model: ModelConfig, loss: LossConfig, train: TrainConfig) -> None:
@@ -115,6 +117,8 @@ def require_private_fit(config: "FinetuneConfig") -> None:
             "validation items, outside the guarantee; under DP best/ is the last epoch")
     require(not train.compile, key, "needs train.compile=false (Opacus's per-sample gradient hooks)")
     require(train.precision != "bf16", key, "DP-SGD runs in fp32; set train.precision=auto or fp32")
+    require(config.loss.label_smoothing == 0, key, "DP-SGD's per-user losses are not smoothed; set "
+            "loss.label_smoothing=0")
 
 
 @dataclasses.dataclass
@@ -246,4 +250,5 @@ class FinetuneConfig:
         if self.model is not None:  # else `resolve` checks it with the pretrained model
             require_user_table_for_sparse_users(self.train, self.model)
             require_item_features_fit(self.model, self.loss, self.train)
+            require_causal_training(self.model, self.train)
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flm_dist import ray_seam
-from flm_dist.config import TrainConfig, cosine_decay, to_dict
+from flm_dist.config import ModelConfig, TrainConfig, cosine_decay, to_dict
 from flm_dist.data.batches import (
     TrainArrays,
     build_eval_arrays,
@@ -40,6 +40,7 @@ from flm_dist.data.batches import (
     length_bucketed_batches,
     window_widths,
 )
+from flm_dist.data.cold_items import held_out_indices
 from flm_dist.data.storage import check_output_path
 from flm_dist.errors import UserError
 from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
@@ -56,10 +57,23 @@ from flm_dist.train.checkpoint import (
     save_checkpoint,
 )
 from flm_dist.train.configs import PretrainConfig
+from flm_dist.train.flops import step_flops
 from flm_dist.train.optim import LazyRowAdamW, clip_grad_norm_, grad_norm
 from flm_dist.train.session import LocalSession
 
 log = logging.getLogger("flm_dist")
+
+
+def autocasts_bf16(precision: str, device: torch.device, warn: bool = True) -> bool:
+    """Whether steps run under bf16 autocast: `train.precision` on this device."""
+    if precision == "auto":
+        return device.type == "cuda"
+    if precision == "bf16" and device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+        # Emulated bf16 would be slower than fp32 on such a CPU, for less precision.
+        if warn:
+            log.warning("train.precision=bf16: this CPU has no native bf16 (AVX512-BF16); training in fp32")
+        return False
+    return precision == "bf16"
 
 
 def loss_options(config: PretrainConfig, device: torch.device) -> dict[str, Any]:
@@ -67,14 +81,17 @@ def loss_options(config: PretrainConfig, device: torch.device) -> dict[str, Any]
     popularity = None
     if config.loss.softmax == "sampled" and config.loss.negative_sampling == "popularity":
         counts = pq.read_table(Path(config.data) / "vocab" / "items.parquet", columns=["count"])
-        popularity = ItemDistribution.from_log_weights(item_log_frequencies(counts.column("count").to_numpy()).to(device))
-    use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
+        counts = counts.column("count").to_numpy().copy()
+        counts[held_out_indices(config.data) - 1] = 0  # held-out cold items' events are not training data
+        popularity = ItemDistribution.from_log_weights(item_log_frequencies(counts).to(device))
+    use_bf16 = autocasts_bf16(config.train.precision, device)
     return {"weights": config.loss.weights(), "cf_loss": config.loss.cf_loss, "softmax": config.loss.softmax,
             "num_negatives": config.loss.num_negatives, "popularity": popularity,
             "chunk_size": config.loss.chunk_size or None, "bf16": use_bf16,
             "seq_positions": "last" if config.train.windows == "prefixes" else "all",
             "max_in_batch_negatives": config.loss.max_in_batch_negatives,
-            "contrast_temperature": config.loss.contrast_temperature}
+            "contrast_temperature": config.loss.contrast_temperature,
+            "label_smoothing": config.loss.label_smoothing}
 
 
 def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], options: dict[str, Any],
@@ -165,6 +182,8 @@ class Progress:
     """The step of each checkpoint this run was resumed from (crash, restart or re-run)."""
     nonfinite_steps: int = 0
     """Optimiser steps skipped in a row for a non-finite loss or gradient (`train.max_nonfinite_steps`)."""
+    wall_seconds: float = 0.0
+    """Seconds of setup, training and validation so far, summed over resumes (time to quality)."""
 
 
 def _diverged(progress: Progress, step: int, what: str, lr: float) -> UserError:
@@ -283,6 +302,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     """Train, validate, checkpoint and finally test the best checkpoint; `kind` is recorded in
     every checkpoint so that `load_model_for_data` can rebuild the right model. With
     `validate_first`, the untrained model is validated as epoch 0 and competes for best/."""
+    entered = time.perf_counter()
     device = session.device()
     setup = setup_training(config, session, device, model_factory, train_filter)
     manifest, train, widths = setup.manifest, setup.train, setup.widths
@@ -298,8 +318,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             state, meta = load_checkpoint(checkpoint_dir, map_location=device)
             if meta["vocab_hash"] != manifest["vocab_hash"]:
                 raise UserError(f"cannot resume: {checkpoint_dir} was trained on another vocabulary")
-            # (a run from before model.item_features existed had none)
-            if {"item_features": "none", **meta["config"]["model"]} != to_dict(config)["model"]:
+            # A key the run's config lacks is an option added since, off by default: as the run was.
+            if {**to_dict(ModelConfig()), **meta["config"]["model"]} != to_dict(config)["model"]:
                 raise UserError(f"{config.output} holds a run with another model config "
                                 f"({meta['config']['model']}); choose a new --output to start afresh")
             model.load_state_dict(state["model"])
@@ -335,6 +355,12 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                                        row_sparse=[parameter for parameter, _ in row_exchanged])
     step_model = torch.compile(ddp_model) if config.train.compile else ddp_model
     writer = _tensorboard(run_dir) if distributed.is_main() else None
+    # FLOPs are counted for the pretraining model; a fine-tuning head is another model.
+    count_flops = model_factory is None
+    wall_before = progress.wall_seconds
+
+    def wall_seconds() -> float:
+        return wall_before + time.perf_counter() - entered
 
     def checkpoint_now(metrics: dict[str, float]) -> None:
         """Rank 0 writes the checkpoint; every rank reports (Ray needs all ranks to call report).
@@ -385,7 +411,11 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             _log_epoch(record, config.eval.monitor)
             _write_scalars(writer, record)
 
-    finished = progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
+    def target_reached() -> bool:
+        return bool(config.train.stop_at) and progress.best_value >= config.train.stop_at
+
+    finished = (progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
+                or target_reached())
     while progress.epoch < config.train.epochs and not finished:
         # Batches per (seed, epoch): a resumed epoch replays the same batches from its position.
         order, batches = length_bucketed_batches(widths, config.train.batch_size,
@@ -396,10 +426,13 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         loss_sums = torch.zeros(len(loss_names), device=device)
         update_losses = torch.zeros_like(loss_sums)
         started, windows_seen, micro_steps_run, update_micro_steps, skipped = time.perf_counter(), 0, 0, 0, 0
+        epoch_flops = 0.0
         model.train()
         while progress.micro_step_in_epoch < micro_steps_per_epoch:
             first, last, width = batches[progress.micro_step_in_epoch]
             batch = train.take(order[first:last], width)
+            if count_flops:
+                epoch_flops += step_flops(last - first, width, config, manifest["items"])
             if config.loss.decay:
                 step_options["weights"] = config.loss.weights(progress.step / total_steps)
             is_update = ((progress.micro_step_in_epoch + 1) % config.train.grad_accum == 0
@@ -448,14 +481,28 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                        "skipped_steps": skipped,
                        "sequences_per_second": windows_seen * distributed.world_size() / max(elapsed, 1e-9),
                        "lr": scheduler.get_last_lr()[0]})
+        if count_flops:
+            total_flops = distributed.all_reduce_sum(torch.tensor(epoch_flops, dtype=torch.float64, device=device))
+            record["model_tflops_per_s"] = float(total_flops) / max(elapsed, 1e-9) / 1e12
         if config.loss.decay:
             record["loss/decay_factor"] = cosine_decay(progress.step / total_steps)
-        if progress.epoch % config.train.eval_every_epochs == 0 or finished:
+        # Every rank must take the same decision: the slowest rank's clock decides.
+        over_budget = bool(config.train.time_budget_minutes) and distributed.all_reduce_max(
+            torch.tensor(wall_seconds(), dtype=torch.float64, device=device)).item() > 60 * config.train.time_budget_minutes
+        if progress.epoch % config.train.eval_every_epochs == 0 or finished or over_budget:
             validate(record)
             if progress.evals_without_improvement >= config.train.patience:
                 log.info("early stopping: %s has not improved for %d validations",
                          config.eval.monitor, config.train.patience)
                 finished = True
+            if target_reached():
+                log.info("%s reached %.4f (train.stop_at %g): stopping", config.eval.monitor,
+                         progress.best_value, config.train.stop_at)
+                finished = True
+        if over_budget and not finished:
+            log.info("time budget of %g minutes spent: stopping", config.train.time_budget_minutes)
+            finished = True
+        progress.wall_seconds = record["wall_seconds"] = wall_seconds()
         progress.history.append(record)
         if distributed.is_main():
             _log_epoch(record, config.eval.monitor)

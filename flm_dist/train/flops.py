@@ -1,0 +1,102 @@
+"""Model FLOPs of a training step (an analytic count of the matmuls) and the device's measured
+matmul peak, so that throughput can be read as a fraction of what the hardware does.
+
+`step_flops` counts what the model multiplies; `matmul_peak_flops` times what one large matmul
+reaches on this device, in this precision, with this process's threads. Their ratio is the
+fraction of peak `flm bench train`, `flm bench quality` and the training log report. On a GPU
+the vendor's dense bf16 peak is known (`BF16_PEAK_FLOPS`) and gives MFU as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import time
+
+import torch
+
+from flm_dist.train.configs import PretrainConfig
+
+# Dense bf16 tensor-core peaks (FLOP/s) of devices we benchmark on; MFU is null elsewhere.
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def step_flops(rows: int, width: int, config: PretrainConfig, num_items: int) -> float:
+    """Training FLOPs of one batch of `rows` windows of `width` positions: 6 x multiply-accumulates
+    of every matmul (forward + backward).
+
+    Counts the transformer blocks (QKV, output, 4x feed-forward, attention scores and values),
+    the softmax logits of each active loss term (all positions for `seq`, one row per user for
+    `cf` and `fused`; in-batch + sampled columns for sampled softmax), the flow's couplings and,
+    for the contrastive term, the second encoder pass and its similarity block.
+    Embedding lookups, norms and element-wise work are left out.
+    """
+    hidden, layers = config.model.hidden, config.model.layers
+    tokens = rows * width
+    if config.model.encoder == "sasrec":
+        encoder_macs = layers * tokens * (12 * hidden * hidden + 2 * width * hidden)
+    else:
+        gates = 3 if config.model.encoder == "gru" else 4
+        encoder_macs = layers * tokens * gates * 2 * hidden * hidden
+    weights = config.loss.weights()
+    macs = encoder_macs
+    if weights["contrast"]:  # a second encoder pass and the [2B x 2B] similarity block
+        macs += encoder_macs + (2 * rows) ** 2 * hidden
+    scored = rows if config.train.windows == "prefixes" else tokens  # positions with a seq target
+    cap = config.loss.max_in_batch_negatives
+
+    def sampled_columns(in_batch: int) -> int:
+        return (min(in_batch, cap) if cap else in_batch) + config.loss.num_negatives
+
+    columns = num_items if config.loss.softmax == "full" else sampled_columns(scored)
+    if weights["seq"]:
+        macs += scored * columns * hidden
+    for term in ("cf", "fused"):
+        if weights[term]:
+            macs += rows * (num_items if config.loss.softmax == "full" else sampled_columns(rows)) * hidden
+    if weights["flow"] or weights["fused"]:
+        macs += rows * 2 * hidden * hidden  # fusion projection
+    if weights["flow"]:
+        flow_hidden = config.model.flow_hidden
+        macs += rows * config.model.flow_layers * (hidden // 2 * flow_hidden + flow_hidden * flow_hidden
+                                                   + flow_hidden * hidden)
+    return 6.0 * macs
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_peak(device_type: str, device_index: int | None, bf16: bool, threads: int) -> float:
+    device = torch.device(device_type, device_index)
+    # Large enough to be compute-bound (2048: about 48 GFLOP/s on one core of the development
+    # CPU; a GPU needs 8192 to fill its tensor cores).
+    size = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    left = torch.randn(size, size, device=device, dtype=dtype)
+    right = torch.randn(size, size, device=device, dtype=dtype)
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.matmul(left, right)  # first call: kernels picked, memory paged in
+    synchronize()
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        torch.matmul(left, right)
+        synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * size ** 3 / best
+
+
+def matmul_peak_flops(device: torch.device, bf16: bool) -> float:
+    """FLOP/s of a large square matmul on `device` in bf16 or fp32 with the current torch thread
+    count: the best of three, measured once per process."""
+    return _measured_peak(device.type, device.index, bf16, torch.get_num_threads())
+
+
+def device_name_and_peak(device: torch.device) -> tuple[str, float | None]:
+    """The device's name and, for a known GPU, its dense bf16 peak (FLOP/s) for MFU."""
+    if device.type != "cuda":
+        return platform.processor() or platform.machine(), None
+    name = torch.cuda.get_device_name(device)
+    return name, next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in name), None)
