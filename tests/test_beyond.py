@@ -3,7 +3,6 @@ by hand, through evaluate_split, and on two gloo ranks against one."""
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from loopback_ranks import spawn_on_loopback
 
 from flm_dist.config import EvalConfig
 from flm_dist.data.batches import build_eval_arrays
@@ -99,11 +99,8 @@ def _rank(rank: int, world: int, init_method: str, result_path: str) -> None:
 
 
 def test_two_ranks_give_the_one_rank_result(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     result_path = tmp_path / "rank0.json"
-    torch.multiprocessing.spawn(_rank, args=(2, f"tcp://127.0.0.1:{port}", str(result_path)), nprocs=2)
+    spawn_on_loopback(_rank, 2, str(result_path))
     two_ranks = json.loads(result_path.read_text())
     one = two_rank_metrics(list(range(30)))
     assert one["test/coverage@1/full_nomask"] < one["test/coverage@10/full_nomask"] < 1

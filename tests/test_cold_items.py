@@ -8,7 +8,6 @@ Tiny generated data only, in-process (memory:// input keeps prepare off Ray, wor
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from loopback_ranks import spawn_on_loopback
 from test_item_features import SMALL, _item2attributes, _log
 
 from flm_dist.cli import main as cli_main
@@ -190,11 +190,8 @@ def _rank(rank: int, world: int, init_method: str, result_path: str) -> None:
 
 
 def test_cold_metrics_are_sums_and_counts_across_ranks(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     result_path = tmp_path / "rank0.json"
-    torch.multiprocessing.spawn(_rank, args=(2, f"tcp://127.0.0.1:{port}", str(result_path)), nprocs=2)
+    spawn_on_loopback(_rank, 2, str(result_path))
     two_ranks = json.loads(result_path.read_text())
     one = evaluate_split(_RandomDot(), build_eval_arrays(_eval_table(USERS, COLD), 4), "test",
                          EvalConfig(ks=(1, 5, 10)), 3)

@@ -1,10 +1,10 @@
 """LazyRowAdamW, clipping with sparse gradients, and the sparse user table under DDP."""
 
 import json
-import socket
 
 import pytest
 import torch
+from loopback_ranks import spawn_on_loopback
 from torch import nn
 
 from flm_dist.config import LossConfig
@@ -121,11 +121,8 @@ def _rank(rank: int, world: int, init_method: str, result_path: str) -> None:
 
 
 def test_sparse_user_table_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     result_path = str(tmp_path / "rank0.pt")
-    torch.multiprocessing.spawn(_rank, args=(2, f"tcp://127.0.0.1:{port}", result_path), nprocs=2)
+    spawn_on_loopback(_rank, 2, result_path)
     two_ranks = torch.load(result_path, weights_only=True)
     one_process = _train(slice(0, BATCH))
     assert two_ranks.keys() == one_process.keys()
