@@ -36,6 +36,15 @@ def test_step_flops_counts_the_softmax():
     assert step_flops(4, 5, config, num_items=100) == expected
 
 
+@pytest.mark.parametrize("mixer,per_token", [("bsarec", 12 * 8 * 8 + 2 * 5 * 8 + 5 * 8),
+                                               ("fmlp", 8 * 8 * 8 + 5 * 8)])
+def test_step_flops_counts_the_frequency_filter(mixer, per_token):
+    config = load_config(PretrainConfig, None, ["data=d", "output=o", "model.hidden=8", "model.layers=1",
+                                                "loss.cf=0", "loss.fused=0", "loss.flow=0", f"model.mixer={mixer}",
+                                                "train.windows=prefixes"])
+    assert step_flops(4, 5, config, num_items=100) == 6 * (20 * per_token + 4 * 100 * 8)
+
+
 def test_the_matmul_peak_is_measured_per_precision():
     import torch
 

@@ -72,7 +72,7 @@ def whole_matrix_metrics(model, arrays, split, config, num_negatives):
     """Reference: the evaluation before item chunking, one [users x items] matrix per batch."""
     accumulator = RankingAccumulator(split, config.ks)
     sampled = f"sampled{num_negatives}"
-    for protocol in ("full", "full_nomask", sampled):
+    for protocol in ("full", "full_nomask", "full_zeroed", sampled):
         accumulator.add(protocol, torch.zeros(0, dtype=torch.long), 1)
     accumulator.add_mean("top1_in_history", "full_nomask", torch.zeros(0))
     for start in range(0, len(arrays), config.batch_size):
@@ -90,6 +90,10 @@ def whole_matrix_metrics(model, arrays, split, config, num_negatives):
         candidates = torch.cat([target.view(-1, 1), arrays.negatives[start:stop]], dim=1)
         accumulator.add(sampled, target_ranks(scores.gather(1, candidates), torch.zeros_like(target)),
                         1 + (candidates[:, 1:] != 0).sum(dim=1))
+        zeroed = scores.clone()  # the S3-Rec code's masking; a target in the history stays a miss
+        zeroed[rows, items] = 0.0
+        target_seen = in_history.gather(1, target[:, None]).squeeze(1)
+        accumulator.add("full_zeroed", torch.where(target_seen, num_items, target_ranks(zeroed, target)), num_items)
         scores[rows, items] = float("-inf")
         unmasked = num_items - torch.isneginf(scores[:, 1:]).sum(dim=1)
         accumulator.add("full", target_ranks(scores, target), unmasked)
@@ -125,6 +129,7 @@ def test_chunked_ranking_equals_the_whole_matrix_with_ties(mask_history, max_sco
     chunked = evaluate_split(model, arrays, "test", config, num_negatives=5)
     assert chunked == whole_matrix_metrics(model, arrays, "test", config, num_negatives=5)
     assert 0 < chunked["test/hr@5/full"] < 1 and chunked["test/hr@5/full"] != chunked["test/hr@5/full_nomask"]
+    assert chunked["test/mrr/full_zeroed"] < chunked["test/mrr/full"]  # some targets score below 0
 
 
 def test_chunked_ranking_equals_the_whole_matrix_on_a_model():

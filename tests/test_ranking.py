@@ -49,3 +49,21 @@ def test_rank_targets_by_hand():
         assert ranks.masked.tolist() == [2, 6]  # item 1 removed for user 0; user 1: a miss
         assert ranks.candidates.tolist() == [3, 4]
         assert ranks.top_in_history.tolist() == [True, False]  # item 1, in user 0's history only
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 6])
+def test_zeroed_history_outranks_a_target_only_when_the_target_scores_below_zero(chunk_size):
+    # Items 1..6 scored 3, 2, 1, -1, -2, -3; both users have seen items 1 and 6.
+    table = torch.tensor([[0.0], [3.0], [2.0], [1.0], [-1.0], [-2.0], [-3.0]])
+    vectors = torch.ones(2, 1)
+    target = torch.tensor([3, 5])
+    history = (torch.tensor([0, 0, 1, 1]), torch.tensor([1, 6, 1, 6]))
+    ranks = rank_targets(vectors, table, target, history, chunk_size)
+    assert ranks.masked.tolist() == [1, 3]  # item 1 removed: 2 above item 3; 2, 3, 4 above item 5
+    # Set to 0: both history items now sit at 0, above item 5 (-2) but below item 3 (1).
+    assert ranks.zeroed.tolist() == [1, 5]
+    # Brute force: the S3-Rec code's masking, then the number of items above the target.
+    scores = (vectors @ table[1:].T).clone()
+    scores[history[0], history[1] - 1] = 0
+    brute = (scores > scores.gather(1, (target - 1)[:, None])).sum(dim=1)
+    assert ranks.zeroed.tolist() == brute.tolist()

@@ -58,7 +58,7 @@ def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: Eva
     sampled = f"sampled{num_negatives}"
     nothing = torch.zeros(0, dtype=torch.long, device=device)
     subsets = ("", "/cold") if arrays.cold is not None else ("",)
-    for protocol in ("full", "full_nomask", sampled):
+    for protocol in ("full", "full_nomask", "full_zeroed", sampled):
         for subset in subsets:  # every rank the same names, whichever users it holds
             accumulator.add(protocol + subset, nothing, 1)
     accumulator.add_mean("top1_in_history", "full_nomask", nothing)
@@ -84,6 +84,7 @@ def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: Eva
         add("full_nomask", ranks.unmasked, torch.full_like(ranks.unmasked, num_items))
         accumulator.add_mean("top1_in_history", "full_nomask", ranks.top_in_history)
         add("full", ranks.masked, ranks.candidates)
+        add("full_zeroed", ranks.zeroed, torch.full_like(ranks.zeroed, num_items))
         candidates = torch.cat([target.view(-1, 1), arrays.negatives[start:stop]], dim=1)
         add(sampled, target_ranks(candidate_scores(vectors, item_table, candidates), torch.zeros_like(target)),
             1 + (candidates[:, 1:] != 0).sum(dim=1))

@@ -102,6 +102,10 @@ class TargetRanks:
     itself a history item, which is never treated specially, or its score is not finite."""
     candidates: torch.Tensor
     """Items left after removing the history (the target included): N minus distinct history items."""
+    zeroed: torch.Tensor
+    """Rank among every item with the history's scores set to 0 instead of removed, as the S3-Rec
+    code base masks (`rating_pred[train_matrix > 0] = 0`): the masked rank plus every history item
+    when the target's score is below 0; N + 1 where `masked` is."""
     top_in_history: torch.Tensor
     """Whether the best-scoring item of the unmasked ranking is one of the user's own history
     items (ties count as history)."""
@@ -158,8 +162,10 @@ def rank_targets(vectors: torch.Tensor, item_table: torch.Tensor, target: torch.
         return rank_targets(vectors, item_table, target, history, chunk_size, finite_only=True)
     missed = ~target_score.isfinite()
     unmasked = torch.where(missed, torch.full_like(target, num_items), unmasked)
-    masked = torch.where(target_seen | missed, torch.full_like(target, num_items + 1), unmasked - history_above)
-    return TargetRanks(unmasked=unmasked, masked=masked, candidates=num_items - removed,
+    miss = torch.full_like(target, num_items + 1)
+    masked = torch.where(target_seen | missed, miss, unmasked - history_above)
+    zeroed = torch.where(target_seen | missed, miss, masked + removed * (target_score < 0))
+    return TargetRanks(unmasked=unmasked, masked=masked, candidates=num_items - removed, zeroed=zeroed,
                        top_in_history=best_history >= best)
 
 

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +36,12 @@ from flm_dist.config import (
     apply_overrides,
     from_dict,
     read_yaml,
-    to_dict,
 )
 from flm_dist.errors import UserError
 from flm_dist.logs import setup_logging
-from flm_dist.runs import read_manifest
 from flm_dist.train.configs import FinetuneConfig
 from flm_dist.train.finetune import resolve, train_recommender
+from flm_dist.train.loop import prepare_run_dir
 from flm_dist.train.session import LocalSession
 
 log = logging.getLogger("flm_dist")
@@ -157,10 +155,7 @@ def tune_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str, m
     data = apply_overrides(base, [_override(k, v) for k, v in params.items()]
                            + [_override("output", str(run_dir)), "scaling.workers=0"])
     config = resolve(from_dict(FinetuneConfig, data))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(Path(config.data) / "vocab", run_dir / "vocab", dirs_exist_ok=True)
-    (run_dir / "data_manifest.json").write_text(json.dumps(read_manifest(config.data), indent=2, sort_keys=True))
-    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
+    prepare_run_dir(config)
     train_recommender(config, TuneSession(config.data, str(run_dir), metric))
 
 

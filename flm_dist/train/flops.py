@@ -25,7 +25,8 @@ def step_flops(rows: int, width: int, config: PretrainConfig, num_items: int) ->
     """Training FLOPs of one batch of `rows` windows of `width` positions: 6 x multiply-accumulates
     of every matmul (forward + backward).
 
-    Counts the transformer blocks (QKV, output, 4x feed-forward, attention scores and values),
+    Counts the transformer blocks (QKV, output, 4x feed-forward, attention scores and values, a
+    frequency filter's [L, L] matrices),
     the softmax logits of each active loss term (all positions for `seq`, one row per user for
     `cf` and `fused`; in-batch + sampled columns for sampled softmax), the flow's couplings and,
     for the contrastive term, the second encoder pass and its similarity block.
@@ -34,7 +35,12 @@ def step_flops(rows: int, width: int, config: PretrainConfig, num_items: int) ->
     hidden, layers = config.model.hidden, config.model.layers
     tokens = rows * width
     if config.model.encoder == "sasrec":
-        encoder_macs = layers * tokens * (12 * hidden * hidden + 2 * width * hidden)
+        # Per token: QKV and output (4 H^2), the 4x feed-forward (8 H^2), attention scores and
+        # values (2 L H); a frequency filter is one [L, L] matrix per channel (L H), beside
+        # attention for BSARec, instead of it for FMLP-Rec.
+        attention = 4 * hidden * hidden + 2 * width * hidden
+        mixer = {"attention": attention, "bsarec": attention + width * hidden, "fmlp": width * hidden}
+        encoder_macs = layers * tokens * (8 * hidden * hidden + mixer[config.model.mixer])
     else:
         gates = 3 if config.model.encoder == "gru" else 4
         encoder_macs = layers * tokens * gates * 2 * hidden * hidden

@@ -551,18 +551,24 @@ def _log_epoch(record: dict[str, Any], monitor: str) -> None:
              validation, record["epoch_seconds"], record["sequences_per_second"])
 
 
+def prepare_run_dir(config) -> Path:
+    """Create RUN_DIR (`config.output`) with what a run carries beside its checkpoints: the
+    vocabulary it was trained on (fine-tuning maps new data onto it by id), the data's manifest
+    and the resolved config."""
+    run_dir = Path(config.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(Path(config.data) / "vocab", run_dir / "vocab", dirs_exist_ok=True)
+    (run_dir / "data_manifest.json").write_text(json.dumps(read_manifest(config.data), indent=2, sort_keys=True))
+    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
+    return run_dir
+
+
 def launch_training(config, kind: str, local_loop, ray_worker) -> dict[str, Any]:
     """The driver shared by pretrain and finetune: prepare RUN_DIR, then train in this process
     (`scaling.workers=0`, `local_loop(config, session)`) or on Ray Train (`ray_worker(payload)`
     on every worker). Returns the run's metrics.json."""
     check_output_path(config.output, [config.data])
-    manifest = read_manifest(config.data)
-    run_dir = Path(config.output)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # The run carries the vocabulary it was trained on: fine-tuning maps new data onto it by id.
-    shutil.copytree(Path(config.data) / "vocab", run_dir / "vocab", dirs_exist_ok=True)
-    (run_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
+    run_dir = prepare_run_dir(config)
     log.info("%s config:\n%s", kind, json.dumps(to_dict(config), indent=2, sort_keys=True))
     if config.scaling.workers == 0:
         return local_loop(config, LocalSession(config.data, str(run_dir)))
