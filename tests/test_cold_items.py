@@ -26,6 +26,7 @@ from flm_dist.data.item_features import ItemFeaturesConfig
 from flm_dist.data.prepare import PrepareConfig, run_prepare
 from flm_dist.errors import UserError
 from flm_dist.eval.baselines import item_scores
+from flm_dist.eval.compare import CompareConfig, run_compare
 from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, run_evaluate
 from flm_dist.train import distributed
 
@@ -218,6 +219,13 @@ def test_pretraining_on_a_hold_out_reports_cold_metrics_and_checkpoints_refuse_a
     assert run_evaluate(EvaluateConfig(checkpoint=str(run / "best"), data=str(data))) == pytest.approx(
         {k: v for k, v in summary["final"].items() if k.startswith(("valid/", "test/"))})
     assert vocabulary_hash(run / "vocab") == manifest["vocab_hash"]
+    # flm compare pairs the /cold users too; its means are the run's own /cold metrics
+    report = run_compare(CompareConfig(a=[str(run)], b=[str(run)], data=str(data)))
+    assert report["cold_users"] == manifest["cold_holdout"]["test_targets"]
+    compared = {row["metric"]: row for row in report["rows"]}
+    for metric in ("test/ndcg@10/full/cold", "test/hr@10/full_nomask/cold", "test/ndcg@10/full"):
+        assert compared[metric]["a"] == pytest.approx(summary["final"][metric], abs=1e-12)
+        assert compared[metric]["difference"] == 0
     # with features, a held-out item is scored from its attributes alone, as a cold item is
     model, _, _ = load_model_for_data(str(run / "best"), str(data), torch.device("cpu"))
     with torch.no_grad():

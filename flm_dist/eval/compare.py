@@ -11,11 +11,15 @@ about these two checkpoints on these users (it says nothing about other seeds).
 Each side may be several runs of one model (seeds). A side's per-user values are then the mean
 over its runs, as in `flm ablate`, so the test is about the models rather than one seed's
 draw, and each mean comes with the standard deviation of the per-run means.
+
+On data with a cold-item hold-out, every metric is also compared over the users whose target is
+a held-out item (`/cold` appended, as in metrics.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -59,14 +63,18 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     b = [str(checkpoint_or_best(path)) for path in config.b]
     ranks_a = [user_ranks(path, config.data, config.split) for path in a]
     ranks_b = [user_ranks(path, config.data, config.split) for path in b]
+    users = len(ranks_a[0]["full"])
+    subsets = {"": np.ones(users, dtype=bool)}
+    if "cold" in ranks_a[0] and ranks_a[0]["cold"].any():
+        subsets["/cold"] = ranks_a[0]["cold"]
     rows = []
-    for protocol in PROTOCOLS:
+    for protocol, (subset, chosen) in itertools.product(PROTOCOLS, subsets.items()):
         for name, per_user in (("ndcg", ndcg_at), ("hr", hit_at)):
-            runs_a = np.stack([per_user(ranks[protocol], config.k) for ranks in ranks_a])
-            runs_b = np.stack([per_user(ranks[protocol], config.k) for ranks in ranks_b])
+            runs_a = np.stack([per_user(ranks[protocol], config.k)[chosen] for ranks in ranks_a])
+            runs_b = np.stack([per_user(ranks[protocol], config.k)[chosen] for ranks in ranks_b])
             x, y = runs_a.mean(axis=0), runs_b.mean(axis=0)
             over_a, over_b = mean_std(runs_a.mean(axis=1)), mean_std(runs_b.mean(axis=1))
-            rows.append({"metric": f"{config.split}/{name}@{config.k}/{protocol}", "a": float(x.mean()),
+            rows.append({"metric": f"{config.split}/{name}@{config.k}/{protocol}{subset}", "a": float(x.mean()),
                          "b": float(y.mean()), "a_std": over_a["std"], "b_std": over_b["std"],
                          "a_runs": over_a["per_seed"], "b_runs": over_b["per_seed"],
                          "difference": float(x.mean() - y.mean()),
@@ -75,8 +83,10 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     test = "two-sided Wilcoxon signed-rank, paired by user"
     if len(a) > 1 or len(b) > 1:
         test += " (per-user values averaged over each side's runs)"
-    report = {"a": a, "b": b, "data": config.data, "split": config.split, "users": len(ranks_a[0]["full"]),
+    report = {"a": a, "b": b, "data": config.data, "split": config.split, "users": users,
               "test": test, "rows": rows}
+    if "/cold" in subsets:
+        report["cold_users"] = int(subsets["/cold"].sum())
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps(report, indent=2))
@@ -89,8 +99,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     def cell(row: dict[str, Any], side: str) -> str:
         return f"{row[side]:.4f} ± {row[side + '_std']:.4f}" if several else f"{row[side]:.4f}"
 
+    cold = f" ({report['cold_users']} with a held-out target: the /cold rows)" if "cold_users" in report else ""
     lines = [f"a: {', '.join(report['a'])}", f"b: {', '.join(report['b'])}",
-             f"{report['users']} {report['split']} users; p: {report['test']}"
+             f"{report['users']} {report['split']} users{cold}; p: {report['test']}"
              + ("; ± is the std of the runs' means" if several else ""), "",
              "| metric | a | b | a - b | users a better | users b better | p |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in report["rows"]:

@@ -155,7 +155,8 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
 def user_ranks(checkpoint: str | Path, data: str, split: str = "test", batch_size: int = 1024) -> dict[str, np.ndarray]:
     """0-based rank of each user's target (users in index order) per full-ranking protocol,
     `full` (history removed) and `full_nomask`: the values behind metrics.json's
-    `{split}/*/full` and `{split}/*/full_nomask`, kept per user for paired tests."""
+    `{split}/*/full` and `{split}/*/full_nomask`, kept per user for paired tests. On data with a
+    cold-item hold-out, `cold` marks the users whose target is held out (the `/cold` metrics)."""
     from flm_dist.runs import load_model_for_data
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,7 +175,10 @@ def user_ranks(checkpoint: str | Path, data: str, split: str = "test", batch_siz
                              chunk_size)
         masked.append(ranks.masked)
         unmasked.append(ranks.unmasked)
-    return {"full": torch.cat(masked).cpu().numpy(), "full_nomask": torch.cat(unmasked).cpu().numpy()}
+    ranks = {"full": torch.cat(masked).cpu().numpy(), "full_nomask": torch.cat(unmasked).cpu().numpy()}
+    if arrays.cold is not None:
+        ranks["cold"] = arrays.cold.cpu().numpy()
+    return ranks
 
 
 def evaluate_baseline(config: EvaluateConfig) -> dict[str, float]:
