@@ -109,7 +109,7 @@ def test_dataset_jobs_use_the_agreed_settings(dataset):
         assert pretrain.data == prepare.output
         assert (pretrain.model.hidden, pretrain.model.layers, pretrain.model.max_len) == (64, 2, max_len)
         assert pretrain.model.dropout == 0.5
-        assert (pretrain.train.batch_size, pretrain.train.lr) == (256, 1e-3)
+        assert (pretrain.train.batch_size, pretrain.train.lr) == (256, 2e-3 if kind == "sasrec" else 1e-3)
         if kind == "sasrec":
             assert (pretrain.loss.cf, pretrain.loss.fused, pretrain.loss.flow) == (0.0, 0.0, 0.0)
             assert pretrain.loss.seq > 0 and pretrain.eval.user_source == "sequence"
@@ -352,7 +352,8 @@ PRESET_STAGES = {"data/prepare": ("prepare", {}),
 # The SASRec recipe measured on Beauty (docs/results.md, "Quality on Beauty"); every dataset's SASRec job uses it.
 MEASURED_SASREC = {"model": {"hidden": 64, "layers": 2, "dropout": 0.5, "positions": "first"},
                    "loss": {"seq": 1.0, "cf": 0.0, "fused": 0.0, "flow": 0.0},
-                   "train": {"batch_size": 256, "lr": 1e-3, "windows": "prefixes", "epochs": 30, "patience": 10},
+                   "train": {"batch_size": 256, "lr": 2e-3, "windows": "prefixes", "epochs": 20, "patience": 10,
+                             "precision": "bf16"},
                    "eval": {"user_source": "sequence", "mask_history": False}}
 
 
