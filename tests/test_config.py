@@ -77,7 +77,8 @@ def test_dataset_plus_recipe_gives_the_measured_recipe(dataset):
     config = load_config(PretrainConfig, [data, sasrec], ["output=o"])
     assert config.data == f".data/{dataset}" and config.model.max_len == MAX_LEN[dataset]
     assert (config.model.positions, config.train.windows, config.train.epochs, config.train.patience) == (
-        "first", "prefixes", 30, 10)
+        "first", "prefixes", 20, 10)
+    assert (config.train.lr, config.train.precision) == (2e-3, "bf16")
     assert (config.loss.cf, config.loss.fused, config.loss.flow) == (0.0, 0.0, 0.0)
     assert (config.eval.user_source, config.eval.mask_history) == ("sequence", False)
     config = load_config(PretrainConfig, [data, joint], ["output=o"])
