@@ -59,7 +59,12 @@ def test_stage_registry_loads_lazily_and_names_real_fields():
         config_cls, run = stage.load()
         assert dataclasses.is_dataclass(config_cls) and callable(run), name
         fields = {f.name for f in dataclasses.fields(config_cls)}
-        assert set(stage.inputs) | set(stage.outputs) <= fields, name
+        for field in (*stage.inputs, *stage.outputs):
+            parent, _, child = field.partition(".")
+            assert parent in fields, (name, field)
+            if child:  # a field of a section: the section's default names it
+                section = config_cls.__dataclass_fields__[parent].default_factory()
+                assert child in {f.name for f in dataclasses.fields(section)}, (name, field)
 
 
 def test_jobs_folder_has_every_stage_for_every_dataset():
@@ -346,6 +351,7 @@ PRESET_STAGES = {"data/prepare": ("prepare", {}),
                  "data": ("pretrain", {"output": "runs/x"}),
                  "recipes/sasrec": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/pretrain": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
+                 "recipes/item_features": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/finetune": ("finetune", {"pretrained": "runs/p", "data": ".data/x", "output": "runs/x"}),
                  "recipes/ablate": ("ablate", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/ablate_cpu": ("ablate", {"data": ".data/x", "output": "runs/x"})}
@@ -537,3 +543,23 @@ def test_flm_command_names_the_preset_with_the_bad_key(tmp_path, capsys):
                    str(tmp_path / "runs" / "x"), "train.epochz=3"])
     err = capsys.readouterr().err.strip()
     assert status == 2 and err.startswith("error: config key 'train.epochz'"), err
+
+
+@pytest.mark.parametrize("dataset", ["beauty", "sports", "toys"])
+def test_attribute_jobs_are_the_sasrec_jobs_with_the_items_attributes(dataset):
+    from flm_dist.config import to_dict
+
+    filename = DATASETS[dataset][0]
+    spec = load_job(str(REPO / "jobs" / f"sasrec_attributes_{dataset}.yaml"), root=REPO)
+    plain = load_job(str(REPO / "jobs" / f"sasrec_{dataset}.yaml"), root=REPO)
+    prepare = spec.step("prepare").config
+    features = filename.replace(".txt", "_item2attributes.json")
+    assert prepare.item_features.uri == str(REPO.parent / "shared" / "data" / features)  # resolved as `input` is
+    assert dataclasses.replace(prepare, output="o", item_features=plain.step("prepare").config.item_features) == \
+        dataclasses.replace(plain.step("prepare").config, output="o")
+    pretrain = to_dict(spec.step("pretrain").config)
+    assert pretrain["data"] == prepare.output and pretrain["model"]["item_features"] == "add"
+    expected = to_dict(plain.step("pretrain").config)
+    for resolved in (pretrain, expected):
+        resolved.pop("data"), resolved.pop("output"), resolved["model"].pop("item_features")
+    assert pretrain == expected

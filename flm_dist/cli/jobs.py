@@ -78,7 +78,8 @@ class Stage:
     config: str
     run: str
     inputs: tuple[str, ...] = ()
-    """Top-level config fields the stage reads from (any local path or URI; made absolute)."""
+    """Config fields the stage reads from (any local path or URI; made absolute); a dotted name
+    is a field of a section, e.g. `item_features.uri`."""
     outputs: tuple[str, ...] = ("output",)
     """Top-level config fields the stage writes to; checked with `resolve_output_path`."""
 
@@ -90,7 +91,7 @@ class Stage:
 # One line per stage. Later stages (finetune, tune, ...) are added the same way.
 STAGES: dict[str, Stage] = {
     "synth": Stage("flm_dist.data.synth", "SynthConfig", "run_synth"),
-    "prepare": Stage("flm_dist.data.prepare", "PrepareConfig", "run_prepare", inputs=("input",)),
+    "prepare": Stage("flm_dist.data.prepare", "PrepareConfig", "run_prepare", inputs=("input", "item_features.uri")),
     "pretrain": Stage("flm_dist.train.pretrain", "PretrainConfig", "run_pretrain", inputs=("data",)),
     "evaluate": Stage("flm_dist.eval.evaluate", "EvaluateConfig", "run_evaluate", inputs=("checkpoint", "data")),
     "finetune": Stage("flm_dist.train.finetune", "FinetuneConfig", "run_finetune", inputs=("pretrained", "data")),
@@ -334,8 +335,12 @@ def parse_job(data: dict[str, Any], path: str = "<job>", overrides: list[str] | 
         if resolve_paths:
             resolved = {}
             for field in stage.inputs:
-                value = getattr(config, field, None)
-                if value:
+                parent, _, child = field.rpartition(".")
+                section = getattr(config, parent) if parent else None
+                value = getattr(section if parent else config, child, None)
+                if value and parent:
+                    resolved[parent] = dataclasses.replace(section, **{child: resolve_input_path(value, root)})
+                elif value:
                     resolved[field] = resolve_input_path(value, root)
             for field in stage.outputs:
                 value = getattr(config, field, None)
