@@ -555,10 +555,11 @@ def prepare_run_dir(config) -> Path:
     """Create RUN_DIR (`config.output`) with what a run carries beside its checkpoints: the
     vocabulary it was trained on (fine-tuning maps new data onto it by id), the data's manifest
     and the resolved config."""
+    manifest = read_manifest(config.data)  # first: a missing or unprepared directory is one line
     run_dir = Path(config.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(Path(config.data) / "vocab", run_dir / "vocab", dirs_exist_ok=True)
-    (run_dir / "data_manifest.json").write_text(json.dumps(read_manifest(config.data), indent=2, sort_keys=True))
+    (run_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
     return run_dir
 
