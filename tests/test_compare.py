@@ -80,3 +80,11 @@ def test_several_runs_per_side_average_per_user_and_report_the_spread(two_runs, 
         for key in ("a", "b", "difference", "a_better_users", "b_better_users", "p_value"):
             assert doubled[metric][key] == pytest.approx(single[metric][key], abs=1e-12)
         assert (doubled[metric]["a_std"], single[metric]["a_std"]) == (0.0, 0.0)
+    assert "warning" not in printed  # a run listed twice is one run: the sides are even
+
+
+def test_uneven_sides_are_flagged_because_their_per_user_means_differ_in_granularity(two_runs, tiny_data, tmp_path,
+                                                                                    capsys):
+    short, long = two_runs
+    assert main(["compare", f"{short},{long}", str(short), "--data", tiny_data]) == 0
+    assert "warning: the sides have 2 and 1 distinct runs" in capsys.readouterr().out

@@ -87,6 +87,12 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
               "test": test, "rows": rows}
     if "/cold" in subsets:
         report["cold_users"] = int(subsets["/cold"].sum())
+    if len(set(a)) != len(set(b)):
+        # A user's mean over 2 runs takes other values than over 3 (HR: 0, 1/2, 1 against 0, 1/3,
+        # 2/3, 1), so the per-user differences are rarely zero even between equal models.
+        report["warning"] = (f"the sides have {len(set(a))} and {len(set(b))} distinct runs: per-user means over "
+                             "different numbers of runs differ by their granularity alone, which biases the "
+                             "paired test (most on HR); compare equal numbers of runs")
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps(report, indent=2))
@@ -104,6 +110,8 @@ def markdown_table(report: dict[str, Any]) -> str:
              f"{report['users']} {report['split']} users{cold}; p: {report['test']}"
              + ("; ± is the std of the runs' means" if several else ""), "",
              "| metric | a | b | a - b | users a better | users b better | p |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    if "warning" in report:
+        lines[2:2] = [f"warning: {report['warning']}"]
     for row in report["rows"]:
         lines.append(f"| {row['metric']} | {cell(row, 'a')} | {cell(row, 'b')} | {row['difference']:+.4f} | "
                      f"{row['a_better_users']} | {row['b_better_users']} | {row['p_value']:.3g} |")
