@@ -1,22 +1,19 @@
 """Beyond-accuracy metrics (eval/beyond.py): coverage and popularity percentile of the top-K lists,
 by hand, through evaluate_split, and on two gloo ranks against one."""
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from loopback_ranks import spawn_on_loopback
+from loopback_ranks import metrics_on_two_ranks
 
 from flm_dist.config import EvalConfig
 from flm_dist.data.batches import build_eval_arrays
 from flm_dist.eval.beyond import BeyondAccuracy, popularity_percentiles, training_item_counts
 from flm_dist.eval.evaluate import evaluate_split
-from flm_dist.train import distributed
 
 # Items 1..4 as 2-d rows; user 0 = [1, 0] ranks 4, 1, 2, 3; user 1 = [0, 1] ranks 4, 3, 2, 1.
 ITEM_TABLE = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [2.0, 2.0]])
@@ -89,19 +86,12 @@ def two_rank_metrics(users: list[int]) -> dict[str, float]:
     return evaluate_split(RandomDot(), build_eval_arrays(random_users(users), 8), "test", config, 1, percentiles)
 
 
-def _rank(rank: int, world: int, init_method: str, result_path: str) -> None:
-    torch.set_num_threads(1)
-    with distributed.process_group(rank, world, init_method):
-        metrics = two_rank_metrics(list(range(11)) if rank == 0 else list(range(11, 30)))  # uneven shares
-        if rank == 0:
-            Path(result_path).write_text(json.dumps(metrics))
-    distributed.exit_rank_process()
+def _metrics_of_rank(rank: int) -> dict[str, float]:
+    return two_rank_metrics(list(range(11)) if rank == 0 else list(range(11, 30)))  # uneven shares
 
 
 def test_two_ranks_give_the_one_rank_result(tmp_path):
-    result_path = tmp_path / "rank0.json"
-    spawn_on_loopback(_rank, 2, str(result_path))
-    two_ranks = json.loads(result_path.read_text())
+    two_ranks = metrics_on_two_ranks(_metrics_of_rank, tmp_path)
     one = two_rank_metrics(list(range(30)))
     assert one["test/coverage@1/full_nomask"] < one["test/coverage@10/full_nomask"] < 1
     assert two_ranks.keys() == one.keys()

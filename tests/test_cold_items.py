@@ -7,7 +7,6 @@ Tiny generated data only, in-process (memory:// input keeps prepare off Ray, wor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from loopback_ranks import spawn_on_loopback
+from loopback_ranks import metrics_on_two_ranks
 from test_item_features import SMALL, _item2attributes, _log
 
 from flm_dist.cli import main as cli_main
@@ -28,7 +27,6 @@ from flm_dist.errors import UserError
 from flm_dist.eval.baselines import item_scores
 from flm_dist.eval.compare import CompareConfig, run_compare
 from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, run_evaluate
-from flm_dist.train import distributed
 
 PROTOCOLS = ("full", "full_nomask", "sampled3")
 
@@ -178,22 +176,15 @@ def test_cold_metrics_are_every_protocol_over_the_users_whose_target_is_held_out
     assert everyone["test/users/full/cold"] == sum(COLD) == 5
 
 
-def _rank(rank: int, world: int, init_method: str, result_path: str) -> None:
-    torch.set_num_threads(1)
-    with distributed.process_group(rank, world, init_method):
-        # uneven shares: rank 0 holds one cold user of four, rank 1 four of eight
-        users = USERS[:4] if rank == 0 else USERS[4:]
-        table = _eval_table(USERS, COLD).filter(pa.array([u in users for u in USERS]))
-        metrics = evaluate_split(_RandomDot(), build_eval_arrays(table, 4), "test", EvalConfig(ks=(1, 5, 10)), 3)
-        if rank == 0:
-            Path(result_path).write_text(json.dumps(metrics))
-    distributed.exit_rank_process()
+def _metrics_of_rank(rank: int) -> dict[str, float]:
+    # uneven shares: rank 0 holds one cold user of four, rank 1 four of eight
+    users = USERS[:4] if rank == 0 else USERS[4:]
+    table = _eval_table(USERS, COLD).filter(pa.array([u in users for u in USERS]))
+    return evaluate_split(_RandomDot(), build_eval_arrays(table, 4), "test", EvalConfig(ks=(1, 5, 10)), 3)
 
 
 def test_cold_metrics_are_sums_and_counts_across_ranks(tmp_path):
-    result_path = tmp_path / "rank0.json"
-    spawn_on_loopback(_rank, 2, str(result_path))
-    two_ranks = json.loads(result_path.read_text())
+    two_ranks = metrics_on_two_ranks(_metrics_of_rank, tmp_path)
     one = evaluate_split(_RandomDot(), build_eval_arrays(_eval_table(USERS, COLD), 4), "test",
                          EvalConfig(ks=(1, 5, 10)), 3)
     assert two_ranks.keys() == one.keys()
