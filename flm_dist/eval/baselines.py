@@ -16,17 +16,15 @@ process (one score per item: nothing to distribute).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from flm_dist.data.item_features import load_item_attributes
 from flm_dist.errors import UserError
+from flm_dist.eval.beyond import training_item_counts
 from flm_dist.runs import read_manifest
 
 BaselineKind = Literal["popularity", "attribute_popularity"]
@@ -50,9 +48,7 @@ class _ItemScores(nn.Module):
 def item_scores(kind: BaselineKind, data_dir: str) -> np.ndarray:
     """float64 [N + 1] score of every item of prepared data `data_dir` (row 0, padding, is 0)."""
     n_items = read_manifest(data_dir)["items"]
-    items = pq.read_table(Path(data_dir) / "train", columns=["items"]).column("items")
-    flat = pc.list_flatten(items).to_numpy(zero_copy_only=False).astype(np.int64)
-    counts = np.bincount(flat, minlength=n_items + 1).astype(np.float64)
+    counts = training_item_counts(data_dir, n_items).astype(np.float64)
     if kind == "popularity":
         return counts
     features = load_item_attributes(data_dir, n_items)

@@ -3,6 +3,8 @@
 Protocols, each in the metric name (`test/ndcg@10/full`):
 - `full`: the target ranked against every item, the user's earlier items removed;
 - `full_nomask`: against every item, nothing removed (comparable with RecBole's setting);
+- `full_zeroed`: against every item, the user's earlier items scored 0 instead of removed (the
+  S3-Rec code base's masking, which the published BSARec/FMLP-Rec/ICSRec numbers use);
 - `sampledN`: against the N negatives fixed on disk by `prepare` (for comparison with papers).
 `{split}/top1_in_history/full_nomask` is a diagnostic, not a ranking metric: the share of users
 whose best-scoring item, nothing removed, is one of their own history items. Where targets are
