@@ -345,6 +345,12 @@ class LossConfig:
     second encoder pass per step. Pretraining only."""
     contrast_temperature: float = 1.0
     """Temperature of the contrastive term's dot-product logits (DuoRec uses 1)."""
+    contrast_positive: Literal["dropout", "same_target"] = "dropout"
+    """The contrastive term's positive for each window: `dropout`, the same window under other
+    dropout masks (DuoRec's unsupervised view); `same_target`, another of the worker's training
+    windows with the same next item, drawn afresh each epoch (DuoRec's supervised view, ICSRec's
+    coarse-grained intent), or the window itself when no other has its target. Either costs one
+    more encoder pass a step."""
     attributes: float = 0.0
     """Weight of the attribute objective (needs model.item_features): multi-label BCE of each
     target item's attributes from its id row and from the sequence state that predicts it.
@@ -363,6 +369,8 @@ class LossConfig:
         for name in WEIGHTED_LOSS_TERMS:
             require(getattr(self, name) >= 0.0, name, "loss weights must be >= 0")
         require(self.contrast_temperature > 0, "contrast_temperature", "must be > 0")
+        require(self.contrast_positive == "dropout" or self.contrast > 0, "contrast_positive",
+                "needs loss.contrast > 0")
         require(self.seq + self.cf + self.fused > 0, "seq", "at least one of seq, cf, fused must be > 0")
         require(self.num_negatives > 0, "num_negatives", "must be positive")
         require(self.max_in_batch_negatives >= 0, "max_in_batch_negatives", "must be >= 0")

@@ -30,6 +30,7 @@ def test_overrides_nested_and_typed(tmp_path):
     ("loss.decay=[cf,cf]", "loss.decay"),
     ("loss.decay=[ranking]", "loss.decay[0]"),
     ("loss.label_smoothing=1.0", "loss.label_smoothing"),
+    ("loss.contrast_positive=same_target", "loss.contrast_positive"),  # loss.contrast is 0
     ("model.mixer=bsarec", "model.mixer"),  # not causal, and train.windows defaults to all
 ])
 def test_bad_values_name_the_key(override, key):

@@ -1,7 +1,8 @@
+import numpy as np
 import pyarrow as pa
 import torch
 
-from flm_dist.data.batches import build_eval_arrays, build_train_arrays
+from flm_dist.data.batches import build_eval_arrays, build_train_arrays, same_target_partners
 
 
 def _train_table(sequences):
@@ -41,3 +42,17 @@ def test_eval_arrays_keep_full_history_for_masking():
     rows, items = arrays.history_pairs(1, 2)
     assert rows.tolist() == [0, 0, 0, 0] and items.tolist() == [1, 2, 3, 4]
     assert torch.equal(arrays.negatives, torch.tensor([[3, 4], [1, 2]]))
+
+
+def test_same_target_partners_share_the_target_and_are_another_window_when_one_exists():
+    targets = np.array([5, 7, 5, 9, 5, 7, 0, 0])
+    seen = set()
+    for seed in range(40):
+        partners = same_target_partners(targets, seed)
+        assert (targets[partners] == targets).all()
+        assert partners[3] == 3 and partners[6] == 6 and partners[7] == 7  # no other with 9; no target
+        mates = partners[[0, 1, 2, 4, 5]]
+        assert (mates != np.array([0, 1, 2, 4, 5])).all()
+        seen.add(int(partners[0]))
+    assert seen == {2, 4}  # both other windows with target 5 get drawn
+    np.testing.assert_array_equal(same_target_partners(targets, 3), same_target_partners(targets, 3))

@@ -335,6 +335,18 @@ def test_contrast_term_compares_two_dropout_passes_of_the_encoder():
     assert model.item_embedding.weight.grad.abs().sum() > 0
 
 
+def test_contrast_term_takes_its_positive_from_contrast_input_when_the_batch_has_one():
+    model = make_model(dropout=0.3).train()
+    batch = make_batch()
+    batch["contrast_input"] = make_batch(seed=1)["input"]
+    torch.manual_seed(3)
+    terms = model.losses(batch, {"seq": 1.0, "contrast": 1.0})
+    torch.manual_seed(3)
+    first = model.sequence_states(batch["input"])[:, -1]
+    positive = model.sequence_states(batch["contrast_input"])[:, -1]
+    torch.testing.assert_close(terms["contrast"], two_view_info_nce(first, positive, batch["target"][:, -1]))
+
+
 @pytest.mark.parametrize("stop_gradient", [True, False])
 def test_flow_stop_gradient_keeps_flow_loss_off_the_encoders(stop_gradient):
     model = make_model(flow_stop_gradient=stop_gradient)

@@ -215,3 +215,22 @@ def length_bucketed_batches(widths: np.ndarray, batch_size: int, seed: int,
         extra = rng.integers(0, len(batches), size=min_batches - len(batches))
         batches += [batches[i] for i in extra]
     return order, batches
+
+
+def same_target_partners(targets: np.ndarray, seed: int) -> np.ndarray:
+    """For each window, the index of another window with the same next item `targets[i]`, drawn
+    uniformly from (seed); a window whose target no other window has, or without a target (0),
+    is its own partner. DuoRec's supervised positive: two histories that led to the same item."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(targets, kind="stable")
+    sorted_targets = targets[order]
+    group_start = np.searchsorted(sorted_targets, sorted_targets, side="left")
+    group_size = np.searchsorted(sorted_targets, sorted_targets, side="right") - group_start
+    own = np.arange(len(targets))
+    # Uniform over the group's other members: draw among size - 1 slots and step over one's own.
+    pick = group_start + (rng.random(len(targets)) * np.maximum(group_size - 1, 1)).astype(np.int64)
+    pick = np.where(pick >= own, pick + 1, pick)
+    pick = np.where((group_size > 1) & (sorted_targets != 0), pick, own)
+    partners = np.empty_like(order)
+    partners[order] = order[pick]
+    return partners

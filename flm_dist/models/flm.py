@@ -208,7 +208,9 @@ class FLMModel(nn.Module):
         next item, at the positions `seq_positions` picks. fused: CE of the fused vector for the
         last target. flow: NLL per dimension of the fused vector under the flow. contrast:
         InfoNCE between the last sequence state and that of a second encoder pass with other
-        dropout masks (see two_view_info_nce), at `contrast_temperature`. attributes (item
+        dropout masks (see two_view_info_nce), at `contrast_temperature`, over
+        `batch["contrast_input"]` when the batch has it (windows with the same targets) and over
+        `input` again otherwise. attributes (item
         features only): the attribute objective of models/attributes.py, the mean of its item part
         (each target's id row) and its context part (the states predicting those targets, at the
         positions `seq_positions` picks). `softmax` picks
@@ -263,8 +265,8 @@ class FLMModel(nn.Module):
                 terms["flow"] = -self.flow.log_prob(flow_input).mean() / self.hidden
 
         if "contrast" in active:
-            terms["contrast"] = two_view_info_nce(states[:, -1], self.sequence_states(input)[:, -1],
-                                                  target[:, -1], contrast_temperature)
+            positive = self.sequence_states(batch.get("contrast_input", input))[:, -1]
+            terms["contrast"] = two_view_info_nce(states[:, -1], positive, target[:, -1], contrast_temperature)
 
         if "attributes" in active:
             terms["attributes"] = self.attribute_loss(states, target, seq_positions)

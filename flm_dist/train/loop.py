@@ -38,6 +38,7 @@ from flm_dist.data.batches import (
     build_train_arrays,
     item_log_frequencies,
     length_bucketed_batches,
+    same_target_partners,
     window_widths,
 )
 from flm_dist.data.cold_items import held_out_indices
@@ -414,13 +415,19 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     def target_reached() -> bool:
         return bool(config.train.stop_at) and progress.best_value >= config.train.stop_at
 
+    same_target = config.loss.contrast > 0 and config.loss.contrast_positive == "same_target"
+    last_targets = train.target[:, -1].cpu().numpy() if same_target else None
     finished = (progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
                 or target_reached())
     while progress.epoch < config.train.epochs and not finished:
         # Batches per (seed, epoch): a resumed epoch replays the same batches from its position.
-        order, batches = length_bucketed_batches(widths, config.train.batch_size,
-                                                 seed=config.train.seed * 100_003 + progress.epoch,
+        epoch_seed = config.train.seed * 100_003 + progress.epoch
+        order, batches = length_bucketed_batches(widths, config.train.batch_size, seed=epoch_seed,
                                                  min_batches=micro_steps_per_epoch)
+        if same_target:  # the partners' pass runs at the width of the longest of them
+            partners = same_target_partners(last_targets, seed=epoch_seed)[order]
+            partner_widths = widths[partners]
+            partners = torch.from_numpy(partners).to(device)
         order = torch.from_numpy(order).to(device)
         # Losses of the applied updates (a skipped step's are left out); those of the update in progress.
         loss_sums = torch.zeros(len(loss_names), device=device)
@@ -431,6 +438,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         while progress.micro_step_in_epoch < micro_steps_per_epoch:
             first, last, width = batches[progress.micro_step_in_epoch]
             batch = train.take(order[first:last], width)
+            if same_target:
+                batch["contrast_input"] = train.input[partners[first:last], -int(partner_widths[first:last].max()):]
             if count_flops:
                 epoch_flops += step_flops(last - first, width, config, manifest["items"])
             if config.loss.decay:
