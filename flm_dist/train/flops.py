@@ -49,17 +49,19 @@ def step_flops(rows: int, width: int, config: PretrainConfig, num_items: int) ->
     if weights["contrast"]:  # a second encoder pass and the [2B x 2B] similarity block
         macs += encoder_macs + (2 * rows) ** 2 * hidden
     scored = rows if config.train.windows == "prefixes" else tokens  # positions with a seq target
-    cap = config.loss.max_in_batch_negatives
 
-    def sampled_columns(in_batch: int) -> int:
-        return (min(in_batch, cap) if cap else in_batch) + config.loss.num_negatives
+    def softmax_columns(scored_rows: int) -> int:
+        """The catalogue, or the in-batch (capped) plus sampled negatives of `scored_rows` rows."""
+        if config.loss.softmax == "full":
+            return num_items
+        cap = config.loss.max_in_batch_negatives
+        return (min(scored_rows, cap) if cap else scored_rows) + config.loss.num_negatives
 
-    columns = num_items if config.loss.softmax == "full" else sampled_columns(scored)
     if weights["seq"]:
-        macs += scored * columns * hidden
+        macs += scored * softmax_columns(scored) * hidden
     for term in ("cf", "fused"):
         if weights[term]:
-            macs += rows * (num_items if config.loss.softmax == "full" else sampled_columns(rows)) * hidden
+            macs += rows * softmax_columns(rows) * hidden
     if weights["flow"] or weights["fused"]:
         macs += rows * 2 * hidden * hidden  # fusion projection
     if weights["flow"]:
