@@ -262,6 +262,11 @@ class ModelConfig:
     filter_cutoff: int = 5
     """BSARec's `c`: the low-pass part keeps the lowest c // 2 + 1 frequency bins of the
     `max_len` window (5: 3 bins, BSARec's Beauty setting)."""
+    init_std: float = 0.0
+    """Initialise the item, position and attribute tables and the sequence encoder's linear
+    layers from N(0, init_std) with zero biases (RecBole's SASRec and BERT: 0.02); 0 keeps the
+    default (tables std 1/sqrt(hidden), linear layers PyTorch's uniform). The CF encoder, the
+    fusions, the user head and the flow keep their own initialisation."""
     cf_user: Literal["table", "history"] = "table"
     """The CF encoder's user vector: `table`, matrix factorisation (a learned row per user,
     fitted to all of the user's training items), or `history`, item-based factorisation (a
@@ -297,6 +302,7 @@ class ModelConfig:
         require(self.heads > 0 and self.hidden % self.heads == 0, "heads", f"must divide hidden={self.hidden}")
         require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         require(self.flow_layers >= 0, "flow_layers", "must be >= 0")
+        require(self.init_std >= 0.0, "init_std", "must be >= 0 (0 keeps the default initialisation)")
         require(self.flow_hidden > 0, "flow_hidden", "must be positive")
         require(self.mixer == "attention" or self.encoder == "sasrec", "mixer", "needs encoder=sasrec")
         require(0.0 <= self.filter_alpha <= 1.0, "filter_alpha", "must be in [0, 1]")

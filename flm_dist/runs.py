@@ -65,6 +65,8 @@ def build_model(config: ModelConfig, num_users: int, num_items: int,
                      positions=config.positions, norm=config.norm, cf_user=config.cf_user,
                      user_head=config.user_head, mixer=config.mixer, filter_alpha=config.filter_alpha,
                      filter_cutoff=config.filter_cutoff, **features)
+    if config.init_std:
+        model.initialize_normal(config.init_std)
     if features and len(attributes.held_out):  # held-out cold items are scored from their attributes alone
         model.item_features.without_id_rows(torch.from_numpy(attributes.held_out))
     return model

@@ -420,3 +420,33 @@ def test_bf16_autocast_losses_are_finite_and_flow_is_fp32():
     assert terms["flow"].dtype == log_density.dtype == torch.float32
     terms["total"].backward()
     assert torch.isfinite(model.item_embedding.weight.grad).all()
+
+
+def test_initialize_normal_redraws_the_sasrec_parts_and_keeps_the_identity_starts():
+    num_items, hidden = 400, 32
+    attributes = torch.tensor([[0, 0]] + [[1 + i % 5, 6 + i % 3] for i in range(num_items)])
+    options = dict(num_users=NUM_USERS, num_items=num_items, hidden=hidden, max_len=MAX_LEN, layers=2, heads=2,
+                   dropout=0.0, flow_layers=2, flow_hidden=16, item_features="concat", item_attributes=attributes,
+                   num_attributes=8)
+    torch.manual_seed(0)
+    default = FLMModel(**options)
+    torch.manual_seed(0)
+    model = FLMModel(**options)
+    model.initialize_normal(0.02)
+    tables = [model.item_embedding, model.sequence.position_embedding,
+              model.item_features.attributes.attribute_embedding]
+    for table in tables:
+        rows = table.weight[1:] if table.padding_idx is not None else table.weight
+        assert 0.015 < rows.std().item() < 0.025
+    assert not model.item_embedding.weight[0].any() and not tables[2].weight[0].any()
+    redrawn = [name for name, module in model.sequence.named_modules()
+               if isinstance(module, torch.nn.Linear) and not name.startswith("item_embedding")]
+    assert len(redrawn) == 2 * 4  # qkv, attention output and the two feed-forward layers of each block
+    for name in redrawn:
+        module = model.sequence.get_submodule(name)
+        assert not module.bias.any() and 0.015 < module.weight.std().item() < 0.025, name
+    kept = {name: value for name, value in default.state_dict().items()
+            if name.startswith(("flow.", "cf.user_embedding", "fusion.", "item_features.projection"))}
+    assert any(name.startswith("item_features.projection") for name in kept)
+    for name, value in kept.items():
+        assert torch.equal(model.state_dict()[name], value), name

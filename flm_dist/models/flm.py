@@ -131,6 +131,24 @@ class FLMModel(nn.Module):
         self.fusion = Fusion(fusion, hidden)
         self.flow = NormalizingFlow(hidden, flow_layers, flow_hidden, flow_kind)
 
+    def initialize_normal(self, std: float) -> None:
+        """RecBole's SASRec initialisation: N(0, std) for the item, position and attribute tables
+        (padding rows kept at 0) and the sequence encoder's linear layers, zero biases. The CF
+        encoder, the item-feature fusion, the user head and the flow keep theirs (identity starts,
+        ActNorm's data-dependent one)."""
+        for name, module in self.sequence.named_modules():
+            if isinstance(module, nn.Linear) and not name.startswith("item_embedding"):
+                nn.init.normal_(module.weight, std=std)
+                nn.init.zeros_(module.bias)
+        tables = [self.item_embedding, getattr(self.sequence, "position_embedding", None)]
+        if self.item_features is not None:
+            tables.append(self.item_features.attributes.attribute_embedding)
+        for table in filter(None, tables):
+            nn.init.normal_(table.weight, std=std)
+            if table.padding_idx is not None:
+                with torch.no_grad():
+                    table.weight[table.padding_idx].zero_()
+
     def item_table(self) -> torch.Tensor:
         """[num_items + 1, H]; row 0 is padding and must never be ranked."""
         if self.item_features is not None:
