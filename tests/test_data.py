@@ -56,3 +56,17 @@ def test_same_target_partners_share_the_target_and_are_another_window_when_one_e
         seen.add(int(partners[0]))
     assert seen == {2, 4}  # both other windows with target 5 get drawn
     np.testing.assert_array_equal(same_target_partners(targets, 3), same_target_partners(targets, 3))
+
+
+def test_rows_by_input_length_keep_their_history_and_cut_to_their_longest_input():
+    table = pa.table({"user": pa.array([0, 1, 2, 3], pa.int32()), "history": [[1, 2, 3, 4, 5], [6], [7, 8], [9, 1, 2]],
+                      "target": [9, 8, 7, 6], "negatives": [[1], [2], [3], [4]], "cold": [False, True, False, True]})
+    arrays = build_eval_arrays(table, max_len=4)
+    ordered = arrays.by_input_length()
+    assert ordered.user.tolist() == [1, 2, 3, 0]
+    assert ordered.target.tolist() == [8, 7, 6, 9] and ordered.cold.tolist() == [True, False, True, False]
+    assert ordered.negatives.view(-1).tolist() == [2, 3, 4, 1]
+    rows, items = ordered.history_pairs(1, 4)
+    assert rows.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2] and items.tolist() == [7, 8, 9, 1, 2, 1, 2, 3, 4, 5]
+    assert ordered.input_width(0, 2, multiple=1) == 2 and ordered.input_width(0, 3, multiple=2) == 4
+    assert ordered.input_width(0, 4, multiple=8) == 4  # never past max_len

@@ -450,3 +450,20 @@ def test_initialize_normal_redraws_the_sasrec_parts_and_keeps_the_identity_start
     assert any(name.startswith("item_features.projection") for name in kept)
     for name, value in kept.items():
         assert torch.equal(model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("variant", [*ENCODER_VARIANTS, "sasrec:first:pre:bsarec"])
+def test_padding_columns_before_every_history_change_no_state_of_a_left_padding_free_encoder(variant):
+    kind, *options = variant.split(":")
+    mixer = options[2] if len(options) > 2 else "attention"
+    torch.manual_seed(0)
+    encoder = SequenceEncoder(NUM_ITEMS, HIDDEN, MAX_LEN, layers=2, heads=2, dropout=0.1, kind=kind,
+                              positions=options[0] if options else "last", norm=options[1] if len(options) > 1 else "pre",
+                              mixer=mixer).eval()
+    input = left_padded_input(batch=4, seed=5)
+    input[:, :3] = 0  # three columns of padding in every row
+    assert encoder.left_padding_free == (kind == "sasrec")
+    if encoder.left_padding_free:
+        torch.testing.assert_close(encoder(input[:, 3:])[:, -1], encoder(input)[:, -1], rtol=1e-5, atol=1e-6)
+    else:  # a recurrent state drifts over padding, so evaluation never cuts it
+        assert not torch.allclose(encoder(input[:, 3:])[:, -1], encoder(input)[:, -1], atol=1e-4)

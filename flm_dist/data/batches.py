@@ -131,6 +131,27 @@ class EvalArrays:
         return EvalArrays(*(None if getattr(self, f) is None else getattr(self, f).to(device)
                             for f in self.__dataclass_fields__))
 
+    def by_input_length(self) -> "EvalArrays":
+        """The same rows ordered (stably) by input length, so that consecutive rows make batches
+        that `input_width` cuts to few positions: most users' histories are far shorter than
+        max_len, and the encoder's cost grows with the positions it runs over."""
+        lengths = (self.input != 0).sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        history_lengths = (self.history_offsets[1:] - self.history_offsets[:-1])[order]
+        offsets = torch.zeros_like(self.history_offsets)
+        torch.cumsum(history_lengths, dim=0, out=offsets[1:])
+        within = torch.arange(int(offsets[-1]), device=offsets.device) - torch.repeat_interleave(
+            offsets[:-1], history_lengths)
+        items = self.history_items[torch.repeat_interleave(self.history_offsets[:-1][order], history_lengths) + within]
+        return EvalArrays(self.user[order], self.input[order], self.target[order], self.negatives[order],
+                          offsets, items, None if self.cold is None else self.cold[order])
+
+    def input_width(self, start: int, stop: int, multiple: int = 8) -> int:
+        """Positions rows start..stop-1 need: their longest input rounded up to `multiple`, at
+        most max_len. Left padding makes cutting the input to it lossless."""
+        longest = int((self.input[start:stop] != 0).sum(dim=1).max()) if stop > start else 0
+        return min(self.input.shape[1], max(1, -(-longest // multiple)) * multiple)
+
     def history_pairs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row within batch, item) pairs of the full histories of rows start..stop-1."""
         lo, hi = self.history_offsets[start], self.history_offsets[stop]

@@ -131,6 +131,12 @@ class FLMModel(nn.Module):
         self.fusion = Fusion(fusion, hidden)
         self.flow = NormalizingFlow(hidden, flow_layers, flow_hidden, flow_kind)
 
+    @property
+    def left_padding_free(self) -> bool:
+        """Whether a user's vector is the same with fewer padding columns before the history
+        (the CF encoders never see padding), so an input may be cut to its longest row."""
+        return self.sequence.left_padding_free
+
     def initialize_normal(self, std: float) -> None:
         """RecBole's SASRec initialisation: N(0, std) for the item, position and attribute tables
         (padding rows kept at 0) and the sequence encoder's linear layers, zero biases. The CF

@@ -187,6 +187,10 @@ class Recommender(nn.Module):
             raise ValueError(f"this recommender's head was trained on the {self.source!r} "
                              f"representation; it cannot score with source {source!r}")
 
+    @property
+    def left_padding_free(self) -> bool:
+        return self.backbone.left_padding_free
+
     def user_representation(self, user: torch.Tensor, input: torch.Tensor,
                             source: Source | None = None) -> torch.Tensor:
         """[B, H] user vector scored against the item table (after the last item of `input`)."""

@@ -163,6 +163,9 @@ class SequenceEncoder(nn.Module):
         self.kind = kind
         self.max_len = max_len
         self.positions = positions
+        # The transformer masks padding keys and keeps position ids put, so the padding columns
+        # before a row's first item change none of its states; a recurrent state drifts over them.
+        self.left_padding_free = kind == "sasrec"
         self.item_embedding = item_embedding
         self.embedding_dropout = nn.Dropout(dropout)
         # Post-LN blocks end in a LayerNorm already.
