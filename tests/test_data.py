@@ -2,7 +2,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from flm_dist.data.batches import build_eval_arrays, build_train_arrays, same_target_partners
+from flm_dist.data.batches import (
+    build_eval_arrays,
+    build_train_arrays,
+    order_by_partner_width,
+    same_target_partners,
+    same_width_runs,
+)
 
 
 def _train_table(sequences):
@@ -70,3 +76,15 @@ def test_rows_by_input_length_keep_their_history_and_cut_to_their_longest_input(
     assert rows.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2] and items.tolist() == [7, 8, 9, 1, 2, 1, 2, 3, 4, 5]
     assert ordered.input_width(0, 2, multiple=1) == 2 and ordered.input_width(0, 3, multiple=2) == 4
     assert ordered.input_width(0, 4, multiple=8) == 4  # never past max_len
+
+
+def test_batches_follow_their_partners_widths_in_runs_of_one_width():
+    widths = np.array([8, 8, 16, 8, 24, 16, 8, 8])
+    order = np.array([0, 1, 3, 6, 7, 2, 5, 4])  # two batches: four windows of width 8, then the rest
+    partners = np.array([4, 2, 6, 1, 0, 5, 2, 7])
+    batches = [(0, 4, 8), (4, 8, 24)]
+    arranged, arranged_partners = order_by_partner_width(order, batches, partners, widths)
+    assert arranged.tolist() == [3, 6, 1, 0, 7, 4, 2, 5] and arranged_partners.tolist() == [6, 1, 2, 4, 0, 7, 5, 2]
+    assert dict(zip(arranged, arranged_partners)) == dict(zip(order, partners))  # every window keeps its partner
+    assert same_width_runs(widths[arranged_partners[:4]]) == [(0, 2, 8), (2, 3, 16), (3, 4, 24)]
+    assert same_width_runs(widths[arranged_partners[4:]]) == [(0, 2, 8), (2, 4, 16)]

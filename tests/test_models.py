@@ -345,6 +345,16 @@ def test_contrast_term_takes_its_positive_from_contrast_input_when_the_batch_has
     first = model.sequence_states(batch["input"])[:, -1]
     positive = model.sequence_states(batch["contrast_input"])[:, -1]
     torch.testing.assert_close(terms["contrast"], two_view_info_nce(first, positive, batch["target"][:, -1]))
+    # The same positives in runs of rows, each run cut to its own width (left padding only); no
+    # dropout, whose masks would follow the shapes.
+    model = make_model(dropout=0.0).train()
+    partners = batch["contrast_input"][(batch["contrast_input"] != 0).sum(dim=1).argsort()]
+    batch["contrast_input"] = partners
+    runs = (partners[:3, -int((partners[:3] != 0).sum(dim=1).max()):], partners[3:])
+    whole = model.losses(batch, {"seq": 1.0, "contrast": 1.0})
+    in_runs = model.losses({**batch, "contrast_input": runs}, {"seq": 1.0, "contrast": 1.0})
+    assert runs[0].shape[1] < partners.shape[1]
+    torch.testing.assert_close(in_runs["contrast"], whole["contrast"])
 
 
 @pytest.mark.parametrize("stop_gradient", [True, False])

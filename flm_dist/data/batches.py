@@ -255,3 +255,22 @@ def same_target_partners(targets: np.ndarray, seed: int) -> np.ndarray:
     partners = np.empty_like(order)
     partners[order] = order[pick]
     return partners
+
+
+def order_by_partner_width(order: np.ndarray, batches: list[tuple[int, int, int]], partners: np.ndarray,
+                           widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`order` and its windows' `partners` (aligned with it) with every batch's rows reordered by
+    their partner's width, so that the partners' pass can run one width at a time
+    (`same_width_runs`); a batch's own windows share one width, so their order is free."""
+    order, partners = order.copy(), partners.copy()
+    for first, last, _ in batches:
+        inner = np.argsort(widths[partners[first:last]], kind="stable")
+        order[first:last], partners[first:last] = order[first:last][inner], partners[first:last][inner]
+    return order, partners
+
+
+def same_width_runs(widths: np.ndarray) -> list[tuple[int, int, int]]:
+    """(start, stop, width) of each run of equal values in sorted `widths`."""
+    values, starts = np.unique(widths, return_index=True)
+    stops = np.append(starts[1:], len(widths))
+    return [(int(a), int(b), int(w)) for a, b, w in zip(starts, stops, values)]

@@ -233,8 +233,9 @@ class FLMModel(nn.Module):
         last target. flow: NLL per dimension of the fused vector under the flow. contrast:
         InfoNCE between the last sequence state and that of a second encoder pass with other
         dropout masks (see two_view_info_nce), at `contrast_temperature`, over
-        `batch["contrast_input"]` when the batch has it (windows with the same targets) and over
-        `input` again otherwise. attributes (item
+        `batch["contrast_input"]` when the batch has it (windows with the same targets: a tensor,
+        or a tuple of tensors of consecutive rows, each cut to its own width) and over `input`
+        again otherwise. attributes (item
         features only): the attribute objective of models/attributes.py, the mean of its item part
         (each target's id row) and its context part (the states predicting those targets, at the
         positions `seq_positions` picks). `softmax` picks
@@ -289,7 +290,11 @@ class FLMModel(nn.Module):
                 terms["flow"] = -self.flow.log_prob(flow_input).mean() / self.hidden
 
         if "contrast" in active:
-            positive = self.sequence_states(batch.get("contrast_input", input))[:, -1]
+            # The positives' windows: the batch's own (a second dropout pass) or other windows, in
+            # consecutive runs of rows that may each be cut to fewer positions.
+            runs = batch.get("contrast_input", input)
+            runs = runs if isinstance(runs, tuple) else (runs,)
+            positive = torch.cat([self.sequence_states(run)[:, -1] for run in runs])
             terms["contrast"] = two_view_info_nce(states[:, -1], positive, target[:, -1], contrast_temperature)
 
         if "attributes" in active:

@@ -38,7 +38,9 @@ from flm_dist.data.batches import (
     build_train_arrays,
     item_log_frequencies,
     length_bucketed_batches,
+    order_by_partner_width,
     same_target_partners,
+    same_width_runs,
     window_widths,
 )
 from flm_dist.data.cold_items import held_out_indices
@@ -424,8 +426,9 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         epoch_seed = config.train.seed * 100_003 + progress.epoch
         order, batches = length_bucketed_batches(widths, config.train.batch_size, seed=epoch_seed,
                                                  min_batches=micro_steps_per_epoch)
-        if same_target:  # the partners' pass runs at the width of the longest of them
-            partners = same_target_partners(last_targets, seed=epoch_seed)[order]
+        if same_target:  # rows follow their partners' widths: the partners' pass runs one width at a time
+            order, partners = order_by_partner_width(order, batches, same_target_partners(last_targets, epoch_seed)[order],
+                                                     widths)
             partner_widths = widths[partners]
             partners = torch.from_numpy(partners).to(device)
         order = torch.from_numpy(order).to(device)
@@ -439,7 +442,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             first, last, width = batches[progress.micro_step_in_epoch]
             batch = train.take(order[first:last], width)
             if same_target:
-                batch["contrast_input"] = train.input[partners[first:last], -int(partner_widths[first:last].max()):]
+                batch["contrast_input"] = tuple(train.input[partners[first + a:first + b], -w:]
+                                                for a, b, w in same_width_runs(partner_widths[first:last]))
             if count_flops:
                 epoch_flops += step_flops(last - first, width, config, manifest["items"])
             if config.loss.decay:
