@@ -150,7 +150,7 @@ class EvalArrays:
         """Positions rows start..stop-1 need: their longest input rounded up to `multiple`, at
         most max_len. Left padding makes cutting the input to it lossless."""
         longest = int((self.input[start:stop] != 0).sum(dim=1).max()) if stop > start else 0
-        return min(self.input.shape[1], max(1, -(-longest // multiple)) * multiple)
+        return int(padded_width(longest, self.input.shape[1], multiple))
 
     def history_pairs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row within batch, item) pairs of the full histories of rows start..stop-1."""
@@ -206,11 +206,15 @@ def filter_users(table: pa.Table, keep_users: np.ndarray) -> pa.Table:
     return table.filter(pc.is_in(table.column("user"), pa.array(keep_users, type=table.schema.field("user").type)))
 
 
+def padded_width(lengths, max_len: int, multiple: int = 8):
+    """Item counts (an int or an array) rounded up to `multiple`, at least 1 and at most max_len:
+    the positions a batch of left-padded rows is cut to. Few distinct widths keep kernel shapes few."""
+    return np.minimum(max_len, np.maximum(1, -(-lengths // multiple)) * multiple)
+
+
 def window_widths(arrays: TrainArrays, multiple: int = 8) -> np.ndarray:
     """Per window, its item count rounded up to `multiple` (capped at max_len): the batch width."""
-    lengths = (arrays.input != 0).sum(dim=1).cpu().numpy()
-    max_len = arrays.input.shape[1]
-    return np.minimum(max_len, np.maximum(1, -(-lengths // multiple)) * multiple)
+    return padded_width((arrays.input != 0).sum(dim=1).cpu().numpy(), arrays.input.shape[1], multiple)
 
 
 def length_bucketed_batches(widths: np.ndarray, batch_size: int, seed: int,
