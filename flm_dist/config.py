@@ -442,6 +442,10 @@ class TrainConfig:
     """Also checkpoint every N optimiser steps (0: only at the end of each epoch)."""
     eval_every_epochs: int = 1
     """Validate every N epochs."""
+    eval_from_epoch: int = 1
+    """Validate no epoch before this one (the last epoch always is). Early validations rarely hold
+    the best checkpoint and never stop a run, so skipping them is time saved; early stopping's
+    `patience` counts only the validations that run."""
     patience: int = 10
     """Stop after this many validations without improvement of `eval.monitor`."""
     stop_at: float = 0.0
@@ -478,6 +482,7 @@ class TrainConfig:
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         require(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
         require(self.eval_every_epochs > 0, "eval_every_epochs", "must be positive")
+        require(self.eval_from_epoch > 0, "eval_from_epoch", "must be positive")
         require(self.patience > 0, "patience", "must be positive")
         require(self.max_steps >= 0, "max_steps", "must be >= 0")
         require(self.stop_at >= 0, "stop_at", "must be >= 0 (0: never)")
@@ -486,6 +491,10 @@ class TrainConfig:
         require(not (self.compile and (self.sparse_user_table or self.sparse_item_table)), "compile",
                 "torch.compile cannot compile the backward of sparse embedding gradients; use "
                 "train.compile=false with sparse_user_table / sparse_item_table, or dense tables")
+
+    def validates(self, epoch: int) -> bool:
+        """Whether the scheduled validation runs after `epoch` (a run's last epoch validates anyway)."""
+        return epoch >= self.eval_from_epoch and epoch % self.eval_every_epochs == 0
 
 
 @dataclasses.dataclass

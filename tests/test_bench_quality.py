@@ -75,3 +75,19 @@ def test_bf16_on_a_cpu_without_native_bf16_falls_back_to_fp32(monkeypatch, caplo
     with caplog.at_level("WARNING", logger="flm_dist"):
         assert not autocasts_bf16("bf16", cpu)
     assert "no native bf16" in caplog.text
+
+
+def test_validation_starts_at_eval_from_epoch_and_leaves_training_unchanged(tiny_data, tmp_path):
+    from flm_dist.train.pretrain import run_pretrain
+
+    every = run_pretrain(_config(tiny_data, tmp_path / "every"))["history"]
+    late = run_pretrain(_config(tiny_data, tmp_path / "late", "train.eval_from_epoch=3"))["history"]
+    monitor = "valid/ndcg@10/full"
+    assert [monitor in record for record in every] == [True] * 4
+    assert [monitor in record for record in late] == [False, False, True, True]
+    # Skipped validations change nothing of training: the same losses and the same validations later.
+    assert [r["loss/total"] for r in late] == [r["loss/total"] for r in every]
+    assert [r[monitor] for r in late[2:]] == [r[monitor] for r in every[2:]]
+    reached = run_bench_quality(_config(tiny_data, tmp_path / "bench", "train.eval_from_epoch=2"),
+                                "valid/ndcg@10/full_nomask=0.0001")
+    assert reached["epochs_to_target"] == 2

@@ -502,7 +502,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         # Every rank must take the same decision: the slowest rank's clock decides.
         over_budget = bool(config.train.time_budget_minutes) and distributed.all_reduce_max(
             torch.tensor(wall_seconds(), dtype=torch.float64, device=device)).item() > 60 * config.train.time_budget_minutes
-        if progress.epoch % config.train.eval_every_epochs == 0 or finished or over_budget:
+        if config.train.validates(progress.epoch) or finished or over_budget:
             validate(record)
             if progress.evals_without_improvement >= config.train.patience:
                 log.info("early stopping: %s has not improved for %d validations",

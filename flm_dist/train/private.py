@@ -435,7 +435,7 @@ def train_private(config: FinetuneConfig, session, model_factory, train_filter=N
                   "epoch_seconds": elapsed, "sequences_per_second": rows / max(elapsed, 1e-9),
                   "lr": scheduler.get_last_lr()[0], "skipped_steps": 0, "privacy/epsilon": spent,
                   "privacy/steps": applied}
-        if progress.epoch % config.train.eval_every_epochs == 0 or finished:
+        if config.train.validates(progress.epoch) or finished:
             broken = first_nonfinite(model.state_dict())
             if broken:
                 raise UserError(f"DP fine-tuning diverged by step {progress.step}: the weights hold NaN or inf "
