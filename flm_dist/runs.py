@@ -17,6 +17,7 @@ from flm_dist.config import ModelConfig, from_dict
 from flm_dist.data.item_features import ItemAttributeArrays, load_item_attributes
 from flm_dist.errors import UserError
 from flm_dist.models import FLMModel
+from flm_dist.models.dropout import set_dropout_masks
 from flm_dist.models.recommender import Recommender
 from flm_dist.train.checkpoint import load_checkpoint, require_finite_weights
 from flm_dist.train.configs import FinetuneConfig
@@ -67,6 +68,7 @@ def build_model(config: ModelConfig, num_users: int, num_items: int,
                      filter_cutoff=config.filter_cutoff, **features)
     if config.init_std:
         model.initialize_normal(config.init_std)
+    set_dropout_masks(model, config.dropout_masks)
     if features and len(attributes.held_out):  # held-out cold items are scored from their attributes alone
         model.item_features.without_id_rows(torch.from_numpy(attributes.held_out))
     return model

@@ -28,6 +28,16 @@ def test_bench_train_prints_sane_numbers(tiny_data, tmp_path, capsys, softmax):
     assert '"sequences_per_s"' in capsys.readouterr().out
 
 
+def test_bench_train_profile_names_the_operators_that_take_the_time(tiny_data, tmp_path):
+    profile = run_bench_train(_config(tiny_data, tmp_path), steps=1, warmup=1, profile_steps=2,
+                              profile_ops=1000)["profile"]
+    assert len({row["op"] for row in profile}) == len(profile) > 5
+    shares = [row["share"] for row in profile]
+    assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(1.0)
+    assert all(row["self_ms_per_step"] >= 0 and row["calls_per_step"] > 0 for row in profile)
+    assert {"aten::mm", "aten::addmm"} & {row["op"] for row in profile}
+
+
 def test_step_flops_counts_the_softmax():
     config = load_config(PretrainConfig, None, ["data=d", "output=o", "model.hidden=8", "model.layers=1",
                                                 "loss.cf=0", "loss.fused=0", "loss.flow=0"])

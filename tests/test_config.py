@@ -25,6 +25,7 @@ def test_overrides_nested_and_typed(tmp_path):
     ("model.encoder=bert", "model.encoder"),
     ("train.lr=-1", "train.lr"),
     ("train.eval_from_epoch=0", "train.eval_from_epoch"),
+    ("model.dropout_masks=uniform", "model.dropout_masks"),
     ("model.flow_stop_gradient=maybe", "model.flow_stop_gradient"),
     ("model.cf_user=items", "model.cf_user"),
     ("loss.decay=[seq,cf,fused]", "loss.decay"),  # nothing left with a constant weight

@@ -477,3 +477,61 @@ def test_padding_columns_before_every_history_change_no_state_of_a_left_padding_
         torch.testing.assert_close(encoder(input[:, 3:])[:, -1], encoder(input)[:, -1], rtol=1e-5, atol=1e-6)
     else:  # a recurrent state drifts over padding, so evaluation never cuts it
         assert not torch.allclose(encoder(input[:, 3:])[:, -1], encoder(input)[:, -1], atol=1e-4)
+
+
+def test_bit_dropout_drops_at_the_rate_asked_and_rescales_the_rest():
+    from flm_dist.models.dropout import bit_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400_000)
+    for p in (0.5, 0.2):
+        out = bit_dropout(x, p)
+        kept = out != 0
+        assert abs(1 - kept.float().mean().item() - p) < 0.003
+        assert torch.allclose(out[kept], torch.full_like(out[kept], 65536 / (65536 - round(p * 65536))))
+        assert abs(out.mean().item() - 1) < 0.005  # unbiased
+    torch.manual_seed(1)
+    first = bit_dropout(x[:1000], 0.5)
+    torch.manual_seed(1)
+    assert torch.equal(first, bit_dropout(x[:1000], 0.5))  # from torch's seeded generator
+
+
+def test_bit_dropout_gradient_is_the_mask():
+    from flm_dist.models.dropout import Dropout, set_dropout_masks
+
+    layer = Dropout(0.5)
+    set_dropout_masks(layer, "bits")
+    x = torch.randn(64, 33, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, (out != 0).float() * 2.0)
+    layer.eval()
+    assert layer(x) is x
+
+
+def test_bits_masks_change_training_only_and_attention_matches_the_fused_kernel():
+    from flm_dist.models.dropout import Dropout, attention, set_dropout_masks
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 4, 2, 7, 8).unbind(0)
+    allowed = torch.ones(7, 7, dtype=torch.bool).tril().expand(4, 1, 7, 7)
+    dropout = Dropout(0.0)
+    set_dropout_masks(dropout, "bits")
+    dropout.p = 1e-9  # takes the explicit path (p > 0) yet drops nothing at 16-bit resolution
+    explicit = attention(query, key, value, allowed, dropout)
+    dropout.eval()
+    fused = attention(query, key, value, allowed, dropout)
+    assert torch.allclose(explicit, fused, atol=1e-5)
+
+    model = FLMModel(num_users=5, num_items=30, hidden=16, max_len=8, layers=2, heads=2, dropout=0.5)
+    set_dropout_masks(model, "bits")
+    batch = torch.randint(1, 31, (6, 8))
+    model.eval()
+    reference = model.sequence_states(batch)
+    set_dropout_masks(model, "bernoulli")
+    assert torch.equal(model.sequence_states(batch), reference)  # evaluation never draws masks
+    model.train()
+    set_dropout_masks(model, "bits")
+    assert not torch.allclose(model.sequence_states(batch), reference)
+    with pytest.raises(ValueError, match="dropout masks"):
+        set_dropout_masks(model, "uniform")

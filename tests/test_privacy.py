@@ -328,8 +328,6 @@ def test_per_user_gradients_equal_one_user_at_a_time():
     for module in model.modules():  # no dropout: the same function in both computations
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if hasattr(module, "attention_dropout"):
-            module.attention_dropout = 0.0
     _, wrapped, _, _ = _private(model, 1.0, users=4)
     rows = _rows(4)
     rows["input"][:, :2], rows["target"][:, :2] = 0, 0  # left padding, as in real windows

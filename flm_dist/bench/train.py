@@ -6,7 +6,9 @@ optimiser steps. The step time is split into data (building the batch from the o
 windows) and compute (forward, backward, non-finite check, optimiser). Model FLOPs per second (an
 analytic count of the matmuls, `flm_dist.train.flops.step_flops`) are reported over the measured
 matmul peak of this device in the step's precision (`peak_fraction`) and, on a known GPU, over its
-dense bf16 peak (`mfu`).
+dense bf16 peak (`mfu`). With `profile_steps`, that many further steps run under the torch
+profiler, and `profile` lists the operators that took most of their time (self time per step
+and share of the profiled steps), to say where the time goes when the fraction of peak is low.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from flm_dist.train.loop import (
 from flm_dist.train.session import LocalSession
 
 
-def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -> dict[str, Any]:
+def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10, profile_steps: int = 0,
+                    profile_ops: int = 15) -> dict[str, Any]:
     session = LocalSession(config.data, config.output)
     device = session.device()
     setup = setup_training(config, session, device)
@@ -51,7 +54,9 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -
     sequences = tokens = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for index in range(warmup + steps):
+
+    def step(index: int) -> tuple[dict[str, torch.Tensor], float, float, float]:
+        """One optimiser step on the plan's `index`th batch: (batch, start, batch built, step done)."""
         first, last, width = batches[index % len(batches)]
         synchronize()
         started = time.perf_counter()
@@ -63,7 +68,10 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize()
-        finished = time.perf_counter()
+        return batch, started, built, time.perf_counter()
+
+    for index in range(warmup + steps):
+        batch, started, built, finished = step(index)
         if index >= warmup:
             data_seconds += built - started
             compute_seconds += finished - built
@@ -87,5 +95,24 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10) -
         "peak_tflops_per_s": measured_peak / 1e12, "peak_fraction": flops / total / measured_peak,
         "threads": torch.get_num_threads(), "mfu": flops / total / peak if peak else None,
     }
+    if profile_steps:
+        result["profile"] = _profile(lambda: [step(warmup + steps + i) for i in range(profile_steps)],
+                                     profile_steps, profile_ops)
     print(json.dumps(result))
     return result
+
+
+def _profile(run_steps, steps: int, top: int) -> list[dict[str, Any]]:
+    """The `top` operators by self time (CPU, or CUDA where there is a GPU) over `run_steps()`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        run_steps()
+    events = profiler.key_averages()
+    self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(self_time(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_time, reverse=True)[:top]
+    return [{"op": e.key, "self_ms_per_step": self_time(e) / 1000 / steps, "share": self_time(e) / total,
+             "calls_per_step": e.count / steps} for e in ranked]

@@ -16,7 +16,7 @@ def cmd_bench_train(args):
     from flm_dist.train.configs import PretrainConfig
 
     config = config_from_args(PretrainConfig, args, {"data": args.data, "output": args.output})
-    run_bench_train(config, steps=args.steps, warmup=args.warmup)
+    run_bench_train(config, steps=args.steps, warmup=args.warmup, profile_steps=args.profile)
 
 
 def cmd_bench_quality(args):
@@ -64,6 +64,8 @@ def add_commands(commands) -> None:
     bench_train.add_argument("--output", default=".bench/train", help="scratch run directory")
     bench_train.add_argument("--steps", type=int, default=50)
     bench_train.add_argument("--warmup", type=int, default=10)
+    bench_train.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                             help="then profile this many steps: the operators that take the time")
     add_config_arguments(bench_train)
     bench_train.set_defaults(run=cmd_bench_train)
     bench_quality = benches.add_parser("quality", help="time to a validation target, pretraining from the "

@@ -11,9 +11,9 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from flm_dist.models.dropout import Dropout, attention
 from flm_dist.models.frequency import FrequencyFilter, MixerKind
 
 EncoderKind = Literal["sasrec", "gru", "lstm"]
@@ -59,7 +59,7 @@ class CausalSelfAttentionBlock(nn.Module):
         super().__init__()
         self.post_norm = norm == "post"
         self.heads = heads
-        self.attention_dropout = dropout
+        self.attention_dropout = Dropout(dropout)
         self.attention_norm = nn.LayerNorm(hidden)
         if mixer != "fmlp":
             self.qkv = nn.Linear(hidden, 3 * hidden)
@@ -77,7 +77,7 @@ class CausalSelfAttentionBlock(nn.Module):
             nn.GELU(),
             nn.Linear(FEEDFORWARD_MULTIPLIER * hidden, hidden),
         )
-        self.residual_dropout = nn.Dropout(dropout)
+        self.residual_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
         if self.mixer != "attention":
@@ -111,9 +111,7 @@ class CausalSelfAttentionBlock(nn.Module):
         batch, length, hidden = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0)
+        attended = attention(query, key, value, attention_mask, self.attention_dropout)
         return self.attention_output(attended.transpose(1, 2).reshape(batch, length, hidden))
 
 
@@ -167,7 +165,7 @@ class SequenceEncoder(nn.Module):
         # before a row's first item change none of its states; a recurrent state drifts over them.
         self.left_padding_free = kind == "sasrec"
         self.item_embedding = item_embedding
-        self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_dropout = Dropout(dropout)
         # Post-LN blocks end in a LayerNorm already.
         self.output_norm = nn.Identity() if kind == "sasrec" and norm == "post" else nn.LayerNorm(hidden)
         if kind == "sasrec":
