@@ -272,7 +272,9 @@ class ModelConfig:
     draws; `bits`, 16-bit slices of 64-bit random words against a threshold (p rounded to a
     multiple of 1/65536; models/dropout.py). On a CPU `bits` makes the masks about 6x cheaper,
     where Bernoulli draws took a third of the SASRec step. Another random stream: a run with one
-    does not repeat a run with the other step for step. GRU/LSTM inter-layer dropout stays torch's."""
+    does not repeat a run with the other step for step. On a GPU, torch's masks are cheap and fused
+    into its attention kernel, so `bits` leaves them to torch there. GRU/LSTM inter-layer dropout
+    stays torch's."""
     cf_user: Literal["table", "history"] = "table"
     """The CF encoder's user vector: `table`, matrix factorisation (a learned row per user,
     fitted to all of the user's training items), or `history`, item-based factorisation (a

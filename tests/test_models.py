@@ -535,3 +535,16 @@ def test_bits_masks_change_training_only_and_attention_matches_the_fused_kernel(
     assert not torch.allclose(model.sequence_states(batch), reference)
     with pytest.raises(ValueError, match="dropout masks"):
         set_dropout_masks(model, "uniform")
+
+
+@pytest.mark.gpu
+def test_bits_masks_leave_gpu_tensors_to_torch():
+    from flm_dist.models.dropout import Dropout, set_dropout_masks
+
+    layer = Dropout(0.5)
+    set_dropout_masks(layer, "bits")
+    x = torch.ones(10_000, device="cuda")
+    torch.manual_seed(0)
+    ours = layer(x)
+    torch.manual_seed(0)
+    assert torch.equal(ours, torch.nn.functional.dropout(x, 0.5, training=True))

@@ -6,7 +6,8 @@ element is one 16-bit slice of 64-bit random words, compared with a threshold: t
 probability is `p` rounded to a multiple of 1/65536 (exact for 0.5, 0.25, ...), kept elements
 are scaled by the inverse of the rounded keep probability, and the stream still comes from
 torch's seeded generator. The two kinds draw different masks, so a run with one does not
-repeat a run with the other step for step.
+repeat a run with the other step for step. On a GPU, where torch's masks are cheap and fused into
+its attention kernel, `bits` leaves them to torch.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ class Dropout(nn.Dropout):
 
     masks: DropoutMasks = "bernoulli"
 
+    def draws_bits(self, x: torch.Tensor) -> bool:
+        return self.masks == "bits" and self.training and self.p > 0 and x.device.type == "cpu"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.masks == "bits" and self.training and self.p > 0:
-            return bit_dropout(x, self.p)
-        return super().forward(x)
+        return bit_dropout(x, self.p) if self.draws_bits(x) else super().forward(x)
 
 
 def set_dropout_masks(module: nn.Module, masks: DropoutMasks) -> None:
@@ -57,8 +59,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allow
               dropout: Dropout) -> torch.Tensor:
     """Scaled dot-product attention with `dropout` on the attention probabilities (`allowed`:
     True where a query may attend). Uses torch's fused kernel unless the masks are `bits` in
-    training, where the probabilities are formed here so that `dropout` can draw their mask."""
-    if not (dropout.training and dropout.masks == "bits" and dropout.p > 0):
+    training on a CPU, where the probabilities are formed here so that `dropout` can draw their mask."""
+    if not dropout.draws_bits(query):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed,
                                               dropout_p=dropout.p if dropout.training else 0.0)
     scores = (query @ key.transpose(-2, -1)) * query.shape[-1] ** -0.5
