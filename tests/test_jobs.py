@@ -356,7 +356,8 @@ PRESET_STAGES = {"data/prepare": ("prepare", {}),
                  "recipes/ablate": ("ablate", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/ablate_cpu": ("ablate", {"data": ".data/x", "output": "runs/x"})}
 # The SASRec recipe measured on Beauty (docs/results.md, "Quality on Beauty"); every dataset's SASRec job uses it.
-MEASURED_SASREC = {"model": {"hidden": 64, "layers": 2, "dropout": 0.5, "positions": "first", "init_std": 0.02},
+MEASURED_SASREC = {"model": {"hidden": 64, "layers": 2, "dropout": 0.5, "positions": "first", "init_std": 0.02,
+                             "dropout_masks": "bits"},
                    "loss": {"seq": 1.0, "cf": 0.0, "fused": 0.0, "flow": 0.0},
                    "train": {"batch_size": 256, "lr": 2e-3, "windows": "prefixes", "epochs": 20, "patience": 10,
                              "precision": "bf16"},
