@@ -490,6 +490,8 @@ def test_bit_dropout_drops_at_the_rate_asked_and_rescales_the_rest():
         assert abs(1 - kept.float().mean().item() - p) < 0.003
         assert torch.allclose(out[kept], torch.full_like(out[kept], 65536 / (65536 - round(p * 65536))))
         assert abs(out.mean().item() - 1) < 0.005  # unbiased
+    assert torch.equal(bit_dropout(x[:10], 1 - 1e-6), torch.zeros(10))  # rounds to 1: all dropped
+    assert torch.equal(bit_dropout(x[:10], 1e-6), x[:10])  # rounds to 0: none
     torch.manual_seed(1)
     first = bit_dropout(x[:1000], 0.5)
     torch.manual_seed(1)

@@ -27,6 +27,8 @@ def bit_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     threshold = round(p * LEVELS)
     if threshold == 0:
         return x
+    if threshold == LEVELS:  # p within 2**-17 of 1: nothing is kept
+        return x * 0
     count = x.numel()
     words = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + 3) // 4,), dtype=torch.int64, device=x.device)
     uniform = words.view(torch.int16)[:count].view(x.shape)  # uniform over [-2**15, 2**15)
