@@ -317,7 +317,9 @@ class ModelConfig:
         require(1 <= self.filter_cutoff <= self.max_len, "filter_cutoff", f"must be in [1, max_len={self.max_len}]")
 
 
-WEIGHTED_LOSS_TERMS = ("seq", "cf", "flow", "fused", "contrast", "attributes")
+WEIGHTED_LOSS_TERMS = ("seq", "cf", "flow", "fused", "contrast", "attributes", "intent")
+# Logged only when their weight is > 0, so runs without them log what they did before.
+OPTIONAL_LOSS_TERMS = ("attributes", "intent")
 
 
 def cosine_decay(progress: float) -> float:
@@ -369,11 +371,23 @@ class LossConfig:
     """Weight of the attribute objective (needs model.item_features): multi-label BCE of each
     target item's attributes from its id row and from the sequence state that predicts it.
     Logged as loss/attributes only when > 0, so runs without it log what they did before."""
+    intent: float = 0.0
+    """Weight of the intent contrastive term (ICSRec's fine-grained intent, after ICLRec): at
+    each epoch's start the last sequence states of all the workers' training windows are
+    clustered by k-means into `intent_clusters` intents (eval mode, no gradients); each step,
+    InfoNCE pulls a window's state towards the centroid nearest to it, the other windows'
+    centroids as negatives (those of the same intent left out). Costs an encoder pass over the
+    training windows per epoch, without the item softmax. Logged as loss/intent only when > 0.
+    Pretraining only."""
+    intent_clusters: int = 256
+    """Number of k-means intents of the intent term (ICSRec uses 256 on Beauty, Toys and Sports)."""
+    intent_temperature: float = 1.0
+    """Temperature of the intent term's dot-product logits (ICSRec uses 1)."""
     label_smoothing: float = 0.0
     """Label smoothing eps of the full-softmax CE terms (seq, fused, CF with cf_loss=ce): each
     target keeps 1 - eps of the probability mass and eps is spread evenly over all items, which
     caps how sharply the model may bet on one item. Costs nothing; needs softmax=full."""
-    decay: list[Literal["seq", "cf", "fused", "flow", "contrast", "attributes"]] = dataclasses.field(
+    decay: list[Literal["seq", "cf", "fused", "flow", "contrast", "attributes", "intent"]] = dataclasses.field(
         default_factory=list)
     """Terms whose weight falls from its set value towards 0 along a cosine of the optimiser
     step over the run (e.g. `[cf, fused, flow]`): the auxiliary terms shape the shared item
@@ -383,6 +397,8 @@ class LossConfig:
         for name in WEIGHTED_LOSS_TERMS:
             require(getattr(self, name) >= 0.0, name, "loss weights must be >= 0")
         require(self.contrast_temperature > 0, "contrast_temperature", "must be > 0")
+        require(self.intent_temperature > 0, "intent_temperature", "must be > 0")
+        require(self.intent_clusters >= 2, "intent_clusters", "must be >= 2")
         require(self.contrast_positive == "dropout" or self.contrast > 0, "contrast_positive",
                 "needs loss.contrast > 0")
         require(self.seq + self.cf + self.fused > 0, "seq", "at least one of seq, cf, fused must be > 0")
@@ -400,7 +416,7 @@ class LossConfig:
         decayed terms stay above 0 before the last step, so no term drops out of the graph."""
         factor = cosine_decay(progress)
         return {name: getattr(self, name) * (factor if name in self.decay else 1.0)
-                for name in WEIGHTED_LOSS_TERMS if name != "attributes" or self.attributes > 0}
+                for name in WEIGHTED_LOSS_TERMS if name not in OPTIONAL_LOSS_TERMS or getattr(self, name) > 0}
 
 
 @dataclasses.dataclass

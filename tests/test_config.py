@@ -34,6 +34,8 @@ def test_overrides_nested_and_typed(tmp_path):
     ("loss.label_smoothing=1.0", "loss.label_smoothing"),
     ("loss.contrast_positive=same_target", "loss.contrast_positive"),  # loss.contrast is 0
     ("model.init_std=-0.02", "model.init_std"),
+    ("loss.intent_clusters=1", "loss.intent_clusters"),
+    ("loss.intent_temperature=0", "loss.intent_temperature"),
     ("model.mixer=bsarec", "model.mixer"),  # not causal, and train.windows defaults to all
 ])
 def test_bad_values_name_the_key(override, key):

@@ -295,6 +295,8 @@ def test_config_takes_the_model_from_the_checkpoint(pretrained, tiny_data, tmp_p
         _finetune(pretrained, tiny_data, "s", "finetune.flow=none", "loss.flow=0.1")
     with pytest.raises(ConfigKeyError, match="loss.contrast"):
         _finetune(pretrained, tiny_data, "s", "loss.contrast=0.1")
+    with pytest.raises(ConfigKeyError, match="loss.intent"):
+        _finetune(pretrained, tiny_data, "s", "loss.intent=0.1")
 
 
 @pytest.mark.slow

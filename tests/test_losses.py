@@ -10,7 +10,9 @@ from flm_dist.models.losses import (
     ItemDistribution,
     bpr_loss,
     full_softmax_ce,
+    intent_info_nce,
     masked_mean,
+    nearest_centroid,
     sample_items,
     sampled_softmax_ce,
     two_view_info_nce,
@@ -250,3 +252,18 @@ def test_two_view_info_nce_stays_fp32_under_bf16_autocast():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         autocast = two_view_info_nce(first, second, targets)
     torch.testing.assert_close(autocast, exact)
+
+
+def test_intent_info_nce_pairs_each_state_with_its_nearest_centroid_and_spares_same_intent_negatives():
+    torch.manual_seed(0)
+    centroids = torch.randn(3, HIDDEN)
+    intent = torch.tensor([0, 2, 0, 1, 2])
+    states = (centroids[intent] + 0.1 * torch.randn(5, HIDDEN)).requires_grad_()
+    targets = torch.tensor([4, 9, 4, 0, 3])  # row 3 has no target and is left out
+    assert nearest_centroid(states.detach(), centroids).tolist() == intent.tolist()
+    loss = intent_info_nce(states, centroids, targets, temperature=0.5)
+    # Same-intent rows (0 and 2; 1 and 4) are not each other's negatives, whatever their targets.
+    labels = torch.tensor([1, 3, 1, 0, 3])
+    torch.testing.assert_close(loss, two_view_info_nce(states, centroids[intent], labels, 0.5))
+    loss.backward()
+    assert states.grad[[0, 1, 2, 4]].abs().sum(1).min() > 0 and states.grad[3].abs().sum() == 0

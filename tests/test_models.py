@@ -8,7 +8,7 @@ import torch
 
 from flm_dist.models import FLMModel, MatrixFactorization, NormalizingFlow, SequenceEncoder
 from flm_dist.models.cf import HistoryCF
-from flm_dist.models.losses import ItemDistribution, full_softmax_ce, two_view_info_nce
+from flm_dist.models.losses import ItemDistribution, full_softmax_ce, intent_info_nce, two_view_info_nce
 
 NUM_USERS = 12
 NUM_ITEMS = 30
@@ -332,6 +332,20 @@ def test_contrast_term_compares_two_dropout_passes_of_the_encoder():
     torch.testing.assert_close(terms["total"], terms["seq"] + 0.5 * terms["contrast"])
     model.zero_grad()
     terms["contrast"].backward()
+    assert model.item_embedding.weight.grad.abs().sum() > 0
+
+
+def test_intent_term_contrasts_the_last_state_with_the_batch_centroids():
+    model = make_model(dropout=0.0).train()
+    batch = make_batch()
+    batch["intent_centroids"] = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(1))
+    terms = model.losses(batch, {"seq": 1.0, "intent": 0.3}, intent_temperature=0.5)
+    last = model.sequence_states(batch["input"])[:, -1]
+    expected = intent_info_nce(last, batch["intent_centroids"], batch["target"][:, -1], 0.5)
+    torch.testing.assert_close(terms["intent"], expected)
+    torch.testing.assert_close(terms["total"], terms["seq"] + 0.3 * terms["intent"])
+    model.zero_grad()
+    terms["intent"].backward()
     assert model.item_embedding.weight.grad.abs().sum() > 0
 
 

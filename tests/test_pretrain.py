@@ -78,16 +78,19 @@ SPARSE_TABLES = ["train.sparse_user_table=true", "train.sparse_item_table=true",
                  "loss.num_negatives=16", "loss.max_in_batch_negatives=8"]
 
 
-@pytest.mark.parametrize("variant", ["dense", "sparse_user_table", "sparse_tables", "decayed_weights", "bit_dropout"])
+@pytest.mark.parametrize("variant", ["dense", "sparse_user_table", "sparse_tables", "decayed_weights", "bit_dropout",
+                                     "intents"])
 def test_resume_after_crash_matches_uninterrupted_run(tiny_data, tmp_path, variant):
     # The sparse tables' lazy moments live in the optimiser state and must survive the crash;
     # decayed loss weights must pick up at the resumed step, not restart at full weight, and the
-    # contrastive term's second pass must draw the same partners and dropout masks.
+    # contrastive term's second pass must draw the same partners and dropout masks; a resume inside
+    # an epoch must keep that epoch's intents.
     overrides = ["scaling.workers=0", "train.epochs=2", "train.checkpoint_every_steps=3", "train.user_lr_scale=5"]
     overrides += {"dense": [], "sparse_user_table": ["train.sparse_user_table=true"],
                   "sparse_tables": SPARSE_TABLES, "decayed_weights": ["loss.decay=[cf,fused,flow]", "loss.contrast=0.1",
                                       "loss.contrast_positive=same_target"],
-                  "bit_dropout": ["model.dropout_masks=bits", "loss.contrast=0.1"]}[variant]
+                  "bit_dropout": ["model.dropout_masks=bits", "loss.contrast=0.1"],
+                  "intents": ["loss.intent=0.5", "loss.intent_clusters=4"]}[variant]
     straight = _config(tiny_data, tmp_path / "straight", *overrides)
     train_loop(straight, LocalSession(tiny_data, straight.output))
 

@@ -23,6 +23,7 @@ from flm_dist.models.losses import (
     ItemDistribution,
     bpr_loss,
     full_softmax_ce,
+    intent_info_nce,
     item_rows,
     masked_mean,
     sample_items,
@@ -40,7 +41,7 @@ from flm_dist.models.sequence import (
 FusionKind = Literal["concat", "sum", "gate"]
 UserHeadKind = Literal["none", "linear"]
 RepresentationSource = Literal["fused", "sequence", "cf"]
-LOSS_TERMS = ("seq", "cf", "fused", "flow", "contrast", "attributes")
+LOSS_TERMS = ("seq", "cf", "fused", "flow", "contrast", "attributes", "intent")
 
 
 class Fusion(nn.Module):
@@ -222,7 +223,8 @@ class FLMModel(nn.Module):
                seq_positions: Literal["all", "last"] = "all",
                max_in_batch_negatives: int = 0,
                contrast_temperature: float = 1.0,
-               label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+               label_smoothing: float = 0.0,
+               intent_temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE at every position with a target (`seq_positions="last"`: at the last
@@ -238,7 +240,9 @@ class FLMModel(nn.Module):
         again otherwise. attributes (item
         features only): the attribute objective of models/attributes.py, the mean of its item part
         (each target's id row) and its context part (the states predicting those targets, at the
-        positions `seq_positions` picks). `softmax` picks
+        positions `seq_positions` picks). intent: InfoNCE between the last sequence state and the
+        nearest of `batch["intent_centroids"]` [K, H] (see intent_info_nce), at
+        `intent_temperature`. `softmax` picks
         full or sampled softmax (in-batch + `num_negatives` sampled from `popularity` or uniform,
         logQ-corrected) for the CE terms; `chunk_size` bounds the full-softmax logit block (see
         full_softmax_ce), `max_in_batch_negatives` the sampled one (see sampled_softmax_ce);
@@ -266,7 +270,7 @@ class FLMModel(nn.Module):
                                       max_in_batch=max_in_batch_negatives)
 
         terms: dict[str, torch.Tensor] = {}
-        states = (self.sequence_states(input) if active & {"seq", "fused", "flow", "contrast", "attributes"}
+        states = (self.sequence_states(input) if active & {"seq", "fused", "flow", "contrast", "attributes", "intent"}
                   else None)
         cf_vectors = None  # [B, H] per user (table) or [B, L, H] per position (history)
         if active & {"cf", "fused", "flow"}:
@@ -299,6 +303,10 @@ class FLMModel(nn.Module):
 
         if "attributes" in active:
             terms["attributes"] = self.attribute_loss(states, target, seq_positions)
+
+        if "intent" in active:
+            terms["intent"] = intent_info_nce(states[:, -1], batch["intent_centroids"], target[:, -1],
+                                              intent_temperature)
 
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms

@@ -185,3 +185,22 @@ def two_view_info_nce(first: torch.Tensor, second: torch.Tensor, targets: torch.
     logits = logits.masked_fill(same_answer & ~is_positive, -math.inf)
     per_view = F.cross_entropy(logits, positive, reduction="none")
     return masked_mean(per_view, labels != 0)
+
+
+def intent_info_nce(states: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """ICSRec's fine-grained intent term: each state [B, H] is paired with the nearest of the
+    intent `centroids` [K, H] (squared distance, no gradient through the choice or the
+    centroids), and two_view_info_nce contrasts the states with their centroids, so that windows
+    of the same intent are not each other's negatives. Rows whose `targets` [B] is 0 are ignored.
+    """
+    with torch.no_grad():
+        intent = nearest_centroid(states.detach().float(), centroids.float())
+    labels = torch.where(targets != 0, intent + 1, 0)
+    return two_view_info_nce(states, centroids[intent].to(states.dtype), labels, temperature)
+
+
+def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index [N] of the nearest of `centroids` [K, H] to each of `points` [N, H] (squared L2)."""
+    # ||p - c||^2 = ||p||^2 - 2 p.c + ||c||^2; ||p||^2 is the same for every centroid.
+    return (centroids.square().sum(1) - 2 * points @ centroids.T).argmin(1)

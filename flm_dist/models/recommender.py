@@ -237,7 +237,8 @@ class Recommender(nn.Module):
                 seq_positions: Literal["all", "last"] = "all",
                 max_in_batch_negatives: int = 0,
                 contrast_temperature: float = 1.0,
-                label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+                label_smoothing: float = 0.0,
+                intent_temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE of the user vector after every position with a target (after the last
@@ -254,8 +255,8 @@ class Recommender(nn.Module):
         active = {term for term in LOSS_TERMS if weights.get(term, 0.0) != 0.0}
         if not active & {"seq", "fused"}:
             raise ValueError("the recommender needs a nonzero 'seq' or 'fused' loss weight")
-        if "contrast" in active:
-            raise ValueError("the contrastive term is a pretraining term; the recommender has none")
+        if active & {"contrast", "intent"}:
+            raise ValueError("the contrastive terms are pretraining terms; the recommender has none")
         if softmax not in ("full", "sampled"):
             raise ValueError(f"unknown softmax {softmax!r}; expected 'full' or 'sampled'")
         user, input, target = batch["user"], batch["input"], batch["target"]

@@ -241,6 +241,7 @@ class FinetuneConfig:
                 "loss.flow", "the flow NLL needs a flow that is used and trained (finetune.flow latent or "
                 "density, finetune.mode full)")
         require(self.loss.contrast == 0, "loss.contrast", "is a pretraining term; fine-tuning has none")
+        require(self.loss.intent == 0, "loss.intent", "is a pretraining term; fine-tuning has none")
         require(self.loss.cf == 0 or self.finetune.mode == "full", "loss.cf",
                 "frozen mode fixes the MF user vectors; set loss.cf=0")
         require(self.eval.user_source == self.finetune.source, "eval.user_source",

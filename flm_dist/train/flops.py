@@ -29,7 +29,9 @@ def step_flops(rows: int, width: int, config: PretrainConfig, num_items: int) ->
     frequency filter's [L, L] matrices),
     the softmax logits of each active loss term (all positions for `seq`, one row per user for
     `cf` and `fused`; in-batch + sampled columns for sampled softmax), the flow's couplings and,
-    for the contrastive term, the second encoder pass and its similarity block.
+    for the contrastive term, the second encoder pass and its similarity block; for the intent
+    term, the nearest-centroid search and its similarity block (the clustering pass at each
+    epoch's start is not a step's and is left out).
     Embedding lookups, norms and element-wise work are left out.
     """
     hidden, layers = config.model.hidden, config.model.layers
@@ -48,6 +50,8 @@ def step_flops(rows: int, width: int, config: PretrainConfig, num_items: int) ->
     macs = encoder_macs
     if weights["contrast"]:  # a second encoder pass and the [2B x 2B] similarity block
         macs += encoder_macs + (2 * rows) ** 2 * hidden
+    if weights.get("intent"):
+        macs += rows * config.loss.intent_clusters * hidden + (2 * rows) ** 2 * hidden
     scored = rows if config.train.windows == "prefixes" else tokens  # positions with a seq target
 
     def softmax_columns(scored_rows: int) -> int:

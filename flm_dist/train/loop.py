@@ -61,6 +61,7 @@ from flm_dist.train.checkpoint import (
 )
 from flm_dist.train.configs import PretrainConfig
 from flm_dist.train.flops import step_flops
+from flm_dist.train.intents import intent_centroids
 from flm_dist.train.optim import LazyRowAdamW, clip_grad_norm_, grad_norm
 from flm_dist.train.session import LocalSession
 
@@ -94,7 +95,8 @@ def loss_options(config: PretrainConfig, device: torch.device) -> dict[str, Any]
             "seq_positions": "last" if config.train.windows == "prefixes" else "all",
             "max_in_batch_negatives": config.loss.max_in_batch_negatives,
             "contrast_temperature": config.loss.contrast_temperature,
-            "label_smoothing": config.loss.label_smoothing}
+            "label_smoothing": config.loss.label_smoothing,
+            "intent_temperature": config.loss.intent_temperature}
 
 
 def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], options: dict[str, Any],
@@ -229,10 +231,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _write_checkpoint(directory: Path, model, optimizer, scheduler, progress: Progress,
                       config: PretrainConfig, manifest: dict[str, Any], metrics: dict[str, float],
-                      kind: str) -> None:
+                      kind: str, intents: torch.Tensor | None = None) -> None:
     state = {"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": _rng_state(),
              "progress": dataclasses.asdict(progress)}
+    if intents is not None:  # the epoch's intents, so that a resume inside the epoch keeps them
+        state["intents"] = intents
     meta = {"step": progress.step, "epoch": progress.epoch, "config": to_dict(config),
             "vocab_hash": manifest["vocab_hash"], "metrics": metrics, "kind": kind}
     save_checkpoint(directory, state, meta)
@@ -314,6 +318,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     valid = build_eval_arrays(session.read_split("valid"), config.model.max_len).to(device)
     run_dir = Path(config.output)
     progress = Progress()
+    intents = None  # the intent term's centroids [K, H] for the current epoch
 
     # ---- resume from the newest intact checkpoint, if any ----
     with session.latest_checkpoint() as checkpoint_dir:
@@ -330,6 +335,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             progress = Progress(**state["progress"])
+            intents = state.get("intents")
             progress.resumed_at_steps.append(progress.step)
             log.info("resumed from %s at epoch %d step %d", checkpoint_dir, progress.epoch, progress.step)
             if progress.best_epoch >= 0:
@@ -377,7 +383,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                 if distributed.is_main():
                     directory = Path(scratch) / "checkpoint"
                     _write_checkpoint(directory, model, optimizer, scheduler, progress, config, manifest,
-                                      metrics, kind)
+                                      metrics, kind, intents)
                 session.report({**metrics, "step": progress.step, "epoch": progress.epoch}, directory)
         except OSError as exc:
             raise CheckpointError(f"could not write the checkpoint of step {progress.step}: "
@@ -437,6 +443,10 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         update_losses = torch.zeros_like(loss_sums)
         started, windows_seen, micro_steps_run, update_micro_steps, skipped = time.perf_counter(), 0, 0, 0, 0
         epoch_flops = 0.0
+        # The epoch's intents count as its training time (they are a pass over its windows).
+        if config.loss.intent > 0 and (progress.micro_step_in_epoch == 0 or intents is None):
+            intents = intent_centroids(model, train, widths, config.loss.intent_clusters, epoch_seed,
+                                       config.train.batch_size, step_options["bf16"])
         model.train()
         while progress.micro_step_in_epoch < micro_steps_per_epoch:
             first, last, width = batches[progress.micro_step_in_epoch]
@@ -444,6 +454,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             if same_target:
                 batch["contrast_input"] = tuple(train.input[partners[first + a:first + b], -w:]
                                                 for a, b, w in same_width_runs(partner_widths[first:last]))
+            if intents is not None:
+                batch["intent_centroids"] = intents
             if count_flops:
                 epoch_flops += step_flops(last - first, width, config, manifest["items"])
             if config.loss.decay:
