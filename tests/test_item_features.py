@@ -264,6 +264,18 @@ def test_fused_item_rows_reach_every_consumer_and_the_attribute_objective_trains
     assert torch.isfinite(model.user_representation(torch.tensor([0]), torch.tensor([[0, 0, 1, 11, 12]]))).all()
 
 
+def test_attribute_encoder_pools_the_mean_of_an_items_attributes_and_zero_without_any():
+    bags = _attributes()
+    bags[3] = torch.tensor([2, 0])  # one attribute: its mean is that attribute alone
+    encoder = AttributeEncoder(bags, 6, 4)
+    table = encoder.attribute_embedding.weight
+    ids = torch.tensor([[1, 3], [5, 0]])  # any shape of ids; 5 has no attributes, 0 is padding
+    expected = torch.stack([torch.stack([(table[2] + table[4]) / 2, table[2]]), torch.zeros(2, 4)])
+    torch.testing.assert_close(encoder(ids), expected)
+    encoder(ids).sum().backward()
+    assert table.grad[0].abs().sum() == 0 and table.grad[2].abs().sum() > 0
+
+
 def test_attribute_loss_is_the_multi_label_cross_entropy_of_items_with_attributes():
     encoder = AttributeEncoder(_attributes(), 6, 4)
     vectors = torch.randn(4, 4)
