@@ -1,6 +1,9 @@
-"""Readable logs for flm_dist only: Ray's and other libraries' INFO chatter stays out."""
+"""Readable logs for flm_dist only (Ray's and other libraries' INFO chatter stays out), and the
+TensorBoard scalars of a training run."""
 
 import logging
+from pathlib import Path
+from typing import Any
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -12,3 +15,21 @@ def setup_logging(verbose: bool = False) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+
+
+def tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer into RUN_DIR/tensorboard."""
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir=str(Path(run_dir) / "tensorboard"))
+
+
+def write_scalars(writer, record: dict[str, Any]) -> None:
+    """Every number of `record` as a scalar at its epoch (nothing without a writer: ranks > 0)."""
+    if writer is None:
+        return
+    step = int(record.get("epoch", 0))
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "epoch":
+            writer.add_scalar(key.replace("@", "_at_"), value, step)
+    writer.flush()

@@ -47,6 +47,7 @@ from flm_dist.data.cold_items import held_out_indices
 from flm_dist.data.storage import check_output_path
 from flm_dist.errors import UserError
 from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
+from flm_dist.logs import tensorboard_writer, write_scalars
 from flm_dist.models import FLMModel
 from flm_dist.models.losses import ItemDistribution
 from flm_dist.runs import build_model, item_attributes_for, read_manifest
@@ -363,7 +364,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     ddp_model = distributed.wrap_model(model, device, find_unused_parameters=find_unused,
                                        row_sparse=[parameter for parameter, _ in row_exchanged])
     step_model = torch.compile(ddp_model) if config.train.compile else ddp_model
-    writer = _tensorboard(run_dir) if distributed.is_main() else None
+    writer = tensorboard_writer(run_dir) if distributed.is_main() else None
     # FLOPs are counted for the pretraining model; a fine-tuning head is another model.
     count_flops = model_factory is None
     wall_before = progress.wall_seconds
@@ -418,7 +419,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         progress.history.append(record)
         if distributed.is_main():
             _log_epoch(record, config.eval.monitor)
-            _write_scalars(writer, record)
+            write_scalars(writer, record)
 
     def target_reached() -> bool:
         return bool(config.train.stop_at) and progress.best_value >= config.train.stop_at
@@ -531,7 +532,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         progress.history.append(record)
         if distributed.is_main():
             _log_epoch(record, config.eval.monitor)
-            _write_scalars(writer, record)
+            write_scalars(writer, record)
         checkpoint_now(record)
 
     # ---- final: the best checkpoint on valid and test ----
@@ -543,27 +544,11 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                "resumed_at_steps": progress.resumed_at_steps, "config": to_dict(config), "data": {k: manifest[k] for k in ("users", "items", "interactions")}}
     if distributed.is_main():
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-        _write_scalars(writer, {f"final/{k}": v for k, v in final.items()})
+        write_scalars(writer, {f"final/{k}": v for k, v in final.items()})
         if writer:
             writer.close()
     session.report({**final, "step": progress.step, "epoch": progress.epoch, "done": 1})
     return summary
-
-
-def _tensorboard(run_dir: Path):
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(logdir=str(run_dir / "tensorboard"))
-
-
-def _write_scalars(writer, record: dict[str, Any]) -> None:
-    if writer is None:
-        return
-    step = int(record.get("epoch", 0))
-    for key, value in record.items():
-        if isinstance(value, (int, float)) and key not in ("epoch",):
-            writer.add_scalar(key.replace("@", "_at_"), value, step)
-    writer.flush()
 
 
 def _log_epoch(record: dict[str, Any], monitor: str) -> None:

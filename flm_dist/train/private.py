@@ -60,6 +60,7 @@ from flm_dist.data.batches import (
 )
 from flm_dist.errors import UserError
 from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
+from flm_dist.logs import tensorboard_writer, write_scalars
 from flm_dist.models.recommender import Recommender
 from flm_dist.runs import read_manifest
 from flm_dist.train import distributed
@@ -370,7 +371,7 @@ def train_private(config: FinetuneConfig, session, model_factory, train_filter=N
              plan.noise_multiplier, plan.max_grad_norm, plan.target_epsilon, plan.delta, plan.accountant,
              ", ".join(trained) if len(trained) <= 8 else f"{len(trained)} parameter tensors")
     valid = build_eval_arrays(session.read_split("valid"), config.model.max_len).to(device)
-    writer = _tensorboard(run_dir)
+    writer = tensorboard_writer(run_dir)
 
     def privacy_record() -> dict[str, Any]:
         return {"epsilon": spent_epsilon(plan.accountant, engine.accountant.history, plan.delta),
@@ -452,7 +453,7 @@ def train_private(config: FinetuneConfig, session, model_factory, train_filter=N
         monitor = f" {config.eval.monitor}={record[config.eval.monitor]:.4f}" if config.eval.monitor in record else ""
         log.info("epoch %d step %d loss=%.4f%s epsilon=%.4g of %g (delta %.3g) (%.1fs)", progress.epoch,
                  progress.step, record["loss/total"], monitor, spent, plan.target_epsilon, plan.delta, elapsed)
-        _write_scalars(writer, record)
+        write_scalars(writer, record)
         with tempfile.TemporaryDirectory() as scratch:
             write_checkpoint(Path(scratch) / "checkpoint", record)
             session.report({**record, "step": progress.step, "epoch": progress.epoch}, Path(scratch) / "checkpoint")
@@ -466,23 +467,9 @@ def train_private(config: FinetuneConfig, session, model_factory, train_filter=N
                "resumed_at_steps": progress.resumed_at_steps, "config": to_dict(config), "privacy": privacy,
                "data": {k: manifest[k] for k in ("users", "items", "interactions")}}
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-    _write_scalars(writer, {f"final/{k}": v for k, v in final.items()})
+    write_scalars(writer, {f"final/{k}": v for k, v in final.items()})
     writer.close()
     log.info("DP fine-tuning done: epsilon %.4g spent of %g (delta %.3g) over %d steps", privacy["epsilon"],
              plan.target_epsilon, plan.delta, progress.step)
     session.report({**final, "step": progress.step, "epoch": progress.epoch, "done": 1})
     return summary
-
-
-def _tensorboard(run_dir: Path):
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(logdir=str(run_dir / "tensorboard"))
-
-
-def _write_scalars(writer, record: dict[str, Any]) -> None:
-    step = int(record.get("epoch", 0))
-    for key, value in record.items():
-        if isinstance(value, (int, float)) and key != "epoch":
-            writer.add_scalar(key.replace("@", "_at_"), value, step)
-    writer.flush()
