@@ -44,7 +44,8 @@ def kmeans(points: torch.Tensor, clusters: int, seed: int, iterations: int = KME
     algorithm over every rank's points, from k-means++ seeds drawn from rank 0's points. An intent
     that loses all its points keeps its centroid."""
     generator = torch.Generator().manual_seed(seed)
-    centroids = (kmeans_plus_plus(points, clusters, generator) if len(points)
+    # Only rank 0 draws the seeds; the other ranks' buffers just receive them.
+    centroids = (kmeans_plus_plus(points, clusters, generator) if distributed.is_main() and len(points)
                  else points.new_zeros(clusters, points.shape[1]))
     distributed.broadcast_(centroids)
     for _ in range(iterations):
