@@ -276,6 +276,48 @@ def test_attribute_encoder_pools_the_mean_of_an_items_attributes_and_zero_withou
     assert table.grad[0].abs().sum() == 0 and table.grad[2].abs().sum() > 0
 
 
+
+def test_sparse_pooling_matches_embedding_bag_in_values_and_gradients():
+    torch.manual_seed(0)
+    bags = torch.randint(0, 30, (200, 7))
+    bags[:, 0] = bags[:, 0].clamp(min=1)
+    bags[5] = 0  # no attributes
+    bags[6, :3] = 4  # one attribute three times counts three times, as in embedding_bag
+    encoder = AttributeEncoder(bags, 29, 8)
+    table = encoder.attribute_embedding.weight
+    expected = torch.nn.functional.embedding_bag(bags, table, mode="mean", padding_idx=0)
+    weights = torch.randn(200, 8)
+    (expected * weights).sum().backward()
+    expected_grad, table.grad = table.grad.clone(), None
+    pooled = encoder.pooled()
+    (pooled * weights).sum().backward()
+    torch.testing.assert_close(pooled, expected)
+    torch.testing.assert_close(table.grad, expected_grad)
+    assert not pooled[5].any() and not table.grad[0].any()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert encoder.pooled().dtype == torch.float32  # pooled in fp32 under autocast
+
+
+@pytest.mark.parametrize("fusion", ["add", "gate", "concat"])
+def test_a_step_that_shares_the_fused_rows_equals_one_that_fuses_at_every_use(fusion):
+    batch = {"user": torch.tensor([0, 1]), "input": torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]),
+             "target": torch.tensor([[0, 2, 3, 4, 6], [6, 7, 8, 9, 10]])}
+    weights = {"seq": 1.0, "cf": 1.0, "fused": 1.0}
+    gradients = []
+    for shared in (False, True):
+        model = _model(fusion, cf_user="history")
+        encoder, calls = model.item_features.attributes, []
+        pool = encoder.pooled
+        encoder.pooled = lambda: calls.append(1) or pool()
+        terms = model(batch, weights) if shared else model.losses(batch, weights)
+        terms["total"].backward()
+        assert len(calls) == 1 if shared else len(calls) > 1
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        assert model.item_features._shared is None  # nothing kept after the step
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], msg=name)
+
 def test_attribute_loss_is_the_multi_label_cross_entropy_of_items_with_attributes():
     encoder = AttributeEncoder(_attributes(), 6, 4)
     vectors = torch.randn(4, 4)

@@ -9,6 +9,7 @@ position, 0 = no target).
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
 import torch
@@ -213,7 +214,13 @@ class FLMModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
                 **loss_options: object) -> dict[str, torch.Tensor]:
         """Same as `losses`; exists so wrappers that hook `forward` (DDP, FSDP) see the step."""
-        return self.losses(batch, weights, **loss_options)
+        with self.item_rows_shared():
+            return self.losses(batch, weights, **loss_options)
+
+    def item_rows_shared(self) -> AbstractContextManager[None]:
+        """Within, the fused item rows (with item features) are computed once and shared by
+        every use: see FusedItemEmbedding.rows_shared. Without item features, nothing to share."""
+        return self.item_features.rows_shared() if self.item_features is not None else nullcontext()
 
     def losses(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
                cf_loss: Literal["ce", "bpr"] = "ce",

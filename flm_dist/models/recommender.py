@@ -231,14 +231,20 @@ class Recommender(nn.Module):
     # ---- training ---------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
-                cf_loss: Literal["ce", "bpr"] = "ce", softmax: Literal["full", "sampled"] = "full",
-                num_negatives: int = 100, popularity: ItemDistribution | None = None,
-                chunk_size: int | None = None,
-                seq_positions: Literal["all", "last"] = "all",
-                max_in_batch_negatives: int = 0,
-                contrast_temperature: float = 1.0,
-                label_smoothing: float = 0.0,
-                intent_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                **loss_options: object) -> dict[str, torch.Tensor]:
+        """Same as `losses`, with the fused item rows computed once for the step."""
+        with self.backbone.item_rows_shared():
+            return self.losses(batch, weights, **loss_options)
+
+    def losses(self, batch: dict[str, torch.Tensor], weights: dict[str, float],
+               cf_loss: Literal["ce", "bpr"] = "ce", softmax: Literal["full", "sampled"] = "full",
+               num_negatives: int = 100, popularity: ItemDistribution | None = None,
+               chunk_size: int | None = None,
+               seq_positions: Literal["all", "last"] = "all",
+               max_in_batch_negatives: int = 0,
+               contrast_temperature: float = 1.0,
+               label_smoothing: float = 0.0,
+               intent_temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Each loss term with a nonzero weight, plus `total` = sum of weight * term.
 
         seq: next-item CE of the user vector after every position with a target (after the last
