@@ -10,6 +10,11 @@
 #   quality  flm bench quality: Beauty SASRec pretraining (jobs/data/beauty.yaml +
 #            jobs/recipes/sasrec.yaml), bf16 then fp32 (same seed), until validation NDCG@10
 #            0.0517 (history not masked): time to it, epochs, throughput, test metrics
+#   attributes  flm bench quality of the attributes presets' recipe (jobs/recipes/sasrec.yaml +
+#            jobs/recipes/item_features.yaml, width 64, bf16) on Beauty, Toys and Sports until
+#            RecBole's validation (0.0517, 0.0511, 0.0287); data from $BEAUTY_ATTRIBUTES,
+#            $TOYS_ATTRIBUTES, $SPORTS_ATTRIBUTES (default .data/<set>_attributes; a set whose
+#            data is missing is skipped), e.g. carry=[".whl", ".data/toys_attributes", ...]
 #   topk     flm bench topk on the GPU at 1M and 10M items
 #   large    a 1M-item synthetic log (needs Ray from .whl), then the large configuration
 #            (hidden 512, 4 layers, max_len 200, batch 1024, sampled softmax) for MFU
@@ -64,6 +69,23 @@ stage_quality() {
   done
 }
 
+stage_attributes() {
+  local set dir target schedule=()  # the recipe's 20 epochs, whose cosine the target falls inside
+  [ "$smoke" = 1 ] && schedule=(train.epochs="$epochs")
+  for set in beauty:0.0517 toys:0.0511 sports:0.0287; do
+    target=${set#*:}; set=${set%%:*}
+    dir=$(eval echo "\${${set^^}_ATTRIBUTES:-.data/${set}_attributes}")
+    [ "$smoke" = 1 ] && target=1.0
+    if [ ! -d "$dir" ]; then echo "skipped $set: no $dir" >>"$OUT/attributes.log"; continue; fi
+    flm bench quality --config jobs/data/beauty.yaml --config jobs/recipes/sasrec.yaml \
+      --config jobs/recipes/item_features.yaml --data "$dir" --output "$scratch/runs/${set}_attributes" \
+      --target "valid/ndcg@10/full_nomask=$target" scaling.workers=0 "${schedule[@]}" \
+      2>>"$OUT/attributes.log" | tee -a "$OUT/attributes.log" \
+      | SET=$set python3 -c "import json,os,sys; [print(json.dumps({**json.loads(l), 'set': os.environ['SET']})) for l in sys.stdin if l.startswith('{')]" \
+      >>"$OUT/attributes.jsonl" || true
+  done
+}
+
 stage_topk() {
   for items in "${topk_items[@]}"; do
     flm bench topk --items "$items" --users 22363 --dim 64 --device "$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')" \
@@ -90,7 +112,7 @@ stage_large() {
   done
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 train|quality|topk|large ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 train|quality|attributes|topk|large ..." >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/device.txt" 2>/dev/null || echo cpu >"$OUT/device.txt"
 for stage in "$@"; do
   start=$(date +%s)

@@ -64,9 +64,9 @@ def test_the_matmul_peak_is_measured_per_precision():
     assert matmul_peak_flops(torch.device("cpu"), bf16=True) != fp32
 
 
-def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tmp_path):
-    """jobs/bench_gpu.sh is what a lent GPU runs; BENCH_SMOKE=1 runs its quality and topk stages
-    for a few steps here so the script cannot rot between GPU sessions."""
+def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tiny_cold_data, tmp_path):
+    """jobs/bench_gpu.sh is what a lent GPU runs; BENCH_SMOKE=1 runs its quality, attributes and
+    topk stages for a few steps here so the script cannot rot between GPU sessions."""
     import json
     import os
     import subprocess
@@ -75,9 +75,11 @@ def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tmp_path):
     import torch
 
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "BENCH_SMOKE": "1", "BEAUTY": tiny_data, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OUT": str(out), "BENCH_SMOKE": "1", "BEAUTY": tiny_data, "OMP_NUM_THREADS": "1",
+           "BEAUTY_ATTRIBUTES": tiny_cold_data, "TOYS_ATTRIBUTES": str(tmp_path / "missing"),
+           "SPORTS_ATTRIBUTES": str(tmp_path / "missing")}
     root = Path(__file__).resolve().parents[1]
-    subprocess.run(["bash", "jobs/bench_gpu.sh", "quality", "topk"], cwd=root, env=env, check=True,
+    subprocess.run(["bash", "jobs/bench_gpu.sh", "quality", "attributes", "topk"], cwd=root, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     quality = [json.loads(line) for line in (out / "quality.jsonl").read_text().splitlines()]
     native_bf16 = torch.cpu._is_avx512_bf16_supported()  # else bf16 falls back to fp32
@@ -87,4 +89,7 @@ def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tmp_path):
         assert 0.0 <= row["test/ndcg@10/full_nomask"] <= row["test/hr@10/full_nomask"] <= 1.0
     (topk,) = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
     assert topk["items"] == 20000 and topk["topk_users_per_s"] > 0
-    assert set((out / "stages.txt").read_text().split()[::3]) == {"quality:", "topk:"}
+    (attributes,) = [json.loads(line) for line in (out / "attributes.jsonl").read_text().splitlines()]
+    assert attributes["set"] == "beauty" and attributes["epochs"] == 2 and not attributes["reached"]
+    assert "skipped toys" in (out / "attributes.log").read_text()
+    assert set((out / "stages.txt").read_text().split()[::3]) == {"quality:", "attributes:", "topk:"}
