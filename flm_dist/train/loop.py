@@ -62,6 +62,7 @@ from flm_dist.train.checkpoint import (
 )
 from flm_dist.train.configs import PretrainConfig
 from flm_dist.train.flops import step_flops
+from flm_dist.train.host_memory import keep_freed_host_memory
 from flm_dist.train.intents import intent_centroids
 from flm_dist.train.optim import LazyRowAdamW, clip_grad_norm_, grad_norm
 from flm_dist.train.session import LocalSession
@@ -268,6 +269,8 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     users).
     """
     manifest = read_manifest(config.data)
+    if device.type == "cpu":
+        keep_freed_host_memory()
     torch.manual_seed(config.train.seed)
     # Sorted, so the batch plan does not depend on the order Ray Data delivered the blocks.
     train_table = session.read_split("train").sort_by("user")

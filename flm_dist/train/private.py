@@ -71,6 +71,7 @@ from flm_dist.train.checkpoint import (
     save_checkpoint,
 )
 from flm_dist.train.configs import FinetuneConfig
+from flm_dist.train.host_memory import keep_freed_host_memory
 from flm_dist.train.loop import Progress
 
 log = logging.getLogger("flm_dist")
@@ -318,6 +319,8 @@ def train_private(config: FinetuneConfig, session, model_factory, train_filter=N
         raise UserError("finetune.privacy.epsilon: DP fine-tuning runs on one worker (scaling.workers 0 or 1)")
     check_private_model(config)
     device = session.device()
+    if device.type == "cpu":
+        keep_freed_host_memory()
     manifest = read_manifest(config.data)
     torch.manual_seed(config.train.seed)
     table = session.read_split("train").sort_by("user")
