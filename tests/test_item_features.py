@@ -293,6 +293,8 @@ def test_sparse_pooling_matches_embedding_bag_in_values_and_gradients():
     (pooled * weights).sum().backward()
     torch.testing.assert_close(pooled, expected)
     torch.testing.assert_close(table.grad, expected_grad)
+    ids = torch.tensor([[3, 5], [6, 0]])
+    torch.testing.assert_close(encoder(ids), pooled[ids])  # a lookup pools just its ids, the same way
     assert not pooled[5].any() and not table.grad[0].any()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert encoder.pooled().dtype == torch.float32  # pooled in fp32 under autocast

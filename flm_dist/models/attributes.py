@@ -74,8 +74,13 @@ class AttributeEncoder(nn.Module):
         return _SparsePooling.apply(self.attribute_embedding.weight, pooling, transposed)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Long[...] item ids -> [..., H] the mean of their attribute embeddings (0 without any)."""
-        return F.embedding(ids, self.pooled())
+        """Long[...] item ids -> [..., H] the mean of their attribute embeddings (0 without any):
+        pools just these ids' bags, for lookups of a few items (a request, an evaluation batch)
+        where pooling the whole catalogue would cost more."""
+        bags = self.item_attributes[ids]
+        pooled = F.embedding_bag(bags.reshape(-1, bags.shape[-1]), self.attribute_embedding.weight,
+                                 mode="mean", padding_idx=0)
+        return pooled.reshape(*ids.shape, -1)
 
     def _pooling_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The sparse [R, A + 1] matrix of 1 / bag size weights, and its transpose, on the bags'
@@ -203,8 +208,11 @@ class FusedItemEmbedding(nn.Module):
             self._sharing, self._shared = False, None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Long[...] item ids (0 = padding, N+1.. cold) -> [..., H] fused rows."""
-        return F.embedding(ids, self._rows())
+        """Long[...] item ids (0 = padding, N+1.. cold) -> [..., H] fused rows: read from the
+        step's rows inside `rows_shared`, else fused for just these ids."""
+        if self._sharing:
+            return F.embedding(ids, self._rows())
+        return self._fuse(ids, self.attributes(ids))
 
     def table(self, cold: bool = False) -> torch.Tensor:
         """[N + 1, H] fused rows of every item with interactions (row 0 zero); with `cold`, the
@@ -216,8 +224,14 @@ class FusedItemEmbedding(nn.Module):
         if self._shared is not None:
             return self._shared
         ids = torch.arange(self.attributes.num_rows, device=self.has_id_row.device)
-        identity = self.item_embedding(torch.where(self.has_id_row, ids, torch.zeros_like(ids)))
-        attributes = self.attributes.pooled()
+        rows = self._fuse(ids, self.attributes.pooled())
+        if self._sharing:
+            self._shared = rows
+        return rows
+
+    def _fuse(self, ids: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+        """Item ids [...] and their pooled attributes [..., H] -> [..., H] fused rows."""
+        identity = self.item_embedding(torch.where(self.has_id_row[ids], ids, torch.zeros_like(ids)))
         if self.fusion == "add":
             fused = identity + attributes
         elif self.fusion == "gate":
@@ -225,7 +239,4 @@ class FusedItemEmbedding(nn.Module):
             fused = gate * identity + (1 - gate) * attributes
         else:
             fused = self.projection(torch.cat([identity, attributes], dim=-1))
-        rows = fused * (ids != 0).unsqueeze(-1).to(fused.dtype)
-        if self._sharing:
-            self._shared = rows
-        return rows
+        return fused * (ids != 0).unsqueeze(-1).to(fused.dtype)
