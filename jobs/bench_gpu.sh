@@ -77,7 +77,7 @@ stage_attributes() {
     dir=$(eval echo "\${${set^^}_ATTRIBUTES:-.data/${set}_attributes}")
     [ "$smoke" = 1 ] && target=1.0
     if [ ! -d "$dir" ]; then echo "skipped $set: no $dir" >>"$OUT/attributes.log"; continue; fi
-    flm bench quality --config jobs/data/beauty.yaml --config jobs/recipes/sasrec.yaml \
+    flm bench quality --config "jobs/data/${set}_attributes.yaml" --config jobs/recipes/sasrec.yaml \
       --config jobs/recipes/item_features.yaml --data "$dir" --output "$scratch/runs/${set}_attributes" \
       --target "valid/ndcg@10/full_nomask=$target" scaling.workers=0 "${schedule[@]}" \
       2>>"$OUT/attributes.log" | tee -a "$OUT/attributes.log" \

@@ -4,13 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 # A fresh process allocates a 20 MB tensor; glibc's default (an mmap threshold of 128 KB until a
 # large block is freed) maps it outside the heap, the fixed thresholds put it inside.
 PROBE = """
 import ctypes, sys, torch
 from flm_dist.train.host_memory import keep_freed_host_memory
-applied = keep_freed_host_memory() if sys.argv[1] == "on" else False
+applied = keep_freed_host_memory(torch.device("cpu")) if sys.argv[1] == "on" else False
 libc = ctypes.CDLL(None)
 libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]
 block = torch.empty(5_000_000)
@@ -29,3 +30,9 @@ def test_large_step_blocks_come_from_the_heap_once_the_thresholds_are_fixed():
         pytest.skip("not glibc")
     assert in_heap == "True"
     assert probe("off") == ["False", "False"]  # the default maps it: the setting is what moved it
+
+
+def test_no_allocator_change_for_a_gpu_step():
+    from flm_dist.train.host_memory import keep_freed_host_memory
+
+    assert keep_freed_host_memory(torch.device("cuda")) is False

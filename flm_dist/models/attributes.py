@@ -96,6 +96,7 @@ class AttributeEncoder(nn.Module):
             shape = (bags.shape[0], self.num_attributes + 1)
             self._pooling = (_csr(rows, columns, weights, shape), _csr(columns, rows, weights, shape[::-1]))
         return self._pooling
+
     def logits(self, vectors: torch.Tensor) -> torch.Tensor:
         """[M, H] -> [M, A] attribute logits (dot products with the attribute table)."""
         return vectors @ self.attribute_embedding.weight[1:].T

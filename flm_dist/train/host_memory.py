@@ -17,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import torch
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 32 << 20
 """glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit): blocks below it come from the heap."""
@@ -24,10 +26,11 @@ TRIM_THRESHOLD_BYTES = 256 << 20
 """Freed memory at the heap's top that stays with the process before malloc returns it."""
 
 
-def keep_freed_host_memory() -> bool:
-    """Fix glibc's mmap and trim thresholds for this process (see the module docstring).
-    True when applied; False off Linux or glibc, where nothing changes."""
-    if not sys.platform.startswith("linux"):
+def keep_freed_host_memory(device: torch.device) -> bool:
+    """Fix glibc's mmap and trim thresholds for this process when it trains on the CPU (see the
+    module docstring). True when applied; False for another device, off Linux or off glibc,
+    where nothing changes."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)

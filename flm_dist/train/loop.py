@@ -269,8 +269,7 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     users).
     """
     manifest = read_manifest(config.data)
-    if device.type == "cpu":
-        keep_freed_host_memory()
+    keep_freed_host_memory(device)
     torch.manual_seed(config.train.seed)
     # Sorted, so the batch plan does not depend on the order Ray Data delivered the blocks.
     train_table = session.read_split("train").sort_by("user")

@@ -319,8 +319,7 @@ def train_private(config: FinetuneConfig, session, model_factory, train_filter=N
         raise UserError("finetune.privacy.epsilon: DP fine-tuning runs on one worker (scaling.workers 0 or 1)")
     check_private_model(config)
     device = session.device()
-    if device.type == "cpu":
-        keep_freed_host_memory()
+    keep_freed_host_memory(device)
     manifest = read_manifest(config.data)
     torch.manual_seed(config.train.seed)
     table = session.read_split("train").sort_by("user")
