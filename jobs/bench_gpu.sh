@@ -11,8 +11,9 @@
 #            jobs/recipes/sasrec.yaml), bf16 then fp32 (same seed), until validation NDCG@10
 #            0.0517 (history not masked): time to it, epochs, throughput, test metrics
 #   attributes  flm bench quality of the attributes presets' recipe (jobs/recipes/sasrec.yaml +
-#            jobs/recipes/item_features.yaml, width 64, bf16) on Beauty, Toys and Sports until
-#            RecBole's validation (0.0517, 0.0511, 0.0287); data from $BEAUTY_ATTRIBUTES,
+#            jobs/recipes/item_features.yaml, width 64, bf16), then of the fast recipe (plus
+#            jobs/recipes/fast.yaml), on Beauty, Toys and Sports until RecBole's validation
+#            (0.0517, 0.0511, 0.0287); data from $BEAUTY_ATTRIBUTES,
 #            $TOYS_ATTRIBUTES, $SPORTS_ATTRIBUTES (default .data/<set>_attributes; a set whose
 #            data is missing is skipped), e.g. carry=[".whl", ".data/toys_attributes", ...]
 #   topk     flm bench topk on the GPU at 1M and 10M items
@@ -70,19 +71,23 @@ stage_quality() {
 }
 
 stage_attributes() {
-  local set dir target schedule=()  # the recipe's 20 epochs, whose cosine the target falls inside
+  local set dir target recipe schedule=()  # the recipe's 20 epochs, whose cosine the target falls inside
   [ "$smoke" = 1 ] && schedule=(train.epochs="$epochs")
   for set in beauty:0.0517 toys:0.0511 sports:0.0287; do
     target=${set#*:}; set=${set%%:*}
     dir=$(eval echo "\${${set^^}_ATTRIBUTES:-.data/${set}_attributes}")
     [ "$smoke" = 1 ] && target=1.0
     if [ ! -d "$dir" ]; then echo "skipped $set: no $dir" >>"$OUT/attributes.log"; continue; fi
-    flm bench quality --config "jobs/data/${set}_attributes.yaml" --config jobs/recipes/sasrec.yaml \
-      --config jobs/recipes/item_features.yaml --data "$dir" --output "$scratch/runs/${set}_attributes" \
-      --target "valid/ndcg@10/full_nomask=$target" scaling.workers=0 "${schedule[@]}" \
-      2>>"$OUT/attributes.log" | tee -a "$OUT/attributes.log" \
-      | SET=$set python3 -c "import json,os,sys; [print(json.dumps({**json.loads(l), 'set': os.environ['SET']})) for l in sys.stdin if l.startswith('{')]" \
-      >>"$OUT/attributes.jsonl" || true
+    for recipe in attributes fast; do
+      local extra=()
+      [ "$recipe" = fast ] && extra=(--config jobs/recipes/fast.yaml)
+      flm bench quality --config "jobs/data/${set}_attributes.yaml" --config jobs/recipes/sasrec.yaml \
+        --config jobs/recipes/item_features.yaml "${extra[@]}" --data "$dir" \
+        --output "$scratch/runs/${set}_$recipe" --target "valid/ndcg@10/full_nomask=$target" scaling.workers=0 \
+        "${schedule[@]}" 2>>"$OUT/attributes.log" | tee -a "$OUT/attributes.log" \
+        | SET=$set RECIPE=$recipe python3 -c "import json,os,sys; [print(json.dumps({**json.loads(l), 'set': os.environ['SET'], 'recipe': os.environ['RECIPE']})) for l in sys.stdin if l.startswith('{')]" \
+        >>"$OUT/attributes.jsonl" || true
+    done
   done
 }
 

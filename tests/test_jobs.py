@@ -352,6 +352,7 @@ PRESET_STAGES = {"data/prepare": ("prepare", {}),
                  "recipes/sasrec": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/pretrain": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/item_features": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
+                 "recipes/fast": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/finetune": ("finetune", {"pretrained": "runs/p", "data": ".data/x", "output": "runs/x"}),
                  "recipes/ablate": ("ablate", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/ablate_cpu": ("ablate", {"data": ".data/x", "output": "runs/x"})}
@@ -567,3 +568,22 @@ def test_attribute_jobs_are_the_sasrec_jobs_with_the_items_attributes(dataset):
     assert pretrain["model"].pop("hidden") == (64 if dataset == "sports" else 128)
     assert expected["model"].pop("hidden") == 64
     assert pretrain == expected
+
+
+
+@pytest.mark.parametrize("dataset", ["beauty", "sports", "toys"])
+def test_fast_jobs_are_the_attributes_recipe_at_width_64_with_less_dropout(dataset):
+    """jobs/fast_D.yaml (jobs/recipes/fast.yaml last) is the SASRec job with the items' attributes
+    at width 64 and dropout 0.3, nothing else (docs/benchmarks.md "Dropout 0.3: the fast recipe")."""
+    from flm_dist.config import to_dict
+
+    fast = load_job(str(REPO / "jobs" / f"fast_{dataset}.yaml"), root=REPO)
+    attributes = load_job(str(REPO / "jobs" / f"sasrec_attributes_{dataset}.yaml"), root=REPO)
+    assert fast.step("prepare").config == attributes.step("prepare").config
+    settings, expected = (to_dict(spec.step("pretrain").config) for spec in (fast, attributes))
+    assert settings["output"] == str(REPO / "runs" / f"fast_{dataset}")
+    assert settings["model"].pop("dropout") == 0.3 and expected["model"].pop("dropout") == 0.5
+    assert settings["model"].pop("hidden") == 64
+    expected["model"].pop("hidden")
+    settings.pop("output"), expected.pop("output")
+    assert settings == expected
