@@ -570,7 +570,6 @@ def test_attribute_jobs_are_the_sasrec_jobs_with_the_items_attributes(dataset):
     assert pretrain == expected
 
 
-
 @pytest.mark.parametrize("dataset", ["beauty", "sports", "toys"])
 def test_fast_jobs_are_the_attributes_recipe_at_width_64_with_less_dropout(dataset):
     """jobs/fast_D.yaml (jobs/recipes/fast.yaml last) is the SASRec job with the items' attributes
