@@ -454,6 +454,14 @@ class TrainConfig:
     """Train on every `max_len` window of long sequences (`all`), only the most recent one
     (`last`), or one window per target, the up to `max_len` items before it (`prefixes`,
     RecBole's augmentation; about average-length times more transformer work per epoch)."""
+    early_dropout: float | None = None
+    """The sequence encoder's dropout in the first `early_dropout_epochs` epochs; the model's own
+    from then on (`model.dropout`; in fine-tuning `finetune.dropout` or the pretrained value).
+    None: the model's own throughout. Less dropout early reaches a given quality in fewer epochs;
+    the full dropout later regularises the rest of the run ("late dropout"). Not with DP
+    fine-tuning."""
+    early_dropout_epochs: int = 0
+    """How many epochs, from the first, train with `early_dropout`."""
     seed: int = 42
     """Seeds parameters, shuffling, dropout and negative sampling."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -512,6 +520,11 @@ class TrainConfig:
         require(self.stop_at >= 0, "stop_at", "must be >= 0 (0: never)")
         require(self.time_budget_minutes >= 0, "time_budget_minutes", "must be >= 0 (0: no limit)")
         require(self.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be positive")
+        require(self.early_dropout is None or 0.0 <= self.early_dropout < 1.0, "early_dropout",
+                "must be in [0, 1) or null")
+        require(self.early_dropout_epochs >= 0, "early_dropout_epochs", "must be >= 0")
+        require((self.early_dropout is None) == (self.early_dropout_epochs == 0), "early_dropout",
+                "set train.early_dropout and train.early_dropout_epochs together (both or neither)")
         require(not (self.compile and (self.sparse_user_table or self.sparse_item_table)), "compile",
                 "torch.compile cannot compile the backward of sparse embedding gradients; use "
                 "train.compile=false with sparse_user_table / sparse_item_table, or dense tables")
@@ -574,24 +587,3 @@ class ScalingConfig:
         require(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         require(self.max_failures >= 0, "max_failures", "must be >= 0")
 
-
-def require_user_table_for_sparse_users(train: TrainConfig, model: ModelConfig) -> None:
-    require(not train.sparse_user_table or model.cf_user == "table", "train.sparse_user_table",
-            "needs model.cf_user=table: history CF has no user table")
-
-
-def require_causal_training(model: ModelConfig, train: TrainConfig) -> None:
-    """A filter mixer mixes later items into every position, so a position's own target would be
-    in its input wherever a position other than the last is trained."""
-    require(model.mixer == "attention" or train.windows == "prefixes", "model.mixer",
-            f"{model.mixer} is not causal: it needs train.windows=prefixes (only the last position is "
-            f"trained), got train.windows={train.windows}")
-
-
-def require_sampled_softmax_for_item_rows(train: TrainConfig, loss: LossConfig) -> None:
-    """The item-row options only make sense when a step touches few item rows."""
-    reason = "under full softmax every item row gets a gradient every step, and dense is cheaper"
-    require(train.item_grad_exchange == "dense" or loss.softmax == "sampled", "train.item_grad_exchange",
-            f"rows needs loss.softmax=sampled: {reason}")
-    require(not train.sparse_item_table or loss.softmax == "sampled", "train.sparse_item_table",
-            f"needs loss.softmax=sampled: {reason}")

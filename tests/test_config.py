@@ -37,6 +37,9 @@ def test_overrides_nested_and_typed(tmp_path):
     ("loss.intent_clusters=1", "loss.intent_clusters"),
     ("loss.intent_temperature=0", "loss.intent_temperature"),
     ("model.mixer=bsarec", "model.mixer"),  # not causal, and train.windows defaults to all
+    ("train.early_dropout=1.0", "train.early_dropout"),
+    ("train.early_dropout=0.3", "train.early_dropout"),  # without train.early_dropout_epochs
+    ("train.early_dropout_epochs=-1", "train.early_dropout_epochs"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigKeyError) as info:

@@ -79,18 +79,20 @@ SPARSE_TABLES = ["train.sparse_user_table=true", "train.sparse_item_table=true",
 
 
 @pytest.mark.parametrize("variant", ["dense", "sparse_user_table", "sparse_tables", "decayed_weights", "bit_dropout",
-                                     "intents"])
+                                     "intents", "early_dropout"])
 def test_resume_after_crash_matches_uninterrupted_run(tiny_data, tmp_path, variant):
     # The sparse tables' lazy moments live in the optimiser state and must survive the crash;
     # decayed loss weights must pick up at the resumed step, not restart at full weight, and the
     # contrastive term's second pass must draw the same partners and dropout masks; a resume inside
-    # an epoch must keep that epoch's intents.
+    # an epoch must keep that epoch's intents, and one in the early-dropout epochs their rate.
     overrides = ["scaling.workers=0", "train.epochs=2", "train.checkpoint_every_steps=3", "train.user_lr_scale=5"]
     overrides += {"dense": [], "sparse_user_table": ["train.sparse_user_table=true"],
                   "sparse_tables": SPARSE_TABLES, "decayed_weights": ["loss.decay=[cf,fused,flow]", "loss.contrast=0.1",
                                       "loss.contrast_positive=same_target"],
                   "bit_dropout": ["model.dropout_masks=bits", "loss.contrast=0.1"],
-                  "intents": ["loss.intent=0.5", "loss.intent_clusters=4"]}[variant]
+                  "intents": ["loss.intent=0.5", "loss.intent_clusters=4"],
+                  "early_dropout": ["train.early_dropout=0.1", "train.early_dropout_epochs=1",
+                                    "model.dropout_masks=bits"]}[variant]
     straight = _config(tiny_data, tmp_path / "straight", *overrides)
     train_loop(straight, LocalSession(tiny_data, straight.output))
 
@@ -258,3 +260,26 @@ def test_ray_train_workers_log_reports_only_as_warnings():
     report_log.setLevel(logging.INFO)
     RaySession("run")
     assert not report_log.isEnabledFor(logging.INFO) and report_log.isEnabledFor(logging.WARNING)
+
+
+def test_early_dropout_trains_the_first_epochs_at_its_rate_and_the_rest_at_the_models(tiny_data, tmp_path,
+                                                                                      monkeypatch):
+    import flm_dist.train.loop as loop_module
+    from flm_dist.models.dropout import dropout_rate
+
+    seen = []
+    real_forward_backward = loop_module.forward_backward
+
+    def recording(model, batch, options, grad_accum):
+        seen.append((dropout_rate(model), model.training))
+        return real_forward_backward(model, batch, options, grad_accum)
+
+    monkeypatch.setattr(loop_module, "forward_backward", recording)
+    summary = run_pretrain(_config(tiny_data, tmp_path / "r", "scaling.workers=0", "train.epochs=3",
+                                   "model.dropout=0.4", "train.early_dropout=0.1", "train.early_dropout_epochs=2"))
+    per_epoch = len(seen) // 3
+    assert len(seen) == 3 * per_epoch and per_epoch > 0
+    assert seen == [(0.1, True)] * 2 * per_epoch + [(0.4, True)] * per_epoch
+    assert [record["dropout"] for record in summary["history"]] == [0.1, 0.1, 0.4]
+    _, meta = load_checkpoint(tmp_path / "r" / "best")
+    assert meta["config"]["model"]["dropout"] == 0.4  # evaluation and fine-tuning rebuild the model's own rate

@@ -57,6 +57,23 @@ def set_dropout_masks(module: nn.Module, masks: DropoutMasks) -> None:
             child.masks = masks
 
 
+def dropout_rate(module: nn.Module) -> float:
+    """The drop probability of the first `Dropout` of `module` (0 if it has none)."""
+    return next((child.p for child in module.modules() if isinstance(child, Dropout)), 0.0)
+
+
+def set_dropout_rate(module: nn.Module, p: float) -> None:
+    """Set the drop probability of every `Dropout` of `module`, and of multi-layer GRU/LSTM
+    inter-layer dropout, to `p` (for a dropout schedule over epochs)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    for child in module.modules():
+        if isinstance(child, Dropout):
+            child.p = p
+        elif isinstance(child, nn.RNNBase) and child.num_layers > 1:
+            child.dropout = p
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
               dropout: Dropout) -> torch.Tensor:
     """Scaled dot-product attention with `dropout` on the attention probabilities (`allowed`:

@@ -1,5 +1,6 @@
 """The configs of the two training recipes: `PretrainConfig` (`flm pretrain`) and `FinetuneConfig`
-(`flm finetune`), built from the section configs of `flm_dist.config`.
+(`flm finetune`), built from the section configs of `flm_dist.config`, and the rules that span
+sections (`require_*`).
 
 They live apart from the recipes because a run directory records them: `flm_dist.runs` rebuilds a
 fine-tuned model from the `FinetuneConfig` in its checkpoint without importing the training code.
@@ -17,9 +18,6 @@ from flm_dist.config import (
     ScalingConfig,
     TrainConfig,
     require,
-    require_causal_training,
-    require_sampled_softmax_for_item_rows,
-    require_user_table_for_sparse_users,
 )
 
 
@@ -91,6 +89,27 @@ class PrivacyOptions:
         require(self.delta is None or 0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
 
+def require_user_table_for_sparse_users(train: TrainConfig, model: ModelConfig) -> None:
+    require(not train.sparse_user_table or model.cf_user == "table", "train.sparse_user_table",
+            "needs model.cf_user=table: history CF has no user table")
+
+
+def require_causal_training(model: ModelConfig, train: TrainConfig) -> None:
+    """A filter mixer mixes later items into every position, so a position's own target would be
+    in its input wherever a position other than the last is trained."""
+    require(model.mixer == "attention" or train.windows == "prefixes", "model.mixer",
+            f"{model.mixer} is not causal: it needs train.windows=prefixes (only the last position is "
+            f"trained), got train.windows={train.windows}")
+
+
+def require_sampled_softmax_for_item_rows(train: TrainConfig, loss: LossConfig) -> None:
+    """The item-row options only make sense when a step touches few item rows."""
+    reason = "under full softmax every item row gets a gradient every step, and dense is cheaper"
+    require(train.item_grad_exchange == "dense" or loss.softmax == "sampled", "train.item_grad_exchange",
+            f"rows needs loss.softmax=sampled: {reason}")
+    require(not train.sparse_item_table or loss.softmax == "sampled", "train.sparse_item_table",
+            f"needs loss.softmax=sampled: {reason}")
+
 
 def require_private_fit(config: "FinetuneConfig") -> None:
     """With `finetune.privacy.epsilon`, refuse what would train outside DP-SGD or break the
@@ -116,6 +135,8 @@ def require_private_fit(config: "FinetuneConfig") -> None:
     require(not options.keep_pretrained, key, "finetune.keep_pretrained chooses a model by the private users' "
             "validation items, outside the guarantee; under DP best/ is the last epoch")
     require(not train.compile, key, "needs train.compile=false (Opacus's per-sample gradient hooks)")
+    require(train.early_dropout is None, key, "DP fine-tuning keeps one dropout rate; unset "
+            "train.early_dropout and set finetune.dropout")
     require(train.precision != "bf16", key, "DP-SGD runs in fp32; set train.precision=auto or fp32")
     require(config.loss.label_smoothing == 0, key, "DP-SGD's per-user losses are not smoothed; set "
             "loss.label_smoothing=0")

@@ -49,6 +49,7 @@ from flm_dist.errors import UserError
 from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
 from flm_dist.logs import tensorboard_writer, write_scalars
 from flm_dist.models import FLMModel
+from flm_dist.models.dropout import dropout_rate, set_dropout_rate
 from flm_dist.models.losses import ItemDistribution
 from flm_dist.runs import build_model, item_attributes_for, read_manifest
 from flm_dist.train import distributed
@@ -158,8 +159,7 @@ def _param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, 
             decay.append(parameter)
         else:
             no_decay.append(parameter)
-    groups = [{"params": decay, "weight_decay": train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if users:
         groups.append({"params": users, "weight_decay": 0.0, "lr": train.lr * train.user_lr_scale})
     return groups
@@ -296,8 +296,7 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
         user_table.sparse = True  # sparse gradients: LazyRowAdamW updates only the batch's users
     if config.train.sparse_item_table:
         _item_embedding(model).sparse = True  # only the batch's and the sampled negatives' items
-    optimizer = LazyRowAdamW(_param_groups(model, config.train), lr=config.train.lr,
-                             fused=device.type == "cuda")
+    optimizer = LazyRowAdamW(_param_groups(model, config.train), lr=config.train.lr, fused=device.type == "cuda")
     total_steps = math.ceil(micro_steps_per_epoch / config.train.grad_accum) * config.train.epochs
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
@@ -426,6 +425,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     def target_reached() -> bool:
         return bool(config.train.stop_at) and progress.best_value >= config.train.stop_at
 
+    built_dropout = dropout_rate(model)  # the rate after train.early_dropout_epochs
     same_target = config.loss.contrast > 0 and config.loss.contrast_positive == "same_target"
     last_targets = train.target[:, -1].cpu().numpy() if same_target else None
     finished = (progress.step >= total_steps or progress.evals_without_improvement >= config.train.patience
@@ -450,6 +450,9 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         if config.loss.intent > 0 and (progress.micro_step_in_epoch == 0 or intents is None):
             intents = intent_centroids(model, train, widths, config.loss.intent_clusters, epoch_seed,
                                        config.train.batch_size, step_options["bf16"])
+        if config.train.early_dropout is not None:
+            early = progress.epoch < config.train.early_dropout_epochs
+            set_dropout_rate(model, config.train.early_dropout if early else built_dropout)
         model.train()
         while progress.micro_step_in_epoch < micro_steps_per_epoch:
             first, last, width = batches[progress.micro_step_in_epoch]
@@ -476,8 +479,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             if is_update:
                 for parameter, sparse in row_exchanged:
                     distributed.average_row_gradients_(parameter, sparse)
-                nonfinite = nonfinite_terms(update_losses, loss_keys, list(model.parameters()),
-                                            config.train.grad_clip)
+                nonfinite = nonfinite_terms(update_losses, loss_keys, list(model.parameters()), config.train.grad_clip)
                 if nonfinite:
                     _skip_step(progress, nonfinite, scheduler, config.train.max_nonfinite_steps)
                     skipped += 1
@@ -512,6 +514,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         if count_flops:
             total_flops = distributed.all_reduce_sum(torch.tensor(epoch_flops, dtype=torch.float64, device=device))
             record["model_tflops_per_s"] = float(total_flops) / max(elapsed, 1e-9) / 1e12
+        if config.train.early_dropout is not None:
+            record["dropout"] = dropout_rate(model)
         if config.loss.decay:
             record["loss/decay_factor"] = cosine_decay(progress.step / total_steps)
         # Every rank must take the same decision: the slowest rank's clock decides.
@@ -590,8 +594,7 @@ def launch_training(config, kind: str, local_loop, ray_worker) -> dict[str, Any]
                          ray_seam.read_parquet_datasets(config.data, ["train", "valid", "test"]),
                          run_dir=str(run_dir), name=ray_seam.RUN_NAME, workers=config.scaling.workers,
                          gpus_per_worker=config.scaling.gpus_per_worker,
-                         cpus_per_worker=config.scaling.cpus_per_worker,
-                         max_failures=config.scaling.max_failures,
+                         cpus_per_worker=config.scaling.cpus_per_worker, max_failures=config.scaling.max_failures,
                          placement_strategy=config.scaling.placement_strategy)
     return json.loads((run_dir / "metrics.json").read_text())
 
