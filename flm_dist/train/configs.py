@@ -89,6 +89,7 @@ class PrivacyOptions:
         require(self.delta is None or 0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
 
+
 def require_user_table_for_sparse_users(train: TrainConfig, model: ModelConfig) -> None:
     require(not train.sparse_user_table or model.cf_user == "table", "train.sparse_user_table",
             "needs model.cf_user=table: history CF has no user table")
