@@ -46,13 +46,18 @@ def test_step_flops_counts_the_softmax():
     assert step_flops(4, 5, config, num_items=100) == expected
 
 
-@pytest.mark.parametrize("mixer,per_token", [("bsarec", 12 * 8 * 8 + 2 * 5 * 8 + 5 * 8),
-                                               ("fmlp", 8 * 8 * 8 + 5 * 8)])
-def test_step_flops_counts_the_frequency_filter(mixer, per_token):
-    config = load_config(PretrainConfig, None, ["data=d", "output=o", "model.hidden=8", "model.layers=1",
+@pytest.mark.parametrize("mixer,last_block", [
+    # QKV at every position, output and feed-forward at the last, one query's scores over 5
+    ("attention", 20 * 3 * 64 + 4 * (64 + 2 * 5 * 8 + 8 * 64)),
+    ("bsarec", 20 * (3 * 64 + 5 * 8) + 4 * (64 + 2 * 5 * 8 + 8 * 64)),
+    ("fmlp", 20 * 5 * 8 + 4 * 8 * 64)])
+def test_step_flops_of_prefix_windows_count_the_filter_and_the_last_block_at_the_last_position(mixer, last_block):
+    config = load_config(PretrainConfig, None, ["data=d", "output=o", "model.hidden=8", "model.layers=2",
                                                 "loss.cf=0", "loss.fused=0", "loss.flow=0", f"model.mixer={mixer}",
                                                 "train.windows=prefixes"])
-    assert step_flops(4, 5, config, num_items=100) == 6 * (20 * per_token + 4 * 100 * 8)
+    first_block = 20 * {"attention": 12 * 64 + 2 * 5 * 8, "bsarec": 12 * 64 + 2 * 5 * 8 + 5 * 8,
+                        "fmlp": 8 * 64 + 5 * 8}[mixer]
+    assert step_flops(4, 5, config, num_items=100) == 6 * (first_block + last_block + 4 * 100 * 8)
 
 
 def test_the_matmul_peak_is_measured_per_precision():

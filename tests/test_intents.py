@@ -52,8 +52,9 @@ class _LastItem(torch.nn.Module):
 
     hidden = 2
 
-    def sequence_states(self, input):
-        return input.float()[..., None].expand(*input.shape, self.hidden)
+    def sequence_states(self, input, last_only=False):
+        states = input.float()[..., None].expand(*input.shape, self.hidden)
+        return states[:, -1:] if last_only else states
 
 
 def test_last_states_follow_the_rows_whatever_the_width_batches_and_restore_training_mode():

@@ -234,6 +234,37 @@ def test_prefix_windows_train_the_same_next_item_loss_as_whole_windows():
     torch.testing.assert_close(every_position, expected)  # the other positions carry no target
 
 
+@pytest.mark.parametrize("variant", ENCODER_VARIANTS + ["sasrec:first:pre:bsarec", "sasrec:first:post:fmlp"])
+def test_a_last_state_pass_gives_the_last_state_and_its_gradients(variant):
+    """`last_only` skips the last block's work for the other positions: the same last state and
+    the same gradients (no dropout) as the full pass read at its last position."""
+    kind, *options = variant.split(":")
+    positions, norm, mixer = (options + ["last", "pre", "attention"][len(options):])[:3]
+    torch.manual_seed(0)
+    encoder = SequenceEncoder(NUM_ITEMS, HIDDEN, MAX_LEN, layers=2, heads=2, dropout=0.3, kind=kind,
+                              positions=positions, norm=norm, mixer=mixer).eval()
+    input = left_padded_input(8)
+    full, last = encoder(input), encoder(input, last_only=True)
+    assert last.shape == (8, 1, HIDDEN)
+    torch.testing.assert_close(last, full[:, -1:])
+    parameters = list(encoder.parameters())
+    expected = torch.autograd.grad(full[:, -1].pow(2).sum(), parameters, allow_unused=True)
+    got = torch.autograd.grad(last[:, -1].pow(2).sum(), parameters, allow_unused=True)
+    for name, want, have in zip([name for name, _ in encoder.named_parameters()], expected, got):
+        assert (want is None) == (have is None), name
+        if want is not None:
+            torch.testing.assert_close(have, want, msg=name)
+
+
+def test_prefix_windows_run_the_last_blocks_feed_forward_on_the_last_position_only():
+    model = make_model(positions="first")
+    shapes = []
+    model.sequence.blocks[-1].feedforward.register_forward_hook(lambda module, args, out: shapes.append(args[0].shape))
+    model.losses(make_batch(), {"seq": 1.0}, seq_positions="last")
+    model.losses(make_batch(), {"seq": 1.0})
+    assert shapes == [(8, 1, HIDDEN), (8, MAX_LEN, HIDDEN)]
+
+
 @pytest.mark.parametrize("cf_user", ["table", "history"])
 @pytest.mark.parametrize("cf_loss", ["ce", "bpr"])
 @pytest.mark.parametrize("softmax", ["full", "sampled"])
@@ -325,7 +356,7 @@ def test_contrast_term_compares_two_dropout_passes_of_the_encoder():
     terms = model.losses(batch, weights, contrast_temperature=2.0)
     torch.manual_seed(3)  # replay the two passes' dropout masks
     first = model.sequence_states(batch["input"])[:, -1]
-    second = model.sequence_states(batch["input"])[:, -1]
+    second = model.sequence_states(batch["input"], last_only=True)[:, -1]  # the positive: a last-state pass
     assert not torch.allclose(first, second)  # the masks differ: two views, not one
     expected = two_view_info_nce(first, second, batch["target"][:, -1], temperature=2.0)
     torch.testing.assert_close(terms["contrast"], expected)
@@ -357,7 +388,7 @@ def test_contrast_term_takes_its_positive_from_contrast_input_when_the_batch_has
     terms = model.losses(batch, {"seq": 1.0, "contrast": 1.0})
     torch.manual_seed(3)
     first = model.sequence_states(batch["input"])[:, -1]
-    positive = model.sequence_states(batch["contrast_input"])[:, -1]
+    positive = model.sequence_states(batch["contrast_input"], last_only=True)[:, -1]
     torch.testing.assert_close(terms["contrast"], two_view_info_nce(first, positive, batch["target"][:, -1]))
     # The same positives in runs of rows, each run cut to its own width (left padding only); no
     # dropout, whose masks would follow the shapes.

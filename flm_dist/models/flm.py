@@ -170,10 +170,11 @@ class FLMModel(nn.Module):
             return self.item_features.table(cold=True)
         return self.item_table()
 
-    def sequence_states(self, input: torch.Tensor) -> torch.Tensor:
+    def sequence_states(self, input: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Long[B, L] left-padded -> [B, L, H] state per position (after the user head); causal
-        unless the encoder has a frequency-filter mixer."""
-        return self.sequence_head(self.sequence(input))
+        unless the encoder has a frequency-filter mixer. `last_only`: [B, 1, H], the last
+        position's state alone, computed with less work (SequenceEncoder.forward)."""
+        return self.sequence_head(self.sequence(input, last_only))
 
     def user_representation(self, user: torch.Tensor, input: torch.Tensor,
                             source: RepresentationSource = "fused") -> torch.Tensor:
@@ -181,9 +182,10 @@ class FLMModel(nn.Module):
         if source == "cf":
             return self.cf.user_vectors(user, input)
         if source == "sequence":
-            return self.sequence_states(input)[:, -1]
+            return self.sequence_states(input, last_only=True)[:, -1]
         if source == "fused":
-            return self.fusion(self.cf.user_vectors(user, input), self.sequence_states(input)[:, -1])
+            states = self.sequence_states(input, last_only=True)[:, -1]
+            return self.fusion(self.cf.user_vectors(user, input), states)
         raise ValueError(f"unknown source {source!r}; expected 'fused', 'sequence' or 'cf'")
 
     def score_all(self, user: torch.Tensor, input: torch.Tensor,
@@ -277,8 +279,9 @@ class FLMModel(nn.Module):
                                       max_in_batch=max_in_batch_negatives)
 
         terms: dict[str, torch.Tensor] = {}
-        states = (self.sequence_states(input) if active & {"seq", "fused", "flow", "contrast", "attributes", "intent"}
-                  else None)
+        # Every term but an all-positions `seq` or `attributes` reads the last state only.
+        states = (self.sequence_states(input, last_only=seq_positions == "last")
+                  if active & {"seq", "fused", "flow", "contrast", "attributes", "intent"} else None)
         cf_vectors = None  # [B, H] per user (table) or [B, L, H] per position (history)
         if active & {"cf", "fused", "flow"}:
             cf_vectors = (self.cf.prefix_vectors(user, input) if self.cf.causal
@@ -305,7 +308,7 @@ class FLMModel(nn.Module):
             # consecutive runs of rows that may each be cut to fewer positions.
             runs = batch.get("contrast_input", input)
             runs = runs if isinstance(runs, tuple) else (runs,)
-            positive = torch.cat([self.sequence_states(run)[:, -1] for run in runs])
+            positive = torch.cat([self.sequence_states(run, last_only=True)[:, -1] for run in runs])
             terms["contrast"] = two_view_info_nce(states[:, -1], positive, target[:, -1], contrast_temperature)
 
         if "attributes" in active:

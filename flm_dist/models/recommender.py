@@ -154,14 +154,18 @@ class Recommender(nn.Module):
 
     # ---- representations -------------------------------------------------------------------
 
-    def _representations(self, user: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-        """[B, L, H]: the `source` representation after each position of `input`."""
-        if self.source == "cf":
-            return self.backbone.cf.prefix_vectors(user, input)
-        states = self.backbone.sequence_states(input)
+    def _representations(self, user: torch.Tensor, input: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """[B, L, H]: the `source` representation after each position of `input` ([B, 1, H], after
+        the last, with `last_only`)."""
+        if self.source != "sequence":
+            cf = self.backbone.cf.prefix_vectors(user, input)
+            cf = cf[:, -1:] if last_only else cf
+            if self.source == "cf":
+                return cf
+        states = self.backbone.sequence_states(input, last_only)
         if self.source == "sequence":
             return states
-        return self.backbone.fusion(self.backbone.cf.prefix_vectors(user, input), states)
+        return self.backbone.fusion(cf, states)
 
     def _extra_features(self, representation: torch.Tensor) -> torch.Tensor | None:
         """The flow's (or the whitening's) features of representation [..., H], or None."""
@@ -195,7 +199,7 @@ class Recommender(nn.Module):
                             source: Source | None = None) -> torch.Tensor:
         """[B, H] user vector scored against the item table (after the last item of `input`)."""
         self._check_source(source)
-        return self._user_vectors(self._representations(user, input)[:, -1])
+        return self._user_vectors(self._representations(user, input, last_only=True)[:, -1])
 
     def score_all(self, user: torch.Tensor, input: torch.Tensor,
                   source: Source | None = None) -> torch.Tensor:
@@ -276,8 +280,9 @@ class Recommender(nn.Module):
                                       max_in_batch=max_in_batch_negatives)
 
         terms: dict[str, torch.Tensor] = {}
-        representations = self._representations(user, input)
-        if "seq" in active and seq_positions == "all":
+        every_position = "seq" in active and seq_positions == "all"
+        representations = self._representations(user, input, last_only=not every_position)
+        if every_position:
             vectors = self._user_vectors(representations)
             terms["seq"] = softmax_ce(vectors.reshape(-1, self.hidden), target.reshape(-1))
             last = vectors[:, -1]
@@ -318,8 +323,7 @@ class Recommender(nn.Module):
         """
         user, input, target = batch["user"], batch["input"], batch["target"]
         real_items = self.item_table()[1:]
-        vectors = (self._user_vectors(self._representations(user, input)) if seq_positions == "all"
-                   else self._user_vectors(self._representations(user, input)[:, -1:]))
+        vectors = self._user_vectors(self._representations(user, input, last_only=seq_positions == "last"))
         targets = target if seq_positions == "all" else target[:, -1:]
 
         def cross_entropy(hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -79,13 +79,20 @@ class CausalSelfAttentionBlock(nn.Module):
         )
         self.residual_dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, is_item: torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        """[B, L, H] -> [B, L, H], or [B, 1, H] with `last_only`: the last position's output alone,
+        which reads every position's keys and values but needs no other query, output projection or
+        feed-forward."""
         if self.mixer != "attention":
             x = self._filter_mix(x, attention_mask, is_item)
+            x = x[:, -1:] if last_only else x
         elif self.post_norm:
-            x = self.attention_norm(x + self.residual_dropout(self._attention(x, attention_mask)))
+            attended = self._attention(x, attention_mask, last_only)
+            x = self.attention_norm((x[:, -1:] if last_only else x) + self.residual_dropout(attended))
         else:
-            x = x + self.residual_dropout(self._attention(self.attention_norm(x), attention_mask))
+            attended = self._attention(self.attention_norm(x), attention_mask, last_only)
+            x = (x[:, -1:] if last_only else x) + self.residual_dropout(attended)
         if self.post_norm:
             return self.feedforward_norm(x + self.residual_dropout(self.feedforward(x)))
         return x + self.residual_dropout(self.feedforward(self.feedforward_norm(x)))
@@ -107,12 +114,14 @@ class CausalSelfAttentionBlock(nn.Module):
         return (x + alpha * self.residual_dropout(self.filter(normed, is_item))
                 + (1 - alpha) * self.residual_dropout(self._attention(normed, attention_mask)))
 
-    def _attention(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         batch, length, hidden = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if last_only:  # the projection stays whole: Opacus's per-example hooks must see the layer
+            query, attention_mask = query[:, :, -1:], attention_mask[:, :, -1:]
         attended = attention(query, key, value, attention_mask, self.attention_dropout)
-        return self.attention_output(attended.transpose(1, 2).reshape(batch, length, hidden))
+        return self.attention_output(attended.transpose(1, 2).reshape(batch, query.shape[2], hidden))
 
 
 class SequenceEncoder(nn.Module):
@@ -188,18 +197,20 @@ class SequenceEncoder(nn.Module):
         else:
             raise ValueError(f"unknown encoder kind {kind!r}; expected 'sasrec', 'gru' or 'lstm'")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Long[B, L] -> [B, L, H]; with `last_only`, [B, 1, H]: the last position's state, the
+        same values, without the last transformer block's work for the other positions."""
         length = input.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
         is_item = input != 0
         if self.kind == "sasrec":
-            return self._transformer(input, is_item)
+            return self._transformer(input, is_item, last_only)
         embedded = self.item_embedding(input) * is_item.unsqueeze(-1)
         states, _ = self.recurrent(self.embedding_dropout(embedded))
-        return self.output_norm(states)
+        return self.output_norm(states[:, -1:] if last_only else states)
 
-    def _transformer(self, input: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
+    def _transformer(self, input: torch.Tensor, is_item: torch.Tensor, last_only: bool) -> torch.Tensor:
         length = input.shape[1]
         if self.positions == "first":
             # Padding rows get id 0 too; they are masked as keys and never ranked.
@@ -213,6 +224,6 @@ class SequenceEncoder(nn.Module):
         itself = torch.eye(length, dtype=torch.bool, device=input.device)
         # [B, 1, L, L], broadcast over heads; True = may attend.
         attention_mask = ((causal & is_item[:, None, :]) | itself).unsqueeze(1)
-        for block in self.blocks:
-            x = block(x, attention_mask, is_item)
-        return self.output_norm(x)
+        for index, block in enumerate(self.blocks):
+            x = block(x, attention_mask, is_item, last_only=last_only and index == len(self.blocks) - 1)
+        return self.output_norm(x[:, -1:] if last_only else x)

@@ -21,35 +21,49 @@ from flm_dist.train.configs import PretrainConfig
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def encoder_macs(rows: int, width: int, config: PretrainConfig, last_only: bool) -> int:
+    """Multiply-accumulates of one sequence-encoder pass over `rows` windows of `width` positions.
+
+    Per token of a transformer block: QKV and output (4 H^2), the 4x feed-forward (8 H^2),
+    attention scores and values (2 L H); a frequency filter is one [L, L] matrix per channel
+    (L H), beside attention for BSARec, instead of it for FMLP-Rec. `last_only` (a pass that
+    keeps the last state alone, as prefix windows' training and ranking do): the last block
+    computes QKV (3 H^2) and the filter at every position, the rest at the last.
+    """
+    hidden, layers = config.model.hidden, config.model.layers
+    tokens = rows * width
+    if config.model.encoder != "sasrec":
+        gates = 3 if config.model.encoder == "gru" else 4
+        return layers * tokens * gates * 2 * hidden * hidden
+    attention = tokens * (4 * hidden * hidden + 2 * width * hidden)
+    filter_ = tokens * width * hidden
+    mixers = {"attention": attention, "bsarec": attention + filter_, "fmlp": filter_}
+    block = mixers[config.model.mixer] + tokens * 8 * hidden * hidden
+    if not last_only or layers == 0:
+        return layers * block
+    attention = tokens * 3 * hidden * hidden + rows * (hidden * hidden + 2 * width * hidden)
+    mixers = {"attention": attention, "bsarec": attention + filter_, "fmlp": filter_}
+    return (layers - 1) * block + mixers[config.model.mixer] + rows * 8 * hidden * hidden
+
+
 def step_flops(rows: int, width: int, config: PretrainConfig, num_items: int) -> float:
     """Training FLOPs of one batch of `rows` windows of `width` positions: 6 x multiply-accumulates
     of every matmul (forward + backward).
 
-    Counts the transformer blocks (QKV, output, 4x feed-forward, attention scores and values, a
-    frequency filter's [L, L] matrices),
+    Counts the encoder (`encoder_macs`; prefix windows keep the last state alone),
     the softmax logits of each active loss term (all positions for `seq`, one row per user for
     `cf` and `fused`; in-batch + sampled columns for sampled softmax), the flow's couplings and,
-    for the contrastive term, the second encoder pass and its similarity block; for the intent
-    term, the nearest-centroid search and its similarity block (the clustering pass at each
-    epoch's start is not a step's and is left out).
+    for the contrastive term, the second encoder pass (last states) and its similarity block; for
+    the intent term, the nearest-centroid search and its similarity block (the clustering pass at
+    each epoch's start is not a step's and is left out).
     Embedding lookups, norms and element-wise work are left out.
     """
-    hidden, layers = config.model.hidden, config.model.layers
+    hidden = config.model.hidden
     tokens = rows * width
-    if config.model.encoder == "sasrec":
-        # Per token: QKV and output (4 H^2), the 4x feed-forward (8 H^2), attention scores and
-        # values (2 L H); a frequency filter is one [L, L] matrix per channel (L H), beside
-        # attention for BSARec, instead of it for FMLP-Rec.
-        attention = 4 * hidden * hidden + 2 * width * hidden
-        mixer = {"attention": attention, "bsarec": attention + width * hidden, "fmlp": width * hidden}
-        encoder_macs = layers * tokens * (8 * hidden * hidden + mixer[config.model.mixer])
-    else:
-        gates = 3 if config.model.encoder == "gru" else 4
-        encoder_macs = layers * tokens * gates * 2 * hidden * hidden
+    macs = encoder_macs(rows, width, config, last_only=config.train.windows == "prefixes")
     weights = config.loss.weights()
-    macs = encoder_macs
     if weights["contrast"]:  # a second encoder pass and the [2B x 2B] similarity block
-        macs += encoder_macs + (2 * rows) ** 2 * hidden
+        macs += encoder_macs(rows, width, config, last_only=True) + (2 * rows) ** 2 * hidden
     if weights.get("intent"):
         macs += rows * config.loss.intent_clusters * hidden + (2 * rows) ** 2 * hidden
     scored = rows if config.train.windows == "prefixes" else tokens  # positions with a seq target

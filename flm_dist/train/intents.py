@@ -34,7 +34,7 @@ def last_states(model, input: torch.Tensor, widths: np.ndarray, batch_size: int,
     with torch.autocast(device_type=input.device.type, dtype=torch.bfloat16, enabled=bf16):
         for first, last, width in batches:
             rows = order[first:last]
-            states[rows] = model.sequence_states(input[rows, -width:])[:, -1].float()
+            states[rows] = model.sequence_states(input[rows, -width:], last_only=True)[:, -1].float()
     model.train(was_training)
     return states
 
