@@ -35,15 +35,17 @@ def encoder_macs(rows: int, width: int, config: PretrainConfig, last_only: bool)
     if config.model.encoder != "sasrec":
         gates = 3 if config.model.encoder == "gru" else 4
         return layers * tokens * gates * 2 * hidden * hidden
-    attention = tokens * (4 * hidden * hidden + 2 * width * hidden)
-    filter_ = tokens * width * hidden
-    mixers = {"attention": attention, "bsarec": attention + filter_, "fmlp": filter_}
-    block = mixers[config.model.mixer] + tokens * 8 * hidden * hidden
+
+    def block(outputs: int) -> int:
+        """One block computing `outputs` positions' outputs (QKV and the filter at every token)."""
+        attention = tokens * 3 * hidden * hidden + outputs * (hidden * hidden + 2 * width * hidden)
+        filter_ = tokens * width * hidden
+        mixer = {"attention": attention, "bsarec": attention + filter_, "fmlp": filter_}[config.model.mixer]
+        return mixer + outputs * 8 * hidden * hidden
+
     if not last_only or layers == 0:
-        return layers * block
-    attention = tokens * 3 * hidden * hidden + rows * (hidden * hidden + 2 * width * hidden)
-    mixers = {"attention": attention, "bsarec": attention + filter_, "fmlp": filter_}
-    return (layers - 1) * block + mixers[config.model.mixer] + rows * 8 * hidden * hidden
+        return layers * block(tokens)
+    return (layers - 1) * block(tokens) + block(rows)
 
 
 def step_flops(rows: int, width: int, config: PretrainConfig, num_items: int) -> float:
