@@ -320,6 +320,35 @@ def test_a_step_that_shares_the_fused_rows_equals_one_that_fuses_at_every_use(fu
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], msg=name)
 
+@pytest.mark.parametrize("fusion", ["add", "gate", "concat"])
+@pytest.mark.parametrize("held_out", [False, True])
+def test_the_catalogue_read_whole_equals_a_lookup_of_every_id_in_values_and_gradients(fusion, held_out):
+    # The catalogue's id rows come from the table itself (not a gather): the same rows and the
+    # same gradients as looking every id up, with cold items and items held out as cold.
+    results = []
+    for whole in (True, False):
+        features = _model(fusion).item_features
+        if held_out:
+            features.without_id_rows(torch.tensor([2, 7]))
+        if fusion != "add":  # move the fusion off its starting point, so that row 0 is not zero by itself
+            torch.nn.init.normal_(features.gate.bias if fusion == "gate" else features.projection.bias)
+        ids = torch.arange(features.attributes.num_rows)
+        rows = features.table(cold=True) if whole else features(ids)
+        (rows * torch.linspace(-1, 1, rows.numel()).reshape(rows.shape)).sum().backward()
+        results.append((rows.detach(), {name: p.grad.clone() for name, p in features.named_parameters()}))
+    (rows_whole, grads_whole), (rows_lookup, grads_lookup) = results
+    torch.testing.assert_close(rows_whole, rows_lookup)
+    assert not rows_whole[0].any()
+    if held_out and fusion == "add":
+        torch.testing.assert_close(rows_whole[2], features.attributes(torch.tensor(2)))  # attributes alone
+    assert grads_whole.keys() == grads_lookup.keys()
+    for name in grads_whole:
+        torch.testing.assert_close(grads_whole[name], grads_lookup[name], msg=name)
+    assert not grads_whole["item_embedding.weight"][0].any()
+    if held_out:
+        assert not grads_whole["item_embedding.weight"][[2, 7]].any()
+
+
 def test_attribute_loss_is_the_multi_label_cross_entropy_of_items_with_attributes():
     encoder = AttributeEncoder(_attributes(), 6, 4)
     vectors = torch.randn(4, 4)

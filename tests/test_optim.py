@@ -18,14 +18,16 @@ def _lookup_loss(table: nn.Embedding, head: nn.Linear, rows: torch.Tensor) -> to
     return head(table(rows)).pow(2).mean()
 
 
-def test_sparse_rows_follow_sparse_adam_and_dense_parameters_follow_adamw():
+@pytest.mark.parametrize("fused", [False, True])  # training fuses the dense update on CPUs and GPUs
+def test_sparse_rows_follow_sparse_adam_and_dense_parameters_follow_adamw(fused):
     torch.manual_seed(0)
     table, head = nn.Embedding(50, 8, sparse=True), nn.Linear(8, 3)
     reference_table, reference_head = nn.Embedding(50, 8, sparse=True), nn.Linear(8, 3)
     reference_table.load_state_dict(table.state_dict())
     reference_head.load_state_dict(head.state_dict())
     optimizer = LazyRowAdamW([{"params": [table.weight], "weight_decay": 0.0},
-                              {"params": list(head.parameters()), "weight_decay": 0.1}], lr=0.01, eps=1e-12)
+                              {"params": list(head.parameters()), "weight_decay": 0.1}], lr=0.01, eps=1e-12,
+                             fused=fused)
     # SparseAdam adds eps before the bias correction of the second moment, AdamW (and we) after:
     # with a negligible eps the two rules are the same.
     sparse_adam = torch.optim.SparseAdam([reference_table.weight], lr=0.01, eps=1e-12)

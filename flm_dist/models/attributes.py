@@ -170,6 +170,7 @@ class FusedItemEmbedding(nn.Module):
         self.embedding_dim = hidden
         self.padding_idx = 0
         self.register_buffer("has_id_row", torch.arange(attributes.num_rows) < self.num_embeddings, persistent=False)
+        self._ids_held_out = False  # whether `without_id_rows` cleared any of rows 1..N (saves a device sync)
         self._sharing, self._shared = False, None
         if fusion == "gate":
             self.gate = nn.Linear(2 * hidden, hidden)
@@ -193,6 +194,7 @@ class FusedItemEmbedding(nn.Module):
         """Score items `ids` (1..N) from their attributes alone, like cold items: the items held
         out as cold by prepare (data/cold_items.py). Data, not a weight: not in the state dict."""
         self.has_id_row[ids] = False
+        self._ids_held_out = True
 
     @contextmanager
     def rows_shared(self) -> Iterator[None]:
@@ -213,31 +215,49 @@ class FusedItemEmbedding(nn.Module):
         step's rows inside `rows_shared`, else fused for just these ids."""
         if self._sharing:
             return F.embedding(ids, self._rows())
-        return self._fuse(ids, self.attributes(ids))
+        fused = self._fuse(self._identity(ids), self.attributes(ids))
+        return fused * (ids != 0).unsqueeze(-1).to(fused.dtype)
 
     def table(self, cold: bool = False) -> torch.Tensor:
         """[N + 1, H] fused rows of every item with interactions (row 0 zero); with `cold`, the
         known cold items' rows follow ([N + 1 + C, H])."""
-        return self._rows()[:self.attributes.num_rows if cold else self.num_embeddings]
+        rows, count = self._rows(), self.attributes.num_rows if cold else self.num_embeddings
+        # Slicing all of the rows would still cost a zero-filled [R, H] gradient and a copy into it.
+        return rows if count == rows.shape[0] else rows[:count]
 
     def _rows(self) -> torch.Tensor:
         """[R, H] the fused row of every id the encoder knows, cold items included."""
         if self._shared is not None:
             return self._shared
-        ids = torch.arange(self.attributes.num_rows, device=self.has_id_row.device)
-        rows = self._fuse(ids, self.attributes.pooled())
+        rows = self._fuse(self._catalogue_identity(), self.attributes.pooled())
+        rows[0] = 0  # padding; in place, which leaves its gradient zero as the mask in forward does
         if self._sharing:
             self._shared = rows
         return rows
 
-    def _fuse(self, ids: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
-        """Item ids [...] and their pooled attributes [..., H] -> [..., H] fused rows."""
-        identity = self.item_embedding(torch.where(self.has_id_row[ids], ids, torch.zeros_like(ids)))
+    def _identity(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item ids [...] -> [..., H] their id rows; zero (the padding row's) for an id without one."""
+        return self.item_embedding(torch.where(self.has_id_row[ids], ids, torch.zeros_like(ids)))
+
+    def _catalogue_identity(self) -> torch.Tensor:
+        """[R, H] every id's row (`_identity` of 0..R-1). A dense table is read whole, not gathered:
+        the gather and its scatter-add gradient over the [N + 1, H] table cost about a tenth of a
+        training step on a CPU (docs/benchmarks.md). Sparse gradients need the lookup."""
+        if self.item_embedding.sparse:
+            return self._identity(torch.arange(self.attributes.num_rows, device=self.has_id_row.device))
+        weight = self.item_embedding.weight
+        # The padding row is zero, so masking an id's row equals looking up the padding row instead.
+        identity = (weight * self.has_id_row[:self.num_embeddings].unsqueeze(-1).to(weight.dtype)
+                    if self._ids_held_out else weight)
+        if self.num_cold:
+            identity = torch.cat([identity, identity.new_zeros(self.num_cold, self.embedding_dim)])
+        return identity
+
+    def _fuse(self, identity: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+        """Id rows [..., H] and their pooled attributes [..., H] -> [..., H] fused rows."""
         if self.fusion == "add":
-            fused = identity + attributes
-        elif self.fusion == "gate":
+            return identity + attributes
+        if self.fusion == "gate":
             gate = torch.sigmoid(self.gate(torch.cat([identity, attributes], dim=-1)))
-            fused = gate * identity + (1 - gate) * attributes
-        else:
-            fused = self.projection(torch.cat([identity, attributes], dim=-1))
-        return fused * (ids != 0).unsqueeze(-1).to(fused.dtype)
+            return gate * identity + (1 - gate) * attributes
+        return self.projection(torch.cat([identity, attributes], dim=-1))

@@ -23,10 +23,59 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def _ce_sum_over_real_items(hidden: torch.Tensor, real_items: torch.Tensor,
-                            targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+BLOCK_ELEMENTS = 1 << 18
+"""Logits a row block of `_BlockedCrossEntropy` holds in fp32 (1 MB: within a core's L2 cache)."""
+
+
+class _BlockedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits [M, 1 + N] over items 1..N (column 0, the padding item, is
+    no class) against `targets` [M] (0: no target), a block of rows at a time in fp32, with the
+    gradient written once in the logits' dtype.
+
+    `F.cross_entropy(logits.float())` streams the [M, N] matrix through memory about ten times (the
+    fp32 copy, the log-softmax it keeps for backward, the zero-filled gradient of the loss, the
+    log-softmax gradient and its cast back to bf16); on a CPU that traffic, not arithmetic, is
+    what a full softmax costs. Here each block's fp32 values stay in cache: forward keeps only the
+    row log-sum-exps, backward recomputes softmax minus one-hot block by block. Scoring the
+    padding row too (and giving it a zero gradient) spares slicing the item table, whose
+    gradient would be another zero-filled copy of the table.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = logits.shape[0]
+        block = max(1, BLOCK_ELEMENTS // logits.shape[1])
+        log_sum_exp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        for start in range(0, rows, block):
+            log_sum_exp[start:start + block] = torch.logsumexp(logits[start:start + block, 1:].float(), dim=1)
+        present = targets != 0
+        target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
+        ctx.save_for_backward(logits, log_sum_exp, targets, present)
+        ctx.block = block
+        return torch.where(present, log_sum_exp - target_logits, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, log_sum_exp, targets, present = ctx.saved_tensors
+        scale = present.float() * grad
+        columns = (targets - 1).clamp_min(0)  # a row without a target has scale 0
+        grad_logits = torch.empty_like(logits)
+        grad_logits[:, 0] = 0
+        rows = torch.arange(min(ctx.block, logits.shape[0]), device=logits.device)
+        for start in range(0, logits.shape[0], ctx.block):
+            stop = min(start + ctx.block, logits.shape[0])
+            block = logits[start:stop, 1:].float().sub_(log_sum_exp[start:stop, None]).exp_()
+            block[rows[:stop - start], columns[start:stop]] -= 1.0
+            grad_logits[start:stop, 1:] = block.mul_(scale[start:stop, None])
+        return grad_logits, None
+
+
+def _ce_sum(hidden: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
+            label_smoothing: float) -> torch.Tensor:
+    if hidden.device.type == "cpu" and not label_smoothing:
+        return _BlockedCrossEntropy.apply(hidden @ item_table.T, targets)
     # Column j of the logits is item j + 1, so target 0 (no target) maps to ignore_index -1.
-    logits = hidden @ real_items.T
+    logits = hidden @ item_table[1:].T
     return F.cross_entropy(logits.float(), targets - 1, ignore_index=-1, reduction="sum",
                            label_smoothing=label_smoothing)
 
@@ -41,14 +90,13 @@ def full_softmax_ce(hidden: torch.Tensor, item_table: torch.Tensor, targets: tor
     `label_smoothing` eps moves eps of each target's probability mass evenly onto the N real
     items (torch's definition; padding gets none, ignored rows stay ignored).
     """
-    real_items = item_table[1:]
     num_targets = (targets != 0).sum().clamp_min(1)
     if chunk_size is None or chunk_size >= hidden.shape[0]:
-        return _ce_sum_over_real_items(hidden, real_items, targets, label_smoothing) / num_targets
+        return _ce_sum(hidden, item_table, targets, label_smoothing) / num_targets
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         stop = start + chunk_size
-        total = total + checkpoint(_ce_sum_over_real_items, hidden[start:stop], real_items,
+        total = total + checkpoint(_ce_sum, hidden[start:stop], item_table,
                                    targets[start:stop], label_smoothing, use_reentrant=False)
     return total / num_targets
 

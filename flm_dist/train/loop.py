@@ -296,10 +296,10 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
         user_table.sparse = True  # sparse gradients: LazyRowAdamW updates only the batch's users
     if config.train.sparse_item_table:
         _item_embedding(model).sparse = True  # only the batch's and the sampled negatives' items
-    optimizer = LazyRowAdamW(_param_groups(model, config.train), lr=config.train.lr, fused=device.type == "cuda")
+    # Fused: one pass over each parameter and its moments (a CPU step is bound by memory traffic).
+    optimizer = LazyRowAdamW(_param_groups(model, config.train), lr=config.train.lr, fused=device.type in ("cuda", "cpu"))
     total_steps = math.ceil(micro_steps_per_epoch / config.train.grad_accum) * config.train.epochs
-    if config.train.max_steps:
-        total_steps = min(total_steps, config.train.max_steps)
+    total_steps = min(total_steps, config.train.max_steps) if config.train.max_steps else total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(config.train.warmup_steps, total_steps, config.train.min_lr_ratio))
     return TrainingSetup(manifest, train, widths, micro_steps_per_epoch, total_steps, model, optimizer,
