@@ -320,6 +320,7 @@ def test_a_step_that_shares_the_fused_rows_equals_one_that_fuses_at_every_use(fu
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], msg=name)
 
+
 @pytest.mark.parametrize("fusion", ["add", "gate", "concat"])
 @pytest.mark.parametrize("held_out", [False, True])
 def test_the_catalogue_read_whole_equals_a_lookup_of_every_id_in_values_and_gradients(fusion, held_out):
