@@ -300,6 +300,38 @@ def test_sparse_pooling_matches_embedding_bag_in_values_and_gradients():
         assert encoder.pooled().dtype == torch.float32  # pooled in fp32 under autocast
 
 
+@pytest.mark.parametrize("reads_padding", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pooling_onto_rows_equals_adding_the_pooled_rows_with_the_padding_row_zeroed(reads_padding, sparse):
+    # One autograd node for rows + pooled with row 0 zero: the same values and gradients as the
+    # sum with row 0 zeroed in place, whether or not a consumer gives row 0 a gradient (which
+    # must not reach the rows), from a dense gradient or only lookups' sparse one.
+    torch.manual_seed(0)
+    bags = torch.randint(0, 6, (9, 3))
+    bags[0] = 0
+    encoder = AttributeEncoder(bags, 5, 4)
+    ids = torch.tensor([0, 2, 2, 7] if reads_padding else [2, 2, 7])
+    weights = torch.randn(ids.shape[0], 4)
+    start, results = torch.randn(9, 4), []
+    for onto in (True, False):
+        rows = start.clone().requires_grad_()
+        encoder.zero_grad()
+        if onto:
+            fused = encoder.pooled_onto(rows)
+        else:
+            fused = rows + encoder.pooled()
+            fused[0] = 0
+        # The reference reads the rows densely: the in-place write cannot take a sparse gradient.
+        loss = (torch.nn.functional.embedding(ids, fused, sparse=sparse and onto) * weights).sum()
+        if not sparse:
+            loss = loss + (fused * fused.detach()).sum()
+        loss.backward()
+        results.append((fused.detach(), rows.grad, encoder.attribute_embedding.weight.grad))
+    for onto, reference in zip(*results):
+        torch.testing.assert_close(onto, reference)
+    assert not results[0][0][0].any() and not results[0][1][0].any()
+
+
 @pytest.mark.parametrize("fusion", ["add", "gate", "concat"])
 def test_a_step_that_shares_the_fused_rows_equals_one_that_fuses_at_every_use(fusion):
     batch = {"user": torch.tensor([0, 1]), "input": torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]),
@@ -309,8 +341,8 @@ def test_a_step_that_shares_the_fused_rows_equals_one_that_fuses_at_every_use(fu
     for shared in (False, True):
         model = _model(fusion, cf_user="history")
         encoder, calls = model.item_features.attributes, []
-        pool = encoder.pooled
-        encoder.pooled = lambda: calls.append(1) or pool()
+        pooling_matrices = encoder._pooling_matrices  # each pooling of the whole catalogue asks for them
+        encoder._pooling_matrices = lambda: calls.append(1) or pooling_matrices()
         terms = model(batch, weights) if shared else model.losses(batch, weights)
         terms["total"].backward()
         assert len(calls) == 1 if shared else len(calls) > 1

@@ -56,7 +56,8 @@ def test_full_softmax_chunked_equals_unchunked_in_value_and_gradient(problem):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_blocked_cross_entropy_equals_torchs_in_value_and_gradient(problem, monkeypatch, bf16):
     # On a CPU the full softmax runs a block of rows at a time (here 5 rows: blocks of 5, 5 and 2)
-    # over logits that score the padding row too, as no class.
+    # over logits that score the padding row too, as no class; forward writes the gradient of
+    # the logits, which backward scales by the incoming gradient (here 0.37).
     import flm_dist.models.losses as losses
 
     monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 5 * (NUM_ITEMS + 1))
@@ -66,17 +67,18 @@ def test_blocked_cross_entropy_equals_torchs_in_value_and_gradient(problem, monk
         hidden_leaf, table_leaf = hidden.clone().requires_grad_(), table.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if blocked:
-                loss = losses._BlockedCrossEntropy.apply(hidden_leaf @ table_leaf.T, targets)
+                loss = losses._BlockedLinearCrossEntropy.apply(
+                    hidden_leaf, table_leaf, targets, torch.bfloat16 if bf16 else torch.float32)
             else:
                 logits = hidden_leaf @ table_leaf[1:].T
                 loss = F.cross_entropy(logits.float(), targets - 1, ignore_index=-1, reduction="sum")
-        loss.backward()
+        (0.37 * loss).backward()
         results.append((loss.detach(), hidden_leaf.grad, table_leaf.grad))
     tolerance = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {}  # bf16 gradients: rounded at another point
     for blocked, reference in zip(*results):
         torch.testing.assert_close(blocked, reference, **tolerance)
     assert not results[0][2][0].any()  # the padding row: no gradient
-    assert losses._BlockedCrossEntropy.apply(hidden @ table.T, torch.zeros_like(targets)).item() == 0.0
+    assert losses._BlockedLinearCrossEntropy.apply(hidden, table, torch.zeros_like(targets), torch.float32).item() == 0.0
 
 
 @pytest.mark.parametrize("chunk_size", [None, 5])

@@ -63,6 +63,34 @@ def test_clip_counts_sparse_rows_like_their_dense_gradient():
         torch.testing.assert_close(sparse_grad, dense_grad)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("scale", [100.0, 0.01])  # clipped, and under the bound (left as it is)
+def test_the_optimizer_clips_for_its_next_step_as_clipping_the_gradients_does(fused, scale):
+    # Fused steps leave the dense gradients as they are and divide them inside the kernel.
+    torch.manual_seed(0)
+    table, head = nn.Embedding(20, 4, sparse=True), nn.Linear(4, 2)
+    reference_table, reference_head = nn.Embedding(20, 4, sparse=True), nn.Linear(4, 2)
+    reference_table.load_state_dict(table.state_dict())
+    reference_head.load_state_dict(head.state_dict())
+    optimizers = [LazyRowAdamW([*model[0].parameters(), *model[1].parameters()], lr=0.01, weight_decay=0.0,
+                               fused=fused)
+                  for model in ((table, head), (reference_table, reference_head))]
+    for step in range(3):
+        rows = torch.randint(0, 20, (6,))
+        norms = []
+        for model, optimizer in zip(((table, head), (reference_table, reference_head)), optimizers):
+            optimizer.zero_grad()
+            _lookup_loss(*model, rows).mul(scale).backward()
+            parameters = [model[0].weight, *model[1].parameters()]
+            norms.append(optimizer.clip_grad_norm_(0.5) if model[0] is table else clip_grad_norm_(parameters, 0.5))
+            optimizer.step()
+        torch.testing.assert_close(norms[0], norms[1])
+        assert (norms[0] > 0.5) == (scale > 1)
+    for ours, reference in ((table.weight, reference_table.weight), (head.weight, reference_head.weight)):
+        torch.testing.assert_close(ours, reference)
+    assert not hasattr(optimizers[0], "grad_scale")  # the scale was for that step only
+
+
 def test_lazy_optimizer_without_sparse_gradients_is_adamw():
     torch.manual_seed(0)
     model, reference = nn.Linear(5, 5), nn.Linear(5, 5)

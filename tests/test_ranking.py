@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from flm_dist.eval.ranking import item_chunk_size, rank_targets, top_k
+from flm_dist.eval.ranking import CPU_RANK_BLOCK_ELEMENTS, item_chunk_size, rank_chunk_size, rank_targets, top_k
 
 
 def test_chunk_size_follows_the_budget_and_keeps_small_catalogs_whole():
@@ -67,3 +67,9 @@ def test_zeroed_history_outranks_a_target_only_when_the_target_scores_below_zero
     scores[history[0], history[1] - 1] = 0
     brute = (scores > scores.gather(1, (target - 1)[:, None])).sum(dim=1)
     assert ranks.zeroed.tolist() == brute.tolist()
+
+
+def test_a_cpu_ranks_cache_sized_blocks_and_other_devices_what_memory_allows():
+    assert rank_chunk_size(1024, 100_000, 1 << 26, torch.device("cpu")) == CPU_RANK_BLOCK_ELEMENTS // 1024
+    assert rank_chunk_size(1024, 100_000, 1 << 26, torch.device("meta")) == (1 << 26) // 1024
+    assert rank_chunk_size(1024, 500, 1 << 26, torch.device("cpu")) == 500  # a small catalog: one chunk

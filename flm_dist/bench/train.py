@@ -49,7 +49,6 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10, p
             torch.cuda.synchronize(device)
 
     names = (*setup.step_options["weights"], "total")
-    parameters = list(model.parameters())
     data_seconds = compute_seconds = flops = 0.0
     sequences = tokens = 0
     if device.type == "cuda":
@@ -64,7 +63,7 @@ def run_bench_train(config: PretrainConfig, steps: int = 50, warmup: int = 10, p
         synchronize()
         built = time.perf_counter()
         losses = forward_backward(step_model, batch, setup.step_options, grad_accum=1)
-        if not nonfinite_terms(loss_vector(losses, names), names, parameters, config.train.grad_clip):
+        if not nonfinite_terms(loss_vector(losses, names), names, optimizer, config.train.grad_clip):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize()

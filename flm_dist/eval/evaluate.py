@@ -36,7 +36,7 @@ from flm_dist.data.batches import EvalArrays, build_eval_arrays
 from flm_dist.errors import UserError
 from flm_dist.eval.beyond import BeyondAccuracy, popularity_percentiles, training_item_counts
 from flm_dist.eval.metrics import RankingAccumulator, target_ranks
-from flm_dist.eval.ranking import candidate_scores, item_chunk_size, rank_targets
+from flm_dist.eval.ranking import candidate_scores, rank_chunk_size, rank_targets
 from flm_dist.train import distributed
 
 log = logging.getLogger("flm_dist")
@@ -86,7 +86,7 @@ def evaluate_split(model: nn.Module, arrays: EvalArrays, split: str, config: Eva
             if cold is not None:
                 accumulator.add(f"{protocol}/cold", ranks[cold], num_candidates[cold])
 
-        chunk_size = item_chunk_size(stop - start, num_items, config.max_score_elements)
+        chunk_size = rank_chunk_size(stop - start, num_items, config.max_score_elements, device)
         ranks = rank_targets(vectors, item_table, target, arrays.history_pairs(start, stop), chunk_size)
         if beyond is not None:
             beyond.add(vectors, item_table, arrays.history_pairs(start, stop), chunk_size)
@@ -179,7 +179,8 @@ def user_ranks(checkpoint: str | Path, data: str, split: str = "test", batch_siz
         stop = min(start + batch_size, len(arrays))
         vectors = model.user_representation(arrays.user[start:stop], arrays.input[start:stop],
                                             source=protocol.user_source)
-        chunk_size = item_chunk_size(stop - start, item_table.shape[0] - 1, protocol.max_score_elements)
+        chunk_size = rank_chunk_size(stop - start, item_table.shape[0] - 1, protocol.max_score_elements,
+                                     vectors.device)
         ranks = rank_targets(vectors, item_table, arrays.target[start:stop], arrays.history_pairs(start, stop),
                              chunk_size)
         masked.append(ranks.masked)

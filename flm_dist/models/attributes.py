@@ -73,6 +73,12 @@ class AttributeEncoder(nn.Module):
         pooling, transposed = self._pooling_matrices()
         return _SparsePooling.apply(self.attribute_embedding.weight, pooling, transposed)
 
+    def pooled_onto(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` [R, H] + `pooled()`, with row 0 (padding) zero, in one pass; the gradient reaches
+        `rows` without a copy (see `_AddPooled`)."""
+        pooling, transposed = self._pooling_matrices()
+        return _AddPooled.apply(rows, self.attribute_embedding.weight, pooling, transposed)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Long[...] item ids -> [..., H] the mean of their attribute embeddings (0 without any):
         pools just these ids' bags, for lookups of a few items (a request, an evaluation batch)
@@ -135,6 +141,34 @@ class _SparsePooling(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         with torch.autocast(grad.device.type, enabled=False):
             return ctx.transposed @ grad.float(), None, None
+
+
+class _AddPooled(torch.autograd.Function):
+    """rows + pooling @ table with row 0 (padding) zero: one sparse addmm forward; backward passes
+    the incoming gradient on to `rows` as it is (row 0 zeroed, in a copy, only where a consumer
+    gave the padding row a gradient). `rows + _SparsePooling` then `rows[0] = 0` in place cost
+    two copies of the [R, H] gradient per step: one for the in-place write, one because the
+    addition handed the same gradient to both of its inputs. Kept in fp32 under autocast."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, table: torch.Tensor, pooling: torch.Tensor,
+                transposed: torch.Tensor) -> torch.Tensor:
+        ctx.transposed = transposed
+        with torch.autocast(rows.device.type, enabled=False):
+            fused = torch.addmm(rows.float(), pooling, table.float())
+        fused[0] = 0
+        return fused
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to_dense().float()  # sparse when only lookups read the rows
+            grad_table = ctx.transposed @ grad if ctx.needs_input_grad[1] else None
+        # On a GPU the check would cost a host sync; the copy is cheap there.
+        if ctx.needs_input_grad[0] and (grad.device.type != "cpu" or bool(grad[0].any())):
+            grad = grad.clone()
+            grad[0] = 0
+        return grad if ctx.needs_input_grad[0] else None, grad_table, None, None
 
 
 def attribute_loss(encoder: AttributeEncoder, vectors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -214,7 +248,10 @@ class FusedItemEmbedding(nn.Module):
         """Long[...] item ids (0 = padding, N+1.. cold) -> [..., H] fused rows: read from the
         step's rows inside `rows_shared`, else fused for just these ids."""
         if self._sharing:
-            return F.embedding(ids, self._rows())
+            # Row 0 is zero and needs no gradient. On a CPU the lookups' gradient is sparse (just
+            # the rows read), added to the scores' dense one: no zero-filled [R, H] table per step.
+            sparse = ids.device.type == "cpu" and self.fusion == "add" and not torch.compiler.is_compiling()
+            return F.embedding(ids, self._rows(), padding_idx=0, sparse=sparse)
         fused = self._fuse(self._identity(ids), self.attributes(ids))
         return fused * (ids != 0).unsqueeze(-1).to(fused.dtype)
 
@@ -229,8 +266,11 @@ class FusedItemEmbedding(nn.Module):
         """[R, H] the fused row of every id the encoder knows, cold items included."""
         if self._shared is not None:
             return self._shared
-        rows = self._fuse(self._catalogue_identity(), self.attributes.pooled())
-        rows[0] = 0  # padding; in place, which leaves its gradient zero as the mask in forward does
+        if self.fusion == "add":
+            rows = self.attributes.pooled_onto(self._catalogue_identity())
+        else:
+            rows = self._fuse(self._catalogue_identity(), self.attributes.pooled())
+            rows[0] = 0  # padding; in place, which leaves its gradient zero as the mask in forward does
         if self._sharing:
             self._shared = rows
         return rows

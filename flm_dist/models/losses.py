@@ -24,56 +24,77 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 BLOCK_ELEMENTS = 1 << 18
-"""Logits a row block of `_BlockedCrossEntropy` holds in fp32 (1 MB: within a core's L2 cache)."""
+"""Logits a row block of `_BlockedLinearCrossEntropy` holds in fp32 (1 MB: within a core's L2 cache)."""
 
 
-class _BlockedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of logits [M, 1 + N] over items 1..N (column 0, the padding item, is
-    no class) against `targets` [M] (0: no target), a block of rows at a time in fp32, with the
-    gradient written once in the logits' dtype.
+class _BlockedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits `hidden` [M, H] @ `item_table` [1 + N, H].T over items
+    1..N (row 0, the padding item, is no class) against `targets` [M] (0: no target), with the
+    matmuls in `dtype` and the softmax a block of rows at a time in fp32.
 
-    `F.cross_entropy(logits.float())` streams the [M, N] matrix through memory about ten times (the
+    `F.cross_entropy(logits.float())` streams the [M, N] logits through memory about ten times (the
     fp32 copy, the log-softmax it keeps for backward, the zero-filled gradient of the loss, the
     log-softmax gradient and its cast back to bf16); on a CPU that traffic, not arithmetic, is
-    what a full softmax costs. Here each block's fp32 values stay in cache: forward keeps only the
-    row log-sum-exps, backward recomputes softmax minus one-hot block by block. Scoring the
-    padding row too (and giving it a zero gradient) spares slicing the item table, whose
-    gradient would be another zero-filled copy of the table.
+    what a full softmax costs. Here each block's fp32 values stay in cache, and forward, while
+    they are there, also writes the loss's gradient with respect to the logits (softmax minus
+    one-hot, in `dtype`, over the logits themselves): backward is then just its two matmuls,
+    scaled by the incoming gradient on their [M, H] side. A softmax recomputed in backward would
+    cost another pass of exponentials and two casts over the [M, N] block, and scaling the
+    product another pass over the [1 + N, H] gradient of the table.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            features, table = hidden.to(dtype), item_table.to(dtype)
+            logits = features @ table.T
         rows = logits.shape[0]
         block = max(1, BLOCK_ELEMENTS // logits.shape[1])
-        log_sum_exp = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        for start in range(0, rows, block):
-            log_sum_exp[start:start + block] = torch.logsumexp(logits[start:start + block, 1:].float(), dim=1)
         present = targets != 0
+        keep = present.float()[:, None]
+        columns = (targets - 1).clamp_min(0)  # a row without a target is weighted by 0
         target_logits = logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
-        ctx.save_for_backward(logits, log_sum_exp, targets, present)
-        ctx.block = block
+        log_sum_exp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        gradient = any(ctx.needs_input_grad[:2])
+        if gradient:  # written over the logits, which nothing else reads
+            grad_logits = logits
+            grad_logits[:, 0] = 0
+        within = torch.arange(min(block, rows), device=logits.device)
+        for start in range(0, rows, block):
+            stop = min(start + block, rows)
+            scores = logits[start:stop, 1:].float()
+            peak = scores.amax(dim=1, keepdim=True)
+            total = scores.sub_(peak).exp_().sum(dim=1, keepdim=True)
+            log_sum_exp[start:stop] = (peak + total.log()).squeeze(1)
+            if gradient:
+                scores.mul_(keep[start:stop] / total)
+                scores[within[:stop - start], columns[start:stop]] -= keep[start:stop, 0]
+                grad_logits[start:stop, 1:] = scores
+        if gradient:
+            ctx.save_for_backward(features, table, grad_logits)
+            ctx.hidden_dtype, ctx.table_dtype = hidden.dtype, item_table.dtype
         return torch.where(present, log_sum_exp - target_logits, 0.0).sum()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, log_sum_exp, targets, present = ctx.saved_tensors
-        scale = present.float() * grad
-        columns = (targets - 1).clamp_min(0)  # a row without a target has scale 0
-        grad_logits = torch.empty_like(logits)
-        grad_logits[:, 0] = 0
-        rows = torch.arange(min(ctx.block, logits.shape[0]), device=logits.device)
-        for start in range(0, logits.shape[0], ctx.block):
-            stop = min(start + ctx.block, logits.shape[0])
-            block = logits[start:stop, 1:].float().sub_(log_sum_exp[start:stop, None]).exp_()
-            block[rows[:stop - start], columns[start:stop]] -= 1.0
-            grad_logits[start:stop, 1:] = block.mul_(scale[start:stop, None])
-        return grad_logits, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        features, table, grad_logits = ctx.saved_tensors
+        grad_hidden = grad_table = None
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad_logits @ table).to(ctx.hidden_dtype).mul_(grad)
+            if ctx.needs_input_grad[1]:
+                # Scaling the [M, H] operand, not the [1 + N, H] product, spares a pass over the table.
+                grad_table = (grad_logits.T @ (features * grad).to(features.dtype)).to(ctx.table_dtype)
+        return grad_hidden, grad_table, None, None
 
 
 def _ce_sum(hidden: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
             label_smoothing: float) -> torch.Tensor:
     if hidden.device.type == "cpu" and not label_smoothing:
-        return _BlockedCrossEntropy.apply(hidden @ item_table.T, targets)
+        dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                 else torch.promote_types(hidden.dtype, item_table.dtype))
+        return _BlockedLinearCrossEntropy.apply(hidden, item_table, targets, dtype)
     # Column j of the logits is item j + 1, so target 0 (no target) maps to ignore_index -1.
     logits = hidden @ item_table[1:].T
     return F.cross_entropy(logits.float(), targets - 1, ignore_index=-1, reduction="sum",

@@ -65,7 +65,7 @@ from flm_dist.train.configs import PretrainConfig
 from flm_dist.train.flops import step_flops
 from flm_dist.train.host_memory import keep_freed_host_memory
 from flm_dist.train.intents import intent_centroids
-from flm_dist.train.optim import LazyRowAdamW, clip_grad_norm_, grad_norm
+from flm_dist.train.optim import LazyRowAdamW, grad_norm
 from flm_dist.train.session import LocalSession
 
 log = logging.getLogger("flm_dist")
@@ -119,16 +119,16 @@ def loss_vector(losses: dict[str, torch.Tensor], names: Sequence[str]) -> torch.
     return torch.stack([losses.get(name, zero).detach().float() for name in names])
 
 
-def nonfinite_terms(losses: torch.Tensor, names: Sequence[str], parameters: list[torch.Tensor],
+def nonfinite_terms(losses: torch.Tensor, names: Sequence[str], optimizer: LazyRowAdamW,
                     grad_clip: float) -> list[str]:
-    """Clip the gradients (when `grad_clip`) and name what was NaN or infinite in this update on
-    any rank: the loss terms (`losses`, summed over the update's micro-steps, one per name) and
-    `grad_norm`. An empty list means the update may be applied.
+    """Clip the gradients for `optimizer`'s next step (when `grad_clip`) and name what was NaN or
+    infinite in this update on any rank: the loss terms (`losses`, summed over the update's
+    micro-steps, one per name) and `grad_norm`. An empty list means the update may be applied.
 
     One all-reduce of a few flags per update, so that every rank skips the same steps (a loss is
     per rank; DDP has already averaged the gradients, so a NaN on one rank is on all of them).
     """
-    norm = clip_grad_norm_(parameters, grad_clip) if grad_clip else grad_norm(parameters)
+    norm = optimizer.clip_grad_norm_(grad_clip) if grad_clip else grad_norm(optimizer.parameters())
     flags = torch.cat([losses, norm.detach().reshape(1).to(losses)]).isfinite().logical_not()
     flags = distributed.all_reduce_max(flags.float())
     return [name for name, flag in zip((*names, "grad_norm"), flags.tolist()) if flag]
@@ -479,7 +479,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             if is_update:
                 for parameter, sparse in row_exchanged:
                     distributed.average_row_gradients_(parameter, sparse)
-                nonfinite = nonfinite_terms(update_losses, loss_keys, list(model.parameters()), config.train.grad_clip)
+                nonfinite = nonfinite_terms(update_losses, loss_keys, optimizer, config.train.grad_clip)
                 if nonfinite:
                     _skip_step(progress, nonfinite, scheduler, config.train.max_nonfinite_steps)
                     skipped += 1
