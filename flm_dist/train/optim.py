@@ -32,15 +32,10 @@ class LazyRowAdamW(torch.optim.AdamW):
         total norm before clipping. With fused steps the dense gradients are not rewritten: the
         fused kernel divides each gradient by `grad_scale` as it reads it (torch's AMP hook), which
         spares a pass over every gradient, the whole item table's among them."""
-        parameters = self.parameters()
-        if not self.defaults["fused"]:
-            return clip_grad_norm_(parameters, max_norm)
-        total = grad_norm(parameters)
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for parameter in parameters:
-            if parameter.grad is not None and parameter.grad.is_sparse:
-                parameter.grad.values().mul_(scale)
-        self._dense_clip_scale = scale
+        fused = self.defaults["fused"]
+        total = clip_grad_norm_(self.parameters(), max_norm, dense=not fused)
+        if fused:
+            self._dense_clip_scale = _clip_scale(total, max_norm)
         return total
 
     @torch.no_grad()
@@ -107,13 +102,20 @@ def grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def _clip_scale(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that clips gradients of total norm `total` to `max_norm` (torch's, eps included)."""
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)
+
+
+def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float, dense: bool = True) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` that also counts and scales sparse gradients (which the
-    torch version rejects). Returns the total norm before clipping."""
+    torch version rejects). Returns the total norm before clipping. With `dense=False` the dense
+    gradients are counted but left for the caller to scale."""
     total = grad_norm(parameters)
     with_grad = [p for p in parameters if p.grad is not None]
-    torch.nn.utils.clip_grads_with_norm_([p for p in with_grad if not p.grad.is_sparse], max_norm, total)
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if dense:
+        torch.nn.utils.clip_grads_with_norm_([p for p in with_grad if not p.grad.is_sparse], max_norm, total)
+    scale = _clip_scale(total, max_norm)
     for parameter in with_grad:
         if parameter.grad.is_sparse:
             parameter.grad.values().mul_(scale)
