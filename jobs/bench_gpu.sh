@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # The GPU measurements of the performance section, stage by stage, for a lent H100/H200.
 # Each stage fits one device call (10 minutes); results go to $OUT/<stage>.jsonl, logs to
-# $OUT/<stage>.log. The machine has torch but no Ray: build the wheels here first
-# (../shared/tools/device-wheels.sh writes .whl/), prepare Beauty (.data/beauty), and carry both:
-#   run(command="bash jobs/bench_gpu.sh train quality", carry=[".whl", ".data/beauty"])
+# $OUT/<stage>.log. The machine has torch but neither Ray, RecBole nor tensorboardX (which flm's
+# training logs need): carry their wheels in .whl/ (docs/benchmarks.md "On an H200" downloads
+# them). A failing flm run stops the script (set -e); RecBole's failures do not.
 # Stages:
-#   train    flm bench train on Beauty (batch 256): SASRec and joint, windows all and prefixes,
-#            eager and torch.compile
+#   presets  the Toys, Beauty and Sports attributes presets (jobs/sasrec_attributes_<set>.yaml) until
+#            RecBole's best validation NDCG@10 (0.0511, 0.0517, 0.0287, history not masked), each
+#            followed by one epoch of RecBole 1.2.1's SASRec on the same set when the peer is
+#            carried: copy ../shared/peers/*.py, *.yaml and ../shared/data/<DATASET>.txt to .peer/
+#            (.peer/data/) and RecBole's wheels (recbole==1.2.1 colorlog==4.7.2 texttable==1.7.2)
+#            to .whl/ beside tensorboardX's; data from $TOYS_ATTRIBUTES, $BEAUTY_ATTRIBUTES, $SPORTS_ATTRIBUTES (default
+#            .data/<set>_attributes; a set whose data is missing is skipped):
+#              run(command="bash jobs/bench_gpu.sh presets train", carry=[".whl", ".peer",
+#                  ".data/toys_attributes", ".data/beauty_attributes", ".data/sports_attributes"])
+#   train    flm bench train on the Toys preset (width 128, batch 256) and on a wide model over the
+#            same data (hidden 512, 4 layers, batch 1024), eager and torch.compile
 #   quality  flm bench quality: Beauty SASRec pretraining (jobs/data/beauty.yaml +
-#            jobs/recipes/sasrec.yaml), bf16 then fp32 (same seed), until validation NDCG@10
-#            0.0517 (history not masked): time to it, epochs, throughput, test metrics
-#   attributes  flm bench quality of the attributes presets' recipe (jobs/recipes/sasrec.yaml +
-#            jobs/recipes/item_features.yaml, width 64, bf16), then of the fast recipe (plus
-#            jobs/recipes/fast.yaml), on Beauty, Toys and Sports until RecBole's validation
-#            (0.0517, 0.0511, 0.0287); data from $BEAUTY_ATTRIBUTES,
-#            $TOYS_ATTRIBUTES, $SPORTS_ATTRIBUTES (default .data/<set>_attributes; a set whose
-#            data is missing is skipped), e.g. carry=[".whl", ".data/toys_attributes", ...]
+#            jobs/recipes/sasrec.yaml, data .data/beauty), bf16 then fp32 (same seed), until
+#            validation NDCG@10 0.0517 (history not masked)
 #   topk     flm bench topk on the GPU at 1M and 10M items
-#   large    a 1M-item synthetic log (needs Ray from .whl), then the large configuration
-#            (hidden 512, 4 layers, max_len 200, batch 1024, sampled softmax) for MFU
+#   large    a 1M-item synthetic log (needs Ray: ../shared/tools/device-wheels.sh writes its wheels
+#            to .whl/), then the large configuration (hidden 512, 4 layers, max_len 200, batch 1024,
+#            sampled softmax) for MFU
 # With BENCH_SMOKE=1 every stage runs a few steps on whatever device there is (used on CPU to
 # check this script).
 set -euo pipefail
@@ -27,15 +31,17 @@ mkdir -p "$OUT"
 scratch=$(mktemp -d)  # runs and synthetic data; only the JSON lines and logs go to $OUT
 if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 flm() { python3 -m flm_dist.cli "$@"; }
 smoke=${BENCH_SMOKE:-0}
-steps=100; warmup=20; quality_target=valid/ndcg@10/full_nomask=0.0517; topk_items=(1000000 10000000); large_rows=20000000
+device=$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+PEER=${PEER:-.peer}; peer_python=${PEER_PYTHON:-python3}  # RecBole may live in its own virtualenv
+steps=100; warmup=20; budget_minutes=4; peer_epochs=1; peer_budget=240; schedule=(); quality_target=valid/ndcg@10/full_nomask=0.0517; topk_items=(1000000 10000000); large_rows=20000000
 large_model=(model.hidden=512 model.layers=4 model.heads=8 model.max_len=200 train.batch_size=1024)
 if [ "$smoke" = 1 ]; then
-  steps=3; warmup=1; epochs=2; quality_target=valid/ndcg@10/full_nomask=1.0; topk_items=(20000); large_rows=20000
+  steps=3; warmup=1; schedule=(train.epochs=2); peer_budget=60; quality_target=valid/ndcg@10/full_nomask=1.0; topk_items=(20000); large_rows=20000
   large_model=(model.hidden=32 model.layers=1 model.heads=2 model.max_len=20 train.batch_size=16)
 fi
 data=${BEAUTY:-.data/beauty}
@@ -43,26 +49,32 @@ sasrec=(loss.cf=0 loss.fused=0 loss.flow=0)
 json_lines() { grep '^{' "$1" >>"$2" || true; }
 
 stage_train() {
-  local log=$OUT/train.log result=$OUT/train.jsonl
-  for model in sasrec joint; do
-    for windows in all prefixes; do
-      for compile in false true; do
-        local extra=()
-        [ "$model" = sasrec ] && extra=("${sasrec[@]}")
-        echo "== $model windows=$windows compile=$compile" >>"$log"
-        flm bench train --data "$data" --output "$scratch/bench_train" --steps "$steps" --warmup "$warmup" \
-          train.batch_size=256 train.windows="$windows" train.compile="$compile" model.positions=first \
-          "${extra[@]}" >>"$log" 2>&1
-        tail -n 1 "$log" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); \
-r.update(model='$model', windows='$windows'); print(json.dumps(r))" >>"$result"
-      done
+  # The Toys attributes preset's step (width 128, batch 256, full softmax), then a wide model on the
+  # same data for the fraction of the matmul peak (hidden 512, 4 layers, batch 1024); eager, compiled.
+  local log=$OUT/train.log result=$OUT/train.jsonl dir=${TOYS_ATTRIBUTES:-.data/toys_attributes} shape compile
+  local preset=(model.hidden=128) wide=(model.hidden=512 model.layers=4 model.heads=8 train.batch_size=1024)
+  [ "$smoke" = 1 ] && wide=(model.hidden=32 model.layers=1 model.heads=2 train.batch_size=16)
+  for shape in preset wide; do
+    for compile in false true; do
+      local extra=("${preset[@]}")
+      [ "$shape" = wide ] && extra=("${wide[@]}")
+      echo "== $shape compile=$compile $(date -u +%H:%M:%S)" >>"$log"
+      flm bench train --config jobs/data/toys_attributes.yaml --config jobs/recipes/sasrec.yaml \
+        --config jobs/recipes/item_features.yaml --data "$dir" --output "$scratch/bench_train" \
+        --steps "$steps" --warmup "$warmup" train.compile="$compile" "${extra[@]}" >>"$log" 2>&1
+      tail -n 1 "$log" | SHAPE=$shape python3 -c "import json,os,sys; r=json.loads(sys.stdin.read()); \
+r.update(shape=os.environ['SHAPE']); print(json.dumps(r))" >>"$result"
     done
   done
+  # Where the preset's eager step spends its time on the device: the top operators (bf16 autocast).
+  echo "== preset profile $(date -u +%H:%M:%S)" >>"$log"
+  flm bench train --config jobs/data/toys_attributes.yaml --config jobs/recipes/sasrec.yaml \
+    --config jobs/recipes/item_features.yaml --data "$dir" --output "$scratch/bench_train" \
+    --steps "$steps" --warmup "$warmup" --profile 10 "${preset[@]}" >>"$log" 2>&1 \
+    && json_lines <(tail -n 1 "$log") "$OUT/profile.jsonl" || true
 }
 
 stage_quality() {
-  local schedule=()  # the recipe's 20 epochs, whose cosine the target falls inside
-  [ "$smoke" = 1 ] && schedule=(train.epochs="$epochs")
   for precision in bf16 fp32; do
     # the SASRec preset of jobs/sasrec_beauty.yaml, stopped at the target (flm bench quality)
     flm bench quality --config jobs/data/beauty.yaml --config jobs/recipes/sasrec.yaml \
@@ -72,30 +84,39 @@ stage_quality() {
   done
 }
 
-stage_attributes() {
-  local set dir target recipe schedule=()  # the recipe's 20 epochs, whose cosine the target falls inside
-  [ "$smoke" = 1 ] && schedule=(train.epochs="$epochs")
-  for set in beauty:0.0517 toys:0.0511 sports:0.0287; do
-    target=${set#*:}; set=${set%%:*}
+stage_presets() {
+  # The three attributes presets (jobs/sasrec_attributes_<set>.yaml: width 128 on Toys and Beauty,
+  # 64 on Sports) until RecBole's best validation, each followed by one epoch of RecBole's SASRec on
+  # the same set when the peer is carried ($PEER: run_recbole.py, recbole_sasrec.yaml, data/<DATASET>.txt,
+  # with RecBole's wheels in .whl). RecBole's time to the target is estimated from that epoch.
+  local entry set dataset target width dir
+  for entry in toys:Toys_and_Games:0.0511:128 beauty:Beauty:0.0517:128 sports:Sports_and_Outdoors:0.0287:64; do
+    IFS=: read -r set dataset target width <<<"$entry"
     dir=$(eval echo "\${${set^^}_ATTRIBUTES:-.data/${set}_attributes}")
     [ "$smoke" = 1 ] && target=1.0
-    if [ ! -d "$dir" ]; then echo "skipped $set: no $dir" >>"$OUT/attributes.log"; continue; fi
-    for recipe in attributes fast; do
-      local extra=()
-      [ "$recipe" = fast ] && extra=(--config jobs/recipes/fast.yaml)
-      flm bench quality --config "jobs/data/${set}_attributes.yaml" --config jobs/recipes/sasrec.yaml \
-        --config jobs/recipes/item_features.yaml "${extra[@]}" --data "$dir" \
-        --output "$scratch/runs/${set}_$recipe" --target "valid/ndcg@10/full_nomask=$target" scaling.workers=0 \
-        "${schedule[@]}" 2>>"$OUT/attributes.log" | tee -a "$OUT/attributes.log" \
-        | SET=$set RECIPE=$recipe python3 -c "import json,os,sys; [print(json.dumps({**json.loads(l), 'set': os.environ['SET'], 'recipe': os.environ['RECIPE']})) for l in sys.stdin if l.startswith('{')]" \
-        >>"$OUT/attributes.jsonl" || true
-    done
+    if [ ! -d "$dir" ]; then echo "skipped $set: no $dir" >>"$OUT/presets.log"; continue; fi
+    echo "== flm $set $(date -u +%H:%M:%S)" >>"$OUT/presets.log"
+    flm bench quality --config "jobs/data/${set}_attributes.yaml" --config jobs/recipes/sasrec.yaml \
+      --config jobs/recipes/item_features.yaml --data "$dir" --output "$scratch/runs/$set" \
+      --target "valid/ndcg@10/full_nomask=$target" --budget-minutes "$budget_minutes" scaling.workers=0 \
+      model.hidden="$width" "${schedule[@]}" 2>>"$OUT/presets.log" | tee -a "$OUT/presets.log" \
+      | SET=$set python3 -c "import json,os,sys; [print(json.dumps({**json.loads(l), 'set': os.environ['SET']})) for l in sys.stdin if l.startswith('{')]" \
+      >>"$OUT/presets.jsonl"
+    if [ -f "$PEER/run_recbole.py" ]; then
+      echo "== recbole $set $(date -u +%H:%M:%S)" >>"$OUT/presets.log"
+      "$peer_python" "$PEER/run_recbole.py" "$dataset" "$peer_epochs" "$device" --data-dir "$PEER/data" \
+        --workdir "$scratch/recbole_$set" --budget "$peer_budget" >"$scratch/recbole_$set.log" 2>&1 || true
+      cat "$scratch/recbole_$set.log" >>"$OUT/presets.log"
+      grep '^{"peer"' "$scratch/recbole_$set.log" | SET=$set python3 -c \
+        "import json,os,sys; [print(json.dumps({**json.loads(l), 'set': os.environ['SET']})) for l in sys.stdin]" \
+        >>"$OUT/presets.jsonl" || true
+    fi
   done
 }
 
 stage_topk() {
   for items in "${topk_items[@]}"; do
-    flm bench topk --items "$items" --users 22363 --dim 64 --device "$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')" \
+    flm bench topk --items "$items" --users 22363 --dim 64 --device "$device" \
       2>>"$OUT/topk.log" | tee -a "$OUT/topk.log" | grep '^{' >>"$OUT/topk.jsonl" || true
   done
 }
@@ -119,7 +140,7 @@ stage_large() {
   done
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 train|quality|attributes|topk|large ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 presets|train|quality|topk|large ..." >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/device.txt" 2>/dev/null || echo cpu >"$OUT/device.txt"
 for stage in "$@"; do
   start=$(date +%s)

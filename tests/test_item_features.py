@@ -300,19 +300,20 @@ def test_sparse_pooling_matches_embedding_bag_in_values_and_gradients():
         assert encoder.pooled().dtype == torch.float32  # pooled in fp32 under autocast
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("reads_padding", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_pooling_onto_rows_equals_adding_the_pooled_rows_with_the_padding_row_zeroed(reads_padding, sparse):
+def test_pooling_onto_rows_equals_adding_the_pooled_rows_with_the_padding_row_zeroed(device, reads_padding, sparse):
     # One autograd node for rows + pooled with row 0 zero: the same values and gradients as the
     # sum with row 0 zeroed in place, whether or not a consumer gives row 0 a gradient (which
     # must not reach the rows), from a dense gradient or only lookups' sparse one.
     torch.manual_seed(0)
     bags = torch.randint(0, 6, (9, 3))
     bags[0] = 0
-    encoder = AttributeEncoder(bags, 5, 4)
-    ids = torch.tensor([0, 2, 2, 7] if reads_padding else [2, 2, 7])
-    weights = torch.randn(ids.shape[0], 4)
-    start, results = torch.randn(9, 4), []
+    encoder = AttributeEncoder(bags, 5, 4).to(device)
+    ids = torch.tensor([0, 2, 2, 7] if reads_padding else [2, 2, 7], device=device)
+    weights = torch.randn(ids.shape[0], 4).to(device)
+    start, results = torch.randn(9, 4).to(device), []
     for onto in (True, False):
         rows = start.clone().requires_grad_()
         encoder.zero_grad()

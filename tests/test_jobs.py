@@ -353,6 +353,7 @@ PRESET_STAGES = {"data/prepare": ("prepare", {}),
                  "recipes/pretrain": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/item_features": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/fast": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
+                 "recipes/large_batch": ("pretrain", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/finetune": ("finetune", {"pretrained": "runs/p", "data": ".data/x", "output": "runs/x"}),
                  "recipes/ablate": ("ablate", {"data": ".data/x", "output": "runs/x"}),
                  "recipes/ablate_cpu": ("ablate", {"data": ".data/x", "output": "runs/x"})}

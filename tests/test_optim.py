@@ -63,20 +63,21 @@ def test_clip_counts_sparse_rows_like_their_dense_gradient():
         torch.testing.assert_close(sparse_grad, dense_grad)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("scale", [100.0, 0.01])  # clipped, and under the bound (left as it is)
-def test_the_optimizer_clips_for_its_next_step_as_clipping_the_gradients_does(fused, scale):
+def test_the_optimizer_clips_for_its_next_step_as_clipping_the_gradients_does(device, fused, scale):
     # Fused steps leave the dense gradients as they are and divide them inside the kernel.
     torch.manual_seed(0)
-    table, head = nn.Embedding(20, 4, sparse=True), nn.Linear(4, 2)
-    reference_table, reference_head = nn.Embedding(20, 4, sparse=True), nn.Linear(4, 2)
+    table, head = nn.Embedding(20, 4, sparse=True).to(device), nn.Linear(4, 2).to(device)
+    reference_table, reference_head = nn.Embedding(20, 4, sparse=True).to(device), nn.Linear(4, 2).to(device)
     reference_table.load_state_dict(table.state_dict())
     reference_head.load_state_dict(head.state_dict())
     optimizers = [LazyRowAdamW([*model[0].parameters(), *model[1].parameters()], lr=0.01, weight_decay=0.0,
                                fused=fused)
                   for model in ((table, head), (reference_table, reference_head))]
     for step in range(3):
-        rows = torch.randint(0, 20, (6,))
+        rows = torch.randint(0, 20, (6,)).to(device)
         norms = []
         for model, optimizer in zip(((table, head), (reference_table, reference_head)), optimizers):
             optimizer.zero_grad()

@@ -53,18 +53,13 @@ from flm_dist.models.dropout import dropout_rate, set_dropout_rate
 from flm_dist.models.losses import ItemDistribution
 from flm_dist.runs import build_model, item_attributes_for, read_manifest
 from flm_dist.train import distributed
-from flm_dist.train.checkpoint import (
-    CheckpointError,
-    first_nonfinite,
-    load_checkpoint,
-    publish_directory,
-    repair_best,
-    save_checkpoint,
-)
+from flm_dist.train.checkpoint import (CheckpointError, first_nonfinite, load_checkpoint, publish_directory,
+                                       repair_best, save_checkpoint)
 from flm_dist.train.configs import PretrainConfig
 from flm_dist.train.flops import step_flops
 from flm_dist.train.host_memory import keep_freed_host_memory
 from flm_dist.train.intents import intent_centroids
+from flm_dist.train.kernels import choose_attention_kernel
 from flm_dist.train.optim import LazyRowAdamW, grad_norm
 from flm_dist.train.session import LocalSession
 
@@ -270,6 +265,7 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     """
     manifest = read_manifest(config.data)
     keep_freed_host_memory(device)
+    choose_attention_kernel(device, cudnn=config.train.cudnn_attention)
     torch.manual_seed(config.train.seed)
     # Sorted, so the batch plan does not depend on the order Ray Data delivered the blocks.
     train_table = session.read_split("train").sort_by("user")
