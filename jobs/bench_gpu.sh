@@ -14,6 +14,8 @@
 #            .data/<set>_attributes; a set whose data is missing is skipped):
 #              run(command="bash jobs/bench_gpu.sh presets train", carry=[".whl", ".peer",
 #                  ".data/toys_attributes", ".data/beauty_attributes", ".data/sports_attributes"])
+#   variants the Toys preset until RecBole's validation with jobs/recipes/large_batch.yaml, with
+#            train.cudnn_attention=true, and with train.compile=true (each alone)
 #   train    flm bench train on the Toys preset (width 128, batch 256) and on a wide model over the
 #            same data (hidden 512, 4 layers, batch 1024), eager and torch.compile
 #   quality  flm bench quality: Beauty SASRec pretraining (jobs/data/beauty.yaml +
@@ -114,6 +116,30 @@ stage_presets() {
   done
 }
 
+stage_variants() {
+  # The Toys preset to RecBole's validation with one change each: the opt-in large batch, cuDNN's
+  # attention (the default before 2026-12-04), torch.compile over the whole run (skipped with
+  # BENCH_SMOKE=1: compiling takes minutes on a CPU).
+  local dir=${TOYS_ATTRIBUTES:-.data/toys_attributes} target=0.0511 name
+  [ "$smoke" = 1 ] && target=1.0
+  if [ ! -d "$dir" ]; then echo "skipped variants: no $dir" >>"$OUT/variants.log"; return; fi
+  for name in large_batch cudnn_attention compile; do
+    local configs=() overrides=()
+    case $name in
+      large_batch) configs=(--config jobs/recipes/large_batch.yaml) ;;
+      cudnn_attention) overrides=(train.cudnn_attention=true) ;;
+      compile) [ "$smoke" = 1 ] && continue; overrides=(train.compile=true) ;;
+    esac
+    echo "== $name $(date -u +%H:%M:%S)" >>"$OUT/variants.log"
+    flm bench quality --config jobs/data/toys_attributes.yaml --config jobs/recipes/sasrec.yaml \
+      --config jobs/recipes/item_features.yaml "${configs[@]}" --data "$dir" --output "$scratch/variants/$name" \
+      --target "valid/ndcg@10/full_nomask=$target" --budget-minutes "$budget_minutes" scaling.workers=0 \
+      model.hidden=128 "${overrides[@]}" "${schedule[@]}" 2>>"$OUT/variants.log" | tee -a "$OUT/variants.log" \
+      | NAME=$name python3 -c "import json,os,sys; [print(json.dumps({**json.loads(l), 'variant': os.environ['NAME']})) for l in sys.stdin if l.startswith('{')]" \
+      >>"$OUT/variants.jsonl"
+  done
+}
+
 stage_topk() {
   for items in "${topk_items[@]}"; do
     flm bench topk --items "$items" --users 22363 --dim 64 --device "$device" \
@@ -140,7 +166,7 @@ stage_large() {
   done
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 presets|train|quality|topk|large ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 presets|variants|train|quality|topk|large ..." >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/device.txt" 2>/dev/null || echo cpu >"$OUT/device.txt"
 for stage in "$@"; do
   start=$(date +%s)

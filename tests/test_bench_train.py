@@ -70,9 +70,9 @@ def test_the_matmul_peak_is_measured_per_precision():
 
 
 def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tiny_cold_data, tmp_path):
-    """jobs/bench_gpu.sh is what a lent GPU runs; BENCH_SMOKE=1 runs its quality, presets and
-    topk stages for a few steps here so the script cannot rot between GPU sessions. The peer is
-    a stand-in that prints RecBole's result line."""
+    """jobs/bench_gpu.sh is what a lent GPU runs; BENCH_SMOKE=1 runs its quality, presets,
+    variants and topk stages for a few steps here so the script cannot rot between GPU sessions.
+    The peer is a stand-in that prints RecBole's result line."""
     import json
     import os
     import subprocess
@@ -86,11 +86,11 @@ def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tiny_cold_dat
         "import json, sys\nprint('loading')\n"
         "print(json.dumps({'peer': 'recbole-sasrec', 'dataset': sys.argv[1], 'epochs': sys.argv[2]}))\n")
     env = {**os.environ, "OUT": str(out), "BENCH_SMOKE": "1", "BEAUTY": tiny_data, "OMP_NUM_THREADS": "1",
-           "BEAUTY_ATTRIBUTES": tiny_cold_data, "TOYS_ATTRIBUTES": str(tmp_path / "missing"),
+           "TOYS_ATTRIBUTES": tiny_cold_data, "BEAUTY_ATTRIBUTES": str(tmp_path / "missing"),
            "SPORTS_ATTRIBUTES": str(tmp_path / "missing"), "PEER": str(peer)}
     root = Path(__file__).resolve().parents[1]
-    subprocess.run(["bash", "jobs/bench_gpu.sh", "quality", "presets", "topk"], cwd=root, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["bash", "jobs/bench_gpu.sh", "quality", "presets", "variants", "topk"], cwd=root, env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     quality = [json.loads(line) for line in (out / "quality.jsonl").read_text().splitlines()]
     native_bf16 = torch.cpu._is_avx512_bf16_supported()  # else bf16 falls back to fp32
     assert [row["precision"] for row in quality] == ["bf16" if native_bf16 else "fp32", "fp32"]
@@ -100,7 +100,10 @@ def test_gpu_bench_script_runs_its_stages_in_smoke_mode(tiny_data, tiny_cold_dat
     (topk,) = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
     assert topk["items"] == 20000 and topk["topk_users_per_s"] > 0
     ours, recbole = [json.loads(line) for line in (out / "presets.jsonl").read_text().splitlines()]
-    assert ours["set"] == "beauty" and ours["epochs"] == 2 and not ours["reached"]
-    assert recbole == {"peer": "recbole-sasrec", "dataset": "Beauty", "epochs": "1", "set": "beauty"}
-    assert "skipped toys" in (out / "presets.log").read_text()
-    assert set((out / "stages.txt").read_text().split()[::3]) == {"quality:", "presets:", "topk:"}
+    assert ours["set"] == "toys" and ours["epochs"] == 2 and not ours["reached"]
+    assert recbole == {"peer": "recbole-sasrec", "dataset": "Toys_and_Games", "epochs": "1", "set": "toys"}
+    assert "skipped beauty" in (out / "presets.log").read_text()
+    variants = [json.loads(line) for line in (out / "variants.jsonl").read_text().splitlines()]
+    assert [row["variant"] for row in variants] == ["large_batch", "cudnn_attention"]  # compile: not in smoke
+    assert all(row["epochs"] == 2 and not row["reached"] for row in variants)
+    assert set((out / "stages.txt").read_text().split()[::3]) == {"quality:", "presets:", "variants:", "topk:"}
