@@ -17,7 +17,8 @@
 #   variants the Toys preset until RecBole's validation with jobs/recipes/large_batch.yaml, with
 #            train.cudnn_attention=true, and with train.compile=true (each alone)
 #   train    flm bench train on the Toys preset (width 128, batch 256) and on a wide model over the
-#            same data (hidden 512, 4 layers, batch 1024), eager and torch.compile
+#            same data (hidden 512, 4 layers, batch 1024), eager and torch.compile; the preset's
+#            eager row holds a profile of its step
 #   quality  flm bench quality: Beauty SASRec pretraining (jobs/data/beauty.yaml +
 #            jobs/recipes/sasrec.yaml, data .data/beauty), bf16 then fp32 (same seed), until
 #            validation NDCG@10 0.0517 (history not masked)
@@ -49,31 +50,30 @@ fi
 data=${BEAUTY:-.data/beauty}
 sasrec=(loss.cf=0 loss.fused=0 loss.flow=0)
 json_lines() { grep '^{' "$1" >>"$2" || true; }
+# stdin's JSON lines (the others dropped), each with KEY set to VALUE: which run printed it.
+tag_json() { KEY=$1 VALUE=$2 python3 -c "import json,os,sys; [print(json.dumps({**json.loads(l), \
+os.environ['KEY']: os.environ['VALUE']})) for l in sys.stdin if l.startswith('{')]"; }
+attributes_recipe=(--config jobs/recipes/sasrec.yaml --config jobs/recipes/item_features.yaml)
 
 stage_train() {
   # The Toys attributes preset's step (width 128, batch 256, full softmax), then a wide model on the
   # same data for the fraction of the matmul peak (hidden 512, 4 layers, batch 1024); eager, compiled.
+  # The preset's eager run then profiles 10 steps: its row holds the top operators on the device.
   local log=$OUT/train.log result=$OUT/train.jsonl dir=${TOYS_ATTRIBUTES:-.data/toys_attributes} shape compile
   local preset=(model.hidden=128) wide=(model.hidden=512 model.layers=4 model.heads=8 train.batch_size=1024)
   [ "$smoke" = 1 ] && wide=(model.hidden=32 model.layers=1 model.heads=2 train.batch_size=16)
   for shape in preset wide; do
     for compile in false true; do
-      local extra=("${preset[@]}")
+      local extra=("${preset[@]}") profile=()
       [ "$shape" = wide ] && extra=("${wide[@]}")
+      [ "$shape" = preset ] && [ "$compile" = false ] && profile=(--profile 10)
       echo "== $shape compile=$compile $(date -u +%H:%M:%S)" >>"$log"
-      flm bench train --config jobs/data/toys_attributes.yaml --config jobs/recipes/sasrec.yaml \
-        --config jobs/recipes/item_features.yaml --data "$dir" --output "$scratch/bench_train" \
-        --steps "$steps" --warmup "$warmup" train.compile="$compile" "${extra[@]}" >>"$log" 2>&1
-      tail -n 1 "$log" | SHAPE=$shape python3 -c "import json,os,sys; r=json.loads(sys.stdin.read()); \
-r.update(shape=os.environ['SHAPE']); print(json.dumps(r))" >>"$result"
+      flm bench train --config jobs/data/toys_attributes.yaml "${attributes_recipe[@]}" --data "$dir" \
+        --output "$scratch/bench_train" --steps "$steps" --warmup "$warmup" "${profile[@]}" \
+        train.compile="$compile" "${extra[@]}" >>"$log" 2>&1
+      tail -n 1 "$log" | tag_json shape "$shape" >>"$result"
     done
   done
-  # Where the preset's eager step spends its time on the device: the top operators (bf16 autocast).
-  echo "== preset profile $(date -u +%H:%M:%S)" >>"$log"
-  flm bench train --config jobs/data/toys_attributes.yaml --config jobs/recipes/sasrec.yaml \
-    --config jobs/recipes/item_features.yaml --data "$dir" --output "$scratch/bench_train" \
-    --steps "$steps" --warmup "$warmup" --profile 10 "${preset[@]}" >>"$log" 2>&1 \
-    && json_lines <(tail -n 1 "$log") "$OUT/profile.jsonl" || true
 }
 
 stage_quality() {
@@ -98,20 +98,16 @@ stage_presets() {
     [ "$smoke" = 1 ] && target=1.0
     if [ ! -d "$dir" ]; then echo "skipped $set: no $dir" >>"$OUT/presets.log"; continue; fi
     echo "== flm $set $(date -u +%H:%M:%S)" >>"$OUT/presets.log"
-    flm bench quality --config "jobs/data/${set}_attributes.yaml" --config jobs/recipes/sasrec.yaml \
-      --config jobs/recipes/item_features.yaml --data "$dir" --output "$scratch/runs/$set" \
-      --target "valid/ndcg@10/full_nomask=$target" --budget-minutes "$budget_minutes" scaling.workers=0 \
-      model.hidden="$width" "${schedule[@]}" 2>>"$OUT/presets.log" | tee -a "$OUT/presets.log" \
-      | SET=$set python3 -c "import json,os,sys; [print(json.dumps({**json.loads(l), 'set': os.environ['SET']})) for l in sys.stdin if l.startswith('{')]" \
-      >>"$OUT/presets.jsonl"
+    flm bench quality --config "jobs/data/${set}_attributes.yaml" "${attributes_recipe[@]}" --data "$dir" \
+      --output "$scratch/runs/$set" --target "valid/ndcg@10/full_nomask=$target" \
+      --budget-minutes "$budget_minutes" scaling.workers=0 model.hidden="$width" "${schedule[@]}" \
+      2>>"$OUT/presets.log" | tee -a "$OUT/presets.log" | tag_json set "$set" >>"$OUT/presets.jsonl"
     if [ -f "$PEER/run_recbole.py" ]; then
       echo "== recbole $set $(date -u +%H:%M:%S)" >>"$OUT/presets.log"
       "$peer_python" "$PEER/run_recbole.py" "$dataset" "$peer_epochs" "$device" --data-dir "$PEER/data" \
         --workdir "$scratch/recbole_$set" --budget "$peer_budget" >"$scratch/recbole_$set.log" 2>&1 || true
       cat "$scratch/recbole_$set.log" >>"$OUT/presets.log"
-      grep '^{"peer"' "$scratch/recbole_$set.log" | SET=$set python3 -c \
-        "import json,os,sys; [print(json.dumps({**json.loads(l), 'set': os.environ['SET']})) for l in sys.stdin]" \
-        >>"$OUT/presets.jsonl" || true
+      grep '^{"peer"' "$scratch/recbole_$set.log" | tag_json set "$set" >>"$OUT/presets.jsonl" || true
     fi
   done
 }
@@ -131,12 +127,10 @@ stage_variants() {
       compile) [ "$smoke" = 1 ] && continue; overrides=(train.compile=true) ;;
     esac
     echo "== $name $(date -u +%H:%M:%S)" >>"$OUT/variants.log"
-    flm bench quality --config jobs/data/toys_attributes.yaml --config jobs/recipes/sasrec.yaml \
-      --config jobs/recipes/item_features.yaml "${configs[@]}" --data "$dir" --output "$scratch/variants/$name" \
-      --target "valid/ndcg@10/full_nomask=$target" --budget-minutes "$budget_minutes" scaling.workers=0 \
-      model.hidden=128 "${overrides[@]}" "${schedule[@]}" 2>>"$OUT/variants.log" | tee -a "$OUT/variants.log" \
-      | NAME=$name python3 -c "import json,os,sys; [print(json.dumps({**json.loads(l), 'variant': os.environ['NAME']})) for l in sys.stdin if l.startswith('{')]" \
-      >>"$OUT/variants.jsonl"
+    flm bench quality --config jobs/data/toys_attributes.yaml "${attributes_recipe[@]}" "${configs[@]}" \
+      --data "$dir" --output "$scratch/variants/$name" --target "valid/ndcg@10/full_nomask=$target" \
+      --budget-minutes "$budget_minutes" scaling.workers=0 model.hidden=128 "${overrides[@]}" "${schedule[@]}" \
+      2>>"$OUT/variants.log" | tee -a "$OUT/variants.log" | tag_json variant "$name" >>"$OUT/variants.jsonl"
   done
 }
 
