@@ -259,10 +259,10 @@ def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any
     """Fit `train_function(payload)` on `workers` Ray Train workers; resumes a run of the same name.
     Each worker gets the CPUs of `plan_worker_cpus` (None: as many as leave Ray Data its CPU).
 
-    Evaluation splits are handed out with `streaming_split(equal=False)`: disjoint and complete,
-    so every user is scored exactly once (Ray's default `equal=True` may drop rows). Training
-    uses `equal=True`: DDP needs balanced shards, and the few rows it may drop are counted and
-    logged by the training loop.
+    Every split is handed out with `streaming_split(equal=False)`: disjoint and complete, so every
+    user is scored exactly once and trained on (Ray's default `equal=True` may drop rows). The
+    training loop then deals the training users over the ranks by history length
+    (`flm_dist.train.shards`), which balances the ranks' steps where equal row counts did not.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -279,8 +279,7 @@ def run_trainer(train_function, payload: dict[str, Any], datasets: dict[str, Any
             for dataset_name, dataset in datasets.items():
                 dataset = dataset.copy(dataset)
                 dataset.context.execution_options = execution_options(self, dataset_name)
-                equal = dataset_name == "train"
-                for index, split in enumerate(dataset.streaming_split(world_size, equal=equal)):
+                for index, split in enumerate(dataset.streaming_split(world_size, equal=False)):
                     output[index][dataset_name] = split
             return output
 

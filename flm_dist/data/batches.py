@@ -206,6 +206,18 @@ def filter_users(table: pa.Table, keep_users: np.ndarray) -> pa.Table:
     return table.filter(pc.is_in(table.column("user"), pa.array(keep_users, type=table.schema.field("user").type)))
 
 
+def deal_by_length(users: np.ndarray, lengths: np.ndarray, parts: int) -> np.ndarray:
+    """The part (0 .. parts - 1) of each user: users sorted by history length (longest first, ties
+    by user id) and dealt out in snake order (0, 1, .., parts - 1, parts - 1, .., 0, 0, 1, ..), so
+    every part gets about as many windows, and of each width, as the others. Depends on the set of
+    users alone, not on the order they are given in."""
+    order = np.lexsort((users, -np.asarray(lengths)))
+    turn = np.arange(len(users)) % (2 * parts)
+    owner = np.empty(len(users), dtype=np.int64)
+    owner[order] = np.where(turn < parts, turn, 2 * parts - 1 - turn)
+    return owner
+
+
 def padded_width(lengths, max_len: int, multiple: int = 8):
     """Item counts (an int or an array) rounded up to `multiple`, at least 1 and at most max_len:
     the positions a batch of left-padded rows is cut to. Few distinct widths keep kernel shapes few."""

@@ -1,5 +1,5 @@
-"""The distributed seam: rank, world size, all-reduce of sums, all-gather, DDP wrapping, and
-the row-wise gradient exchange of a row-sparse table.
+"""The distributed seam: rank, world size, all-reduce of sums, all-gather, an all-to-all of
+objects, DDP wrapping, and the row-wise gradient exchange of a row-sparse table.
 
 The only module besides the Ray seam that touches `torch.distributed`; with no process group
 (one process, tests, local mode) every function degrades to the single-process answer.
@@ -76,6 +76,21 @@ def all_gather(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dist.all_gather(parts, padded)
         gathered.append(torch.cat([part[:n] for part, n in zip(parts, lengths)]))
     return tuple(gathered)
+
+
+def exchange_objects(outgoing: Sequence[object]) -> list[object]:
+    """All-to-all of picklable objects: `outgoing[r]` goes to rank r. Returns what every rank sent
+    to this one, in rank order (this rank's own part included); one scatter per rank."""
+    if not is_distributed():
+        return list(outgoing)
+    if len(outgoing) != world_size():
+        raise ValueError(f"exchange_objects needs one part per rank ({world_size()}), got {len(outgoing)}")
+    received = []
+    for source in range(world_size()):
+        slot = [None]
+        dist.scatter_object_list(slot, list(outgoing) if rank() == source else None, src=source)
+        received.append(slot[0])
+    return received
 
 
 def average_row_gradients_(parameter: nn.Parameter, sparse: bool = False) -> int:

@@ -62,6 +62,7 @@ from flm_dist.train.intents import intent_centroids
 from flm_dist.train.kernels import choose_attention_kernel
 from flm_dist.train.optim import LazyRowAdamW, grad_norm
 from flm_dist.train.session import LocalSession
+from flm_dist.train.shards import balance_users
 
 log = logging.getLogger("flm_dist")
 
@@ -267,15 +268,11 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     keep_freed_host_memory(device)
     choose_attention_kernel(device, cudnn=config.train.cudnn_attention)
     torch.manual_seed(config.train.seed)
-    # Sorted, so the batch plan does not depend on the order Ray Data delivered the blocks.
-    train_table = session.read_split("train").sort_by("user")
+    train_table = session.read_split("train")
     if train_filter is not None:
         train_table = train_filter(train_table)
-    train_users = int(distributed.all_reduce_sum(torch.tensor(train_table.num_rows, device=device)).item())
-    if train_filter is None and train_users != manifest["splits"]["train"]["rows"]:
-        log.warning("balancing shards over %d workers left out %d of %d training sequences",
-                    distributed.world_size(), manifest["splits"]["train"]["rows"] - train_users,
-                    manifest["splits"]["train"]["rows"])
+    # Sorted, so the batch plan does not depend on the order Ray Data delivered the blocks.
+    train_table = balance_users(train_table, device).sort_by("user")
     train = build_train_arrays(train_table, config.model.max_len, config.train.windows).to(device)
     if len(train) == 0:
         raise UserError("a worker received no training windows; use fewer workers for this data")
