@@ -28,11 +28,14 @@ def test_a_reachable_target_stops_the_run_at_the_epoch_that_reaches_it(tiny_data
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert history[0]["wall_seconds"] == result["seconds_to_target"]
+    assert 0 < result["outside_epochs_seconds"] == pytest.approx(
+        history[0]["wall_seconds"] - history[0]["epoch_seconds"] - history[0]["eval_seconds"])
 
 
 def test_an_unreachable_target_runs_out_the_epochs_or_the_time_budget(tiny_data, tmp_path):
     full = run_bench_quality(_config(tiny_data, tmp_path / "all", "train.epochs=2"), "valid/hr@10/full=1.0")
     assert not full["reached"] and full["seconds_to_target"] is None and full["epochs"] == 2
+    assert full["outside_epochs_seconds"] is None
     # A budget of a millisecond is spent by the first epoch, which is still validated.
     budget = run_bench_quality(_config(tiny_data, tmp_path / "budget"), "valid/hr@10/full=1.0",
                                budget_minutes=1e-5)

@@ -5,7 +5,8 @@ The run is an ordinary `flm pretrain` with `train.stop_at` (and `train.time_budg
 so it measures what a user pays for: data loading, training, validation each
 `train.eval_every_epochs`, and (in the total) Ray's start-up and the final test. The time to
 the target is the run's own clock (`wall_seconds` in the history: setup, training and
-validation up to the end of the epoch that reached it).
+validation up to the end of the epoch that reached it); `outside_epochs_seconds` is the part of
+it spent neither training nor validating (setup, checkpoint writes, reports): a GPU run's fixed cost.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def run_bench_quality(config: PretrainConfig, target: str, budget_minutes: float
 
     history = [row for row in summary["history"] if row["epoch"] > 0]
     reached = next((row for row in history if row.get(monitor, -1.0) >= value), None)
+    epochs_seconds = sum(row["epoch_seconds"] + row.get("eval_seconds", 0.0)
+                         for row in history if reached and row["epoch"] <= reached["epoch"])
     train_seconds = sum(row["epoch_seconds"] for row in history)
     windows = sum(row["sequences_per_second"] * row["epoch_seconds"] for row in history)
     flops = sum(row.get("model_tflops_per_s", 0.0) * 1e12 * row["epoch_seconds"] for row in history)
@@ -71,6 +74,7 @@ def run_bench_quality(config: PretrainConfig, target: str, budget_minutes: float
         "target": monitor, "target_value": value, "reached": reached is not None,
         "seconds_to_target": reached["wall_seconds"] if reached else None,
         "epochs_to_target": reached["epoch"] if reached else None,
+        "outside_epochs_seconds": reached["wall_seconds"] - epochs_seconds if reached else None,
         "steps_to_target": reached["step"] if reached else None,
         "best_value": summary["best"][monitor], "epochs": len(history), "steps": summary["steps"],
         "total_seconds": total_seconds, "train_seconds": train_seconds,
