@@ -1,6 +1,7 @@
 """`flm bench quality` and the loop's stops it relies on: `train.stop_at` and `train.time_budget_minutes`."""
 
 import json
+import logging
 
 import pytest
 
@@ -30,6 +31,8 @@ def test_a_reachable_target_stops_the_run_at_the_epoch_that_reaches_it(tiny_data
     assert history[0]["wall_seconds"] == result["seconds_to_target"]
     assert 0 < result["outside_epochs_seconds"] == pytest.approx(
         history[0]["wall_seconds"] - history[0]["epoch_seconds"] - history[0]["eval_seconds"])
+    # The setup is the start of that time: recorded once, in the first epoch's record.
+    assert 0 < result["setup_seconds"] == history[0]["setup_seconds"] <= result["outside_epochs_seconds"]
 
 
 def test_an_unreachable_target_runs_out_the_epochs_or_the_time_budget(tiny_data, tmp_path):
@@ -42,13 +45,30 @@ def test_an_unreachable_target_runs_out_the_epochs_or_the_time_budget(tiny_data,
     assert not budget["reached"] and budget["epochs"] == 1 and budget["best_value"] > 0
 
 
-def test_the_epoch_log_carries_wall_seconds_and_model_flops(tiny_data, tmp_path):
+def test_the_epoch_log_carries_wall_seconds_setup_and_model_flops(tiny_data, tmp_path, caplog):
     from flm_dist.train.pretrain import run_pretrain
 
-    summary = run_pretrain(_config(tiny_data, tmp_path / "run", "train.epochs=2"))
+    with caplog.at_level(logging.INFO, logger="flm_dist"):
+        summary = run_pretrain(_config(tiny_data, tmp_path / "run", "train.epochs=2"))
     first, second = summary["history"]
     assert 0 < first["wall_seconds"] < second["wall_seconds"]
     assert first["model_tflops_per_s"] > 0
+    assert 0 < first["setup_seconds"] < first["wall_seconds"] and "setup_seconds" not in second
+    setup_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("set up in"))
+    for phase in ("device", "training data", "model", "optimiser", "validation data", "flow init, DDP"):
+        assert f"{phase} " in setup_line
+
+
+
+def test_a_resumed_run_records_the_setup_of_each_process(tiny_data, tmp_path, caplog):
+    from flm_dist.train.pretrain import run_pretrain
+
+    run_pretrain(_config(tiny_data, tmp_path / "run", "train.epochs=1"))
+    with caplog.at_level(logging.INFO, logger="flm_dist"):
+        summary = run_pretrain(_config(tiny_data, tmp_path / "run", "train.epochs=2"))
+    first, second = summary["history"]
+    assert first["setup_seconds"] > 0 and second["setup_seconds"] > 0
+    assert any(r.getMessage().startswith("set up in") and "resume " in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("target", ["test/ndcg@10/full=0.1", "valid/ndcg@10/sampled99=0.1", "valid/ndcg@10/full",

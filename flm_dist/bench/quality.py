@@ -7,6 +7,8 @@ so it measures what a user pays for: data loading, training, validation each
 the target is the run's own clock (`wall_seconds` in the history: setup, training and
 validation up to the end of the epoch that reached it); `outside_epochs_seconds` is the part of
 it spent neither training nor validating (setup, checkpoint writes, reports): a GPU run's fixed cost.
+`setup_seconds` is the part of that before the first step (the run's log line "set up in" splits
+it by phase).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def run_bench_quality(config: PretrainConfig, target: str, budget_minutes: float
         "seconds_to_target": reached["wall_seconds"] if reached else None,
         "epochs_to_target": reached["epoch"] if reached else None,
         "outside_epochs_seconds": reached["wall_seconds"] - epochs_seconds if reached else None,
+        "setup_seconds": sum(row.get("setup_seconds", 0.0) for row in summary["history"]
+                             if row["epoch"] <= reached["epoch"]) if reached else None,
         "steps_to_target": reached["step"] if reached else None,
         "best_value": summary["best"][monitor], "epochs": len(history), "steps": summary["steps"],
         "total_seconds": total_seconds, "train_seconds": train_seconds,

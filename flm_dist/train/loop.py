@@ -253,6 +253,21 @@ class TrainingSetup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step_options: dict[str, Any]
+    phase_seconds: dict[str, float]
+    """Seconds of each setup phase (training data, model, optimiser): where a run's start-up goes."""
+
+
+class PhaseClock:
+    """Seconds between calls of `lap(phase)`, by phase: the start-up's log line."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
 
 def setup_training(config: PretrainConfig, session, device: torch.device, model_factory=None,
@@ -264,9 +279,12 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     `initialize_flow` interface) and `train_filter(table) -> table` (e.g. keep a fraction of the
     users).
     """
+    clock = PhaseClock()
     manifest = read_manifest(config.data)
     keep_freed_host_memory(device)
     choose_attention_kernel(device, cudnn=config.train.cudnn_attention)
+    torch.empty(0, device=device)  # a GPU's context is created here, in a phase of its own
+    clock.lap("device")
     torch.manual_seed(config.train.seed)
     train_table = session.read_split("train")
     if train_filter is not None:
@@ -280,6 +298,7 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     # Every DDP rank must run the same number of steps: agree on the largest batch count.
     local_batches = len(length_bucketed_batches(widths, config.train.batch_size, seed=0)[1])
     micro_steps_per_epoch = int(distributed.all_reduce_max(torch.tensor(local_batches, device=device)).item())
+    clock.lap("training data")
 
     model = (model_factory(manifest) if model_factory else
              build_model(config.model, manifest["users"], manifest["items"],
@@ -289,14 +308,17 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
         user_table.sparse = True  # sparse gradients: LazyRowAdamW updates only the batch's users
     if config.train.sparse_item_table:
         _item_embedding(model).sparse = True  # only the batch's and the sampled negatives' items
+    clock.lap("model")
     # Fused: one pass over each parameter and its moments (a CPU step is bound by memory traffic).
     optimizer = LazyRowAdamW(_param_groups(model, config.train), lr=config.train.lr, fused=device.type in ("cuda", "cpu"))
     total_steps = math.ceil(micro_steps_per_epoch / config.train.grad_accum) * config.train.epochs
     total_steps = min(total_steps, config.train.max_steps) if config.train.max_steps else total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(config.train.warmup_steps, total_steps, config.train.min_lr_ratio))
+    options = loss_options(config, device)
+    clock.lap("optimiser")
     return TrainingSetup(manifest, train, widths, micro_steps_per_epoch, total_steps, model, optimizer,
-                         scheduler, loss_options(config, device))
+                         scheduler, options, clock.seconds)
 
 
 def train_loop(config: PretrainConfig, session, model_factory=None, train_filter=None,
@@ -310,7 +332,9 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     manifest, train, widths = setup.manifest, setup.train, setup.widths
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
     micro_steps_per_epoch, total_steps, step_options = setup.micro_steps_per_epoch, setup.total_steps, setup.step_options
+    clock = PhaseClock()
     valid = build_eval_arrays(session.read_split("valid"), config.model.max_len).to(device)
+    clock.lap("validation data")
     run_dir = Path(config.output)
     progress = Progress()
     intents = None  # the intent term's centroids [K, H] for the current epoch
@@ -338,6 +362,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
                 # publish it again from a kept checkpoint of its epoch (Ray Train's or ours).
                 repair_best(run_dir / "best", [checkpoint_dir, *run_dir.glob("*/checkpoint_*")],
                             progress.best_epoch, config.eval.monitor, publish=distributed.is_main())
+            clock.lap("resume")
 
     if progress.step == 0:
         # ActNorm's data-dependent init, before DDP broadcasts rank 0's parameters to every rank.
@@ -362,6 +387,11 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     # FLOPs are counted for the pretraining model; a fine-tuning head is another model.
     count_flops = model_factory is None
     wall_before = progress.wall_seconds
+    clock.lap("flow init, DDP")
+    setup_seconds = time.perf_counter() - entered  # into the first epoch record of this process
+    if distributed.is_main():
+        log.info("set up in %.1fs: %s", setup_seconds, ", ".join(
+            f"{phase} {seconds:.1f}s" for phase, seconds in {**setup.phase_seconds, **clock.seconds}.items()))
 
     def wall_seconds() -> float:
         return wall_before + time.perf_counter() - entered
@@ -410,6 +440,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     if validate_first and progress.step == 0 and not progress.history:
         record = {"epoch": 0, "step": 0, "epoch_seconds": 0.0, "sequences_per_second": 0.0}
         validate(record)
+        record["setup_seconds"], setup_seconds = setup_seconds, None
         progress.history.append(record)
         if distributed.is_main():
             _log_epoch(record, config.eval.monitor)
@@ -528,6 +559,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             log.info("time budget of %g minutes spent: stopping", config.train.time_budget_minutes)
             finished = True
         progress.wall_seconds = record["wall_seconds"] = wall_seconds()
+        if setup_seconds is not None:
+            record["setup_seconds"], setup_seconds = setup_seconds, None
         progress.history.append(record)
         if distributed.is_main():
             _log_epoch(record, config.eval.monitor)
