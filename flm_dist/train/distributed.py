@@ -1,5 +1,5 @@
-"""The distributed seam: rank, world size, all-reduce of sums, all-gather, an all-to-all of
-objects, DDP wrapping, and the row-wise gradient exchange of a row-sparse table.
+"""The distributed seam: rank, world size, all-reduce of sums, all-gather (of tensors and of
+objects), an all-to-all of objects, DDP wrapping, and the row-wise gradient exchange of a row-sparse table.
 
 The only module besides the Ray seam that touches `torch.distributed`; with no process group
 (one process, tests, local mode) every function degrades to the single-process answer.
@@ -76,6 +76,15 @@ def all_gather(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dist.all_gather(parts, padded)
         gathered.append(torch.cat([part[:n] for part, n in zip(parts, lengths)]))
     return tuple(gathered)
+
+
+def all_gather_objects(value: object) -> list[object]:
+    """Every rank's picklable `value`, in rank order (`[value]` in a single process)."""
+    if not is_distributed():
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def exchange_objects(outgoing: Sequence[object]) -> list[object]:

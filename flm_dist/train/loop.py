@@ -227,12 +227,37 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _give_ranks_their_own_streams(seed: int, step: int) -> None:
+    """Reseed the random stream (dropout masks, sampled negatives) of every DDP rank but rank 0
+    from (seed, rank, step). The ranks build the model from the same `train.seed`, so they would
+    otherwise draw the same masks at every step whose batches have the same shapes (dealt shards
+    give most steps the same shapes on every rank). Rank 0, and a run in one process, keep the
+    stream of `train.seed`."""
+    if distributed.rank() > 0:
+        torch.manual_seed(seed * 1_000_003 + distributed.rank() * 10_007 + step)
+
+
+def _restore_rng_state(state: dict[str, Any], seed: int, step: int) -> None:
+    """This rank's random stream from a checkpoint: its own where the checkpoint kept every
+    rank's (`rng_by_rank`, same number of ranks), else rank 0's, reseeded on the other ranks."""
+    by_rank = state.get("rng_by_rank")
+    if by_rank is not None and len(by_rank) == distributed.world_size():
+        _set_rng_state(by_rank[distributed.rank()])
+    else:  # written before every rank's stream was kept, or by another number of ranks
+        _set_rng_state(state["rng"])
+        _give_ranks_their_own_streams(seed, step)
+
+
 def _write_checkpoint(directory: Path, model, optimizer, scheduler, progress: Progress,
                       config: PretrainConfig, manifest: dict[str, Any], metrics: dict[str, float],
-                      kind: str, intents: torch.Tensor | None = None) -> None:
+                      kind: str, intents: torch.Tensor | None = None,
+                      rng_by_rank: list[dict[str, Any]] | None = None) -> None:
+    """`rng_by_rank`: every rank's random stream (`_rng_state` gathered), for an exact resume."""
     state = {"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": _rng_state(),
              "progress": dataclasses.asdict(progress)}
+    if rng_by_rank is not None:
+        state["rng_by_rank"] = rng_by_rank
     if intents is not None:  # the epoch's intents, so that a resume inside the epoch keeps them
         state["intents"] = intents
     meta = {"step": progress.step, "epoch": progress.epoch, "config": to_dict(config),
@@ -298,6 +323,7 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     # Every DDP rank must run the same number of steps: agree on the largest batch count.
     local_batches = len(length_bucketed_batches(widths, config.train.batch_size, seed=0)[1])
     micro_steps_per_epoch = int(distributed.all_reduce_max(torch.tensor(local_batches, device=device)).item())
+    options = loss_options(config, device)
     clock.lap("training data")
 
     model = (model_factory(manifest) if model_factory else
@@ -315,7 +341,6 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     total_steps = min(total_steps, config.train.max_steps) if config.train.max_steps else total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(config.train.warmup_steps, total_steps, config.train.min_lr_ratio))
-    options = loss_options(config, device)
     clock.lap("optimiser")
     return TrainingSetup(manifest, train, widths, micro_steps_per_epoch, total_steps, model, optimizer,
                          scheduler, options, clock.seconds)
@@ -352,8 +377,8 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
             progress = Progress(**state["progress"])
+            _restore_rng_state(state, config.train.seed, progress.step)
             intents = state.get("intents")
             progress.resumed_at_steps.append(progress.step)
             log.info("resumed from %s at epoch %d step %d", checkpoint_dir, progress.epoch, progress.step)
@@ -367,6 +392,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     if progress.step == 0:
         # ActNorm's data-dependent init, before DDP broadcasts rank 0's parameters to every rank.
         model.initialize_flow(train.take(torch.arange(min(len(train), config.train.batch_size), device=device)))
+        _give_ranks_their_own_streams(config.train.seed, 0)
     weights = config.loss.weights()
     loss_names = (*weights, "total")
     loss_keys = [f"loss/{name}" for name in loss_names]
@@ -403,12 +429,13 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         store fails this checkpoint with a clear error and leaves the previous one intact.
         """
         try:
+            rng_by_rank = distributed.all_gather_objects(_rng_state())
             with tempfile.TemporaryDirectory() as scratch:
                 directory = None
                 if distributed.is_main():
                     directory = Path(scratch) / "checkpoint"
                     _write_checkpoint(directory, model, optimizer, scheduler, progress, config, manifest,
-                                      metrics, kind, intents)
+                                      metrics, kind, intents, rng_by_rank)
                 session.report({**metrics, "step": progress.step, "epoch": progress.epoch}, directory)
         except OSError as exc:
             raise CheckpointError(f"could not write the checkpoint of step {progress.step}: "
