@@ -2,6 +2,7 @@
 TensorBoard scalars of a training run."""
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +34,16 @@ def write_scalars(writer, record: dict[str, Any]) -> None:
         if isinstance(value, (int, float)) and key != "epoch":
             writer.add_scalar(key.replace("@", "_at_"), value, step)
     writer.flush()
+
+
+class PhaseClock:
+    """Seconds between calls of `lap(phase)`, by phase: the start-up's log line."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now

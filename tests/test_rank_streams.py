@@ -11,9 +11,9 @@ from loopback_ranks import spawn_on_loopback
 from flm_dist.config import load_config
 from flm_dist.train import distributed
 from flm_dist.train.configs import PretrainConfig
-from flm_dist.train.loop import (_give_ranks_their_own_streams, _restore_rng_state, _rng_state, prepare_run_dir,
-                                 train_loop)
+from flm_dist.train.loop import prepare_run_dir, train_loop
 from flm_dist.train.session import LocalSession
+from flm_dist.train.streams import give_ranks_their_own_streams, restore_rng_state, rng_state
 
 WORLD = 2
 SEED = 7
@@ -24,13 +24,13 @@ def _streams_on_rank(rank: int, world: int, init_method: str, directory: str) ->
     with distributed.process_group(rank, world, init_method):
         torch.manual_seed(SEED)
         model_init = torch.rand(3)  # what building the model draws: the same on every rank
-        _give_ranks_their_own_streams(SEED, 0)
+        give_ranks_their_own_streams(SEED, 0)
         first = torch.rand(5)
-        by_rank = distributed.all_gather_objects(_rng_state())
+        by_rank = distributed.all_gather_objects(rng_state())
         after_checkpoint = torch.rand(4)
-        _restore_rng_state({"rng": by_rank[0], "rng_by_rank": by_rank}, SEED, 5)
+        restore_rng_state({"rng": by_rank[0], "rng_by_rank": by_rank}, SEED, 5)
         replayed = torch.rand(4)
-        _restore_rng_state({"rng": by_rank[0]}, SEED, 5)  # a checkpoint with rank 0's stream only
+        restore_rng_state({"rng": by_rank[0]}, SEED, 5)  # a checkpoint with rank 0's stream only
         old_format = torch.rand(4)
         Path(directory, f"rank{rank}.json").write_text(json.dumps(
             {"model_init": model_init.tolist(), "first": first.tolist(), "after": after_checkpoint.tolist(),

@@ -47,7 +47,7 @@ from flm_dist.data.cold_items import held_out_indices
 from flm_dist.data.storage import check_output_path
 from flm_dist.errors import UserError
 from flm_dist.eval.evaluate import EvaluateConfig, evaluate_split, evaluate_with_session
-from flm_dist.logs import tensorboard_writer, write_scalars
+from flm_dist.logs import PhaseClock, tensorboard_writer, write_scalars
 from flm_dist.models import FLMModel
 from flm_dist.models.dropout import dropout_rate, set_dropout_rate
 from flm_dist.models.losses import ItemDistribution
@@ -60,9 +60,10 @@ from flm_dist.train.flops import step_flops
 from flm_dist.train.host_memory import keep_freed_host_memory
 from flm_dist.train.intents import intent_centroids
 from flm_dist.train.kernels import choose_attention_kernel
-from flm_dist.train.optim import LazyRowAdamW, grad_norm
+from flm_dist.train.optim import LazyRowAdamW, grad_norm, warmup_cosine
 from flm_dist.train.session import LocalSession
 from flm_dist.train.shards import balance_users
+from flm_dist.train.streams import give_ranks_their_own_streams, restore_rng_state, rng_state
 
 log = logging.getLogger("flm_dist")
 
@@ -161,15 +162,6 @@ def _param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, 
     return groups
 
 
-def _lr_lambda(warmup: int, total: int, floor: float):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
 @dataclasses.dataclass
 class Progress:
     """Where training stands; all of it goes into every checkpoint."""
@@ -214,47 +206,13 @@ def _skip_step(progress: Progress, nonfinite: list[str], scheduler, limit: int) 
         scheduler.step()
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _give_ranks_their_own_streams(seed: int, step: int) -> None:
-    """Reseed the random stream (dropout masks, sampled negatives) of every DDP rank but rank 0
-    from (seed, rank, step). The ranks build the model from the same `train.seed`, so they would
-    otherwise draw the same masks at every step whose batches have the same shapes (dealt shards
-    give most steps the same shapes on every rank). Rank 0, and a run in one process, keep the
-    stream of `train.seed`."""
-    if distributed.rank() > 0:
-        torch.manual_seed(seed * 1_000_003 + distributed.rank() * 10_007 + step)
-
-
-def _restore_rng_state(state: dict[str, Any], seed: int, step: int) -> None:
-    """This rank's random stream from a checkpoint: its own where the checkpoint kept every
-    rank's (`rng_by_rank`, same number of ranks), else rank 0's, reseeded on the other ranks."""
-    by_rank = state.get("rng_by_rank")
-    if by_rank is not None and len(by_rank) == distributed.world_size():
-        _set_rng_state(by_rank[distributed.rank()])
-    else:  # written before every rank's stream was kept, or by another number of ranks
-        _set_rng_state(state["rng"])
-        _give_ranks_their_own_streams(seed, step)
-
-
 def _write_checkpoint(directory: Path, model, optimizer, scheduler, progress: Progress,
                       config: PretrainConfig, manifest: dict[str, Any], metrics: dict[str, float],
                       kind: str, intents: torch.Tensor | None = None,
                       rng_by_rank: list[dict[str, Any]] | None = None) -> None:
-    """`rng_by_rank`: every rank's random stream (`_rng_state` gathered), for an exact resume."""
+    """`rng_by_rank`: every rank's random stream (`rng_state` gathered), for an exact resume."""
     state = {"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+             "scheduler": scheduler.state_dict(), "rng": rng_state(),
              "progress": dataclasses.asdict(progress)}
     if rng_by_rank is not None:
         state["rng_by_rank"] = rng_by_rank
@@ -280,19 +238,6 @@ class TrainingSetup:
     step_options: dict[str, Any]
     phase_seconds: dict[str, float]
     """Seconds of each setup phase (training data, model, optimiser): where a run's start-up goes."""
-
-
-class PhaseClock:
-    """Seconds between calls of `lap(phase)`, by phase: the start-up's log line."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
-        self._last = now
 
 
 def setup_training(config: PretrainConfig, session, device: torch.device, model_factory=None,
@@ -340,7 +285,7 @@ def setup_training(config: PretrainConfig, session, device: torch.device, model_
     total_steps = math.ceil(micro_steps_per_epoch / config.train.grad_accum) * config.train.epochs
     total_steps = min(total_steps, config.train.max_steps) if config.train.max_steps else total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.train.warmup_steps, total_steps, config.train.min_lr_ratio))
+        optimizer, warmup_cosine(config.train.warmup_steps, total_steps, config.train.min_lr_ratio))
     clock.lap("optimiser")
     return TrainingSetup(manifest, train, widths, micro_steps_per_epoch, total_steps, model, optimizer,
                          scheduler, options, clock.seconds)
@@ -378,7 +323,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             progress = Progress(**state["progress"])
-            _restore_rng_state(state, config.train.seed, progress.step)
+            restore_rng_state(state, config.train.seed, progress.step)
             intents = state.get("intents")
             progress.resumed_at_steps.append(progress.step)
             log.info("resumed from %s at epoch %d step %d", checkpoint_dir, progress.epoch, progress.step)
@@ -392,7 +337,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
     if progress.step == 0:
         # ActNorm's data-dependent init, before DDP broadcasts rank 0's parameters to every rank.
         model.initialize_flow(train.take(torch.arange(min(len(train), config.train.batch_size), device=device)))
-        _give_ranks_their_own_streams(config.train.seed, 0)
+        give_ranks_their_own_streams(config.train.seed, 0)
     weights = config.loss.weights()
     loss_names = (*weights, "total")
     loss_keys = [f"loss/{name}" for name in loss_names]
@@ -429,7 +374,7 @@ def train_loop(config: PretrainConfig, session, model_factory=None, train_filter
         store fails this checkpoint with a clear error and leaves the previous one intact.
         """
         try:
-            rng_by_rank = distributed.all_gather_objects(_rng_state())
+            rng_by_rank = distributed.all_gather_objects(rng_state())
             with tempfile.TemporaryDirectory() as scratch:
                 directory = None
                 if distributed.is_main():

@@ -4,10 +4,12 @@ A table built as `nn.Embedding(sparse=True)` gets a sparse gradient holding only
 looked up. `LazyRowAdamW` updates those rows' moments and values and leaves every other row alone
 (the update rule of `torch.optim.SparseAdam`), so the cost of a step on such a table follows the
 batch, not the table. Every dense parameter gets plain (or fused) AdamW. One optimiser, so one
-state dict and one LR schedule cover both.
+state dict and one LR schedule cover both. `warmup_cosine` is that schedule.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -120,3 +122,14 @@ def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float, dense: bool
         if parameter.grad.is_sparse:
             parameter.grad.values().mul_(scale)
     return total
+
+
+def warmup_cosine(warmup: int, total: int, floor: float):
+    """The LR factor of a step: linear warm-up over `warmup` steps, then a cosine from 1 down to
+    `floor` at step `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
