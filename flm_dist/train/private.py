@@ -73,6 +73,8 @@ from flm_dist.train.checkpoint import (
 from flm_dist.train.configs import FinetuneConfig
 from flm_dist.train.host_memory import keep_freed_host_memory
 from flm_dist.train.loop import Progress
+from flm_dist.train.optim import warmup_cosine
+from flm_dist.train.streams import rng_state, set_rng_state
 
 log = logging.getLogger("flm_dist")
 
@@ -302,15 +304,6 @@ def attach_privacy(module: nn.Module, optimizer: torch.optim.Optimizer, plan: Pr
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def _schedule(optimizer, warmup: int, total: int, floor: float):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def train_private(config: FinetuneConfig, session, model_factory, train_filter=None) -> dict[str, Any]:
     """DP-SGD fine-tuning on one worker: validate and checkpoint every epoch (best/ = newest),
     then test best/ and write metrics.json; returns its contents."""
@@ -340,7 +333,8 @@ def train_private(config: FinetuneConfig, session, model_factory, train_filter=N
     others = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": config.train.weight_decay},
                                    {"params": others, "weight_decay": 0.0}], lr=config.train.lr)
-    scheduler = _schedule(optimizer, config.train.warmup_steps, plan.planned_steps, config.train.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.train.warmup_steps, plan.planned_steps, config.train.min_lr_ratio))
     history: list = []
     with session.latest_checkpoint() as checkpoint_dir:
         if checkpoint_dir is not None:
@@ -351,7 +345,7 @@ def train_private(config: FinetuneConfig, session, model_factory, train_filter=N
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"]["torch"])
+            set_rng_state(state["rng"])
             progress = Progress(**state["progress"])
             progress.resumed_at_steps.append(progress.step)
             started_with = PrivacyPlan(**meta["privacy"]["plan"])
@@ -381,7 +375,7 @@ def train_private(config: FinetuneConfig, session, model_factory, train_filter=N
 
     def write_checkpoint(directory: Path, metrics: dict[str, Any]) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                 "scheduler": scheduler.state_dict(), "rng": rng_state(),
                  "progress": dataclasses.asdict(progress), "accountant": engine.accountant.state_dict()}
         meta = {"step": progress.step, "epoch": progress.epoch, "config": to_dict(config),
                 "vocab_hash": manifest["vocab_hash"], "metrics": metrics, "kind": "finetune",
